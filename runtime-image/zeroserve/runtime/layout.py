@@ -1,0 +1,78 @@
+"""Find the ONNX models in a local model folder.
+
+Three layouts are understood, so that no config file is needed:
+
+- a single ``.onnx`` file, served as ``model_name`` version 1;
+- a folder holding one ``.onnx`` (KServe's layout), likewise;
+- a Triton-style repository: ``VERSION/model.onnx`` folders for ``model_name``, or
+  ``NAME/VERSION/model.onnx`` for several models, each version served at ``/versions/VERSION``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from zeroserve.runtime.errors import ModelLoadError
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    name: str
+    version: str
+    path: Path
+
+
+def discover(root: Path, model_name: str) -> list[ModelSource]:
+    if root.is_file():
+        if root.suffix != ".onnx":
+            raise ModelLoadError(f"model file '{root}' is not an .onnx file")
+        return [ModelSource(model_name, "1", root)]
+    if not root.is_dir():
+        raise ModelLoadError(f"model path '{root}' does not exist")
+
+    single = _onnx_in(root)
+    if single is not None:
+        return [ModelSource(model_name, "1", single)]
+
+    versions = _versions(root)
+    if versions:
+        return [ModelSource(model_name, version, path) for version, path in versions]
+
+    sources = [
+        ModelSource(child.name, version, path)
+        for child in sorted(root.iterdir())
+        if child.is_dir() and not child.name.startswith(".")
+        for version, path in _versions(child)
+    ]
+    if not sources:
+        raise ModelLoadError(
+            f"no ONNX model found in '{root}': expected a .onnx file, a folder holding one, "
+            "or a repository laid out as NAME/VERSION/model.onnx"
+        )
+    return sources
+
+
+def _onnx_in(folder: Path) -> Path | None:
+    """The one .onnx file directly in ``folder`` (model.onnx wins when there are several)."""
+    found = sorted(path for path in folder.glob("*.onnx") if path.is_file())
+    if not found:
+        return None
+    if len(found) == 1:
+        return found[0]
+    preferred = folder / "model.onnx"
+    if preferred in found:
+        return preferred
+    names = ", ".join(path.name for path in found)
+    raise ModelLoadError(f"'{folder}' holds several .onnx files ({names}); name one or call it model.onnx")
+
+
+def _versions(folder: Path) -> list[tuple[str, Path]]:
+    """Numeric version folders of one model, each with its .onnx, in ascending version order."""
+    versions: list[tuple[int, str, Path]] = []
+    for child in folder.iterdir():
+        if child.is_dir() and child.name.isdigit():
+            onnx_file = _onnx_in(child)
+            if onnx_file is not None:
+                versions.append((int(child.name), child.name, onnx_file))
+    return [(name, path) for _, name, path in sorted(versions)]

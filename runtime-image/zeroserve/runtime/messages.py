@@ -1,0 +1,58 @@
+"""Transport-neutral inference messages: what REST (and later gRPC) decode into and encode from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+@dataclass(slots=True)
+class TensorSpec:
+    """A model input or output as the V2 metadata describes it (-1 for a dynamic dimension)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": self.shape}
+
+
+@dataclass(slots=True)
+class InputTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    array: np.ndarray
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    name: str
+    binary: bool | None = None  # None: follow the request-wide default
+
+
+@dataclass(slots=True)
+class InferRequest:
+    inputs: list[InputTensor]
+    outputs: list[RequestedOutput] | None = None  # None: every output of the model
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class OutputTensor:
+    name: str
+    datatype: str
+    array: np.ndarray
+
+
+@dataclass(slots=True)
+class InferResult:
+    model_name: str
+    model_version: str
+    outputs: list[OutputTensor]
+    id: str | None = None

@@ -1,0 +1,150 @@
+"""One ONNX model on ONNX Runtime: its session, its V2 metadata, input checks and a blocking run().
+
+Knows nothing of HTTP. Construction does no I/O; ``load()`` builds the session.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from zeroserve.protocol import dtypes
+from zeroserve.runtime.errors import InferenceError, InvalidInput, ModelLoadError
+from zeroserve.runtime.messages import InputTensor, TensorSpec
+from zeroserve.runtime.providers import ProviderSettings, create_session
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnxruntime
+
+logger = logging.getLogger("zeroserve.runtime")
+
+ORT_TO_V2: Final[dict[str, str]] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+    "tensor(bfloat16)": "BF16",  # listed so metadata is truthful; numpy cannot carry it
+}
+
+PLATFORM: Final = "onnxruntime_onnx"
+
+
+def _spec(node: Any) -> TensorSpec:
+    datatype = ORT_TO_V2.get(node.type, node.type)
+    shape = [dim if isinstance(dim, int) and dim >= 0 else -1 for dim in node.shape]
+    return TensorSpec(node.name, datatype, shape)
+
+
+class OnnxModel:
+    def __init__(self, name: str, version: str, path: Path, settings: ProviderSettings) -> None:
+        self.name = name
+        self.version = version
+        self.path = path
+        self.settings = settings
+        self.inputs: list[TensorSpec] = []
+        self.outputs: list[TensorSpec] = []
+        self.execution_providers: list[str] = []
+        self._session: onnxruntime.InferenceSession | None = None
+        self._inputs_by_name: dict[str, TensorSpec] = {}
+        self._output_names: frozenset[str] = frozenset()
+
+    def __repr__(self) -> str:
+        return f"OnnxModel(name={self.name!r}, version={self.version!r}, path='{self.path}')"
+
+    def load(self) -> None:
+        session, self.execution_providers = create_session(self.path, self.settings)
+        self.inputs = [_spec(node) for node in session.get_inputs()]
+        self.outputs = [_spec(node) for node in session.get_outputs()]
+        self._inputs_by_name = {spec.name: spec for spec in self.inputs}
+        self._output_names = frozenset(spec.name for spec in self.outputs)
+        self._session = session
+
+    def metadata(self, versions: list[str]) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "versions": versions,
+            "platform": PLATFORM,
+            "inputs": [spec.to_json() for spec in self.inputs],
+            "outputs": [spec.to_json() for spec in self.outputs],
+        }
+
+    def feeds(self, tensors: list[InputTensor]) -> dict[str, np.ndarray]:
+        """Check decoded request tensors against the model's inputs; returns session.run feeds."""
+        feeds: dict[str, np.ndarray] = {}
+        for tensor in tensors:
+            spec = self._inputs_by_name.get(tensor.name)
+            if spec is None:
+                expected = ", ".join(repr(name) for name in self._inputs_by_name)
+                raise InvalidInput(
+                    f"model '{self.name}' has no input named '{tensor.name}'; its inputs are {expected}"
+                )
+            if tensor.name in feeds:
+                raise InvalidInput(f"input '{tensor.name}' appears more than once")
+            if tensor.datatype != spec.datatype:
+                raise InvalidInput(
+                    f"input '{tensor.name}' has datatype {tensor.datatype} but model '{self.name}' "
+                    f"expects {spec.datatype}"
+                )
+            if not _shape_matches(tensor.shape, spec.shape):
+                raise InvalidInput(
+                    f"input '{tensor.name}' has shape {tensor.shape} but model '{self.name}' "
+                    f"expects {spec.shape} (-1 means any size)"
+                )
+            feeds[tensor.name] = tensor.array
+        missing = [name for name in self._inputs_by_name if name not in feeds]
+        if missing:
+            raise InvalidInput(f"model '{self.name}' needs input(s) {', '.join(map(repr, missing))}")
+        return feeds
+
+    def check_outputs(self, names: list[str]) -> None:
+        for name in names:
+            if name not in self._output_names:
+                expected = ", ".join(repr(spec.name) for spec in self.outputs)
+                raise InvalidInput(f"model '{self.name}' has no output named '{name}'; its outputs are {expected}")
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
+        """Blocking inference; call it from a worker thread."""
+        assert self._session is not None, "load() the model first"
+        try:
+            return self._session.run(output_names, feeds)  # type: ignore[no-any-return]
+        except Exception as exc:
+            # ORT reports data-dependent failures (an index out of range, a reshape that does not fit)
+            # as INVALID_ARGUMENT: those are the caller's to fix.
+            if type(exc).__name__ == "InvalidArgument":
+                raise InvalidInput(f"model '{self.name}' rejected the input: {exc}") from exc
+            raise InferenceError(f"model '{self.name}' failed: {exc}") from exc
+
+    def warmup(self) -> float:
+        """Run one inference on zeros shaped from the metadata (dynamic dims as 1); returns seconds."""
+        import numpy as np
+
+        feeds: dict[str, np.ndarray] = {}
+        for spec in self.inputs:
+            if spec.datatype not in dtypes.DATATYPES:
+                raise ModelLoadError(f"input '{spec.name}' has datatype {spec.datatype}, which cannot be served")
+            shape = [dim if dim >= 0 else 1 for dim in spec.shape]
+            if spec.datatype == "BYTES":
+                feeds[spec.name] = np.full(shape, "", dtype=object)
+            else:
+                feeds[spec.name] = np.zeros(shape, dtype=dtypes.to_numpy(spec.datatype))
+        started = time.perf_counter()
+        self.run(feeds, None)
+        return time.perf_counter() - started
+
+
+def _shape_matches(shape: list[int], expected: list[int]) -> bool:
+    if len(shape) != len(expected):
+        return False
+    return all(want < 0 or got == want for got, want in zip(shape, expected))

@@ -1,0 +1,83 @@
+"""The model registry: name -> versions -> load state, with the reason when loading failed."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from zeroserve.runtime.errors import ModelLoadError, ModelNotFound, ModelNotReady
+from zeroserve.runtime.model import OnnxModel
+
+
+class State(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class Entry:
+    model: OnnxModel
+    state: State = State.LOADING
+    error: str | None = None
+    since: float = field(default_factory=time.monotonic)
+
+
+class ModelRepository:
+    def __init__(self) -> None:
+        self._models: dict[str, dict[str, Entry]] = {}
+        # True until the model folder has been fetched and read: names are not known yet,
+        # so a request for any model is "not ready" rather than "not found".
+        self.discovering = True
+        self.discovery_error: str | None = None
+
+    def add(self, model: OnnxModel) -> Entry:
+        entry = Entry(model)
+        self._models.setdefault(model.name, {})[model.version] = entry
+        return entry
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def versions(self, name: str) -> list[str]:
+        return list(self._models.get(name, {}))
+
+    def entries(self) -> list[Entry]:
+        return [entry for versions in self._models.values() for entry in versions.values()]
+
+    def all_ready(self) -> bool:
+        entries = self.entries()
+        return not self.discovering and bool(entries) and all(e.state is State.READY for e in entries)
+
+    def find(self, name: str, version: str | None = None) -> Entry:
+        """The entry for a model (its newest version when none is given), in whatever state."""
+        versions = self._models.get(name)
+        if versions is None:
+            if self.discovering:
+                raise ModelNotReady(f"model '{name}' is not ready: the server is still loading its models")
+            if self.discovery_error is not None:
+                raise ModelLoadError(f"model '{name}' is not available: {self.discovery_error}")
+            known = ", ".join(repr(n) for n in self._models) or "none"
+            raise ModelNotFound(f"model '{name}' not found; models served here: {known}")
+        if version is None:
+            return versions[max(versions, key=_version_key)]
+        entry = versions.get(version)
+        if entry is None:
+            raise ModelNotFound(
+                f"model '{name}' has no version '{version}'; versions: {', '.join(versions)}"
+            )
+        return entry
+
+    def ready_model(self, name: str, version: str | None = None) -> OnnxModel:
+        """The loaded model, or the error that explains why it cannot serve."""
+        entry = self.find(name, version)
+        if entry.state is State.READY:
+            return entry.model
+        if entry.state is State.LOADING:
+            raise ModelNotReady(f"model '{name}' is still loading", retry_after=1.0)
+        raise ModelLoadError(f"model '{name}' failed to load: {entry.error}")
+
+
+def _version_key(version: str) -> tuple[int, int | str]:
+    return (1, int(version)) if version.isdigit() else (0, version)

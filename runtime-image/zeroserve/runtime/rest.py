@@ -1,0 +1,162 @@
+"""V2 REST endpoints: thin handlers over the data plane, one renderer for every error."""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from zeroserve.runtime import codec
+from zeroserve.runtime.config import Limits
+from zeroserve.runtime.dataplane import DataPlane
+from zeroserve.runtime.errors import InvalidInput, ModelNotReady, PayloadTooLarge, ServerError
+
+logger = logging.getLogger("zeroserve.runtime")
+
+_JSON = {"content-type": "application/json"}
+_READY = orjson.dumps({"ready": True})
+_NOT_READY = orjson.dumps({"ready": False})
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(content), status, headers={**_JSON, **(headers or {})})
+
+
+def error_response(exc: ServerError) -> Response:
+    headers = {}
+    if isinstance(exc, ModelNotReady):
+        headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+    return json_response({"error": exc.message}, exc.status, headers)
+
+
+async def http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 in the protocol's error shape."""
+    assert isinstance(exc, HTTPException)
+    detail = exc.detail
+    if exc.status_code == 404:
+        detail = f"no such endpoint: {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        detail = f"method {request.method} is not allowed on {request.url.path}"
+    return json_response({"error": detail}, exc.status_code, dict(exc.headers or {}))
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ServerError):
+        return error_response(exc)
+    logger.exception("unexpected error on %s %s", request.method, request.url.path)
+    return json_response({"error": f"internal server error: {type(exc).__name__}"}, 500)
+
+
+class RestApi:
+    def __init__(self, dataplane: DataPlane, limits: Limits) -> None:
+        self.dataplane = dataplane
+        self.limits = limits
+
+    def routes(self) -> list[BaseRoute]:
+        model = "/v2/models/{model_name}"
+        versioned = "/v2/models/{model_name}/versions/{model_version}"
+        return [
+            Route("/v2/health/live", self.live, methods=["GET"]),
+            Route("/v2/health/ready", self.ready, methods=["GET"]),
+            Route("/v2", self.server_metadata, methods=["GET"]),
+            Route("/v2/", self.server_metadata, methods=["GET"]),
+            *(
+                route
+                for prefix in (model, versioned)
+                for route in (
+                    Route(prefix, self.model_metadata, methods=["GET"]),
+                    Route(prefix + "/ready", self.model_ready, methods=["GET"]),
+                    Route(prefix + "/infer", self.infer, methods=["POST"]),
+                )
+            ),
+        ]
+
+    async def live(self, request: Request) -> Response:
+        return json_response({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        # Kubernetes and Knative read the status code: not ready must not be 2xx.
+        if self.dataplane.ready():
+            return Response(_READY, 200, headers=_JSON)
+        return Response(_NOT_READY, 503, headers=_JSON)
+
+    async def server_metadata(self, request: Request) -> Response:
+        return json_response(self.dataplane.server_metadata())
+
+    async def model_metadata(self, request: Request) -> Response:
+        params = request.path_params
+        try:
+            metadata = self.dataplane.model_metadata(params["model_name"], params.get("model_version"))
+        except ServerError as exc:
+            return error_response(exc)
+        return json_response(metadata)
+
+    async def model_ready(self, request: Request) -> Response:
+        params = request.path_params
+        try:
+            ready = self.dataplane.model_ready(params["model_name"], params.get("model_version"))
+        except ServerError as exc:
+            return error_response(exc)
+        return Response(_READY if ready else _NOT_READY, 200 if ready else 503, headers=_JSON)
+
+    async def infer(self, request: Request) -> Response:
+        params = request.path_params
+        try:
+            body = await self._read_body(request)
+            infer_request = codec.decode_request(
+                body, request.headers.get("inference-header-content-length"), self.limits
+            )
+            result = await self.dataplane.infer(params["model_name"], params.get("model_version"), infer_request)
+            content, headers = codec.encode_result(result, infer_request)
+        except ServerError as exc:
+            return error_response(exc)
+        except ClientDisconnect:
+            return Response(status_code=400)  # nobody is listening; the status is for the access log
+        return Response(content, 200, headers=headers)
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise InvalidInput(f"Content-Length must be a number, got {declared!r}")
+            if int(declared) > limit:
+                raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
+        chunks = []
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        encoding = request.headers.get("content-encoding")
+        if encoding:
+            body = _decompress(body, encoding.strip().lower(), limit)
+        return body
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """gzip/deflate request bodies (tritonclient can send them), bounded like plain bodies."""
+    if encoding == "identity":
+        return body
+    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
+    if wbits is None:
+        raise InvalidInput(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none")
+    decompressor = zlib.decompressobj(wbits)
+    try:
+        out = decompressor.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"request body is not valid {encoding}: {exc}") from None
+    if len(out) > limit:
+        raise PayloadTooLarge(f"decompressed request body is over the limit of {limit} bytes")
+    if not decompressor.eof:
+        raise InvalidInput(f"request body is truncated {encoding} data")
+    return out
