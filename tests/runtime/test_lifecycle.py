@@ -1,0 +1,201 @@
+"""Process lifecycle of the real server: honest readiness while loading, load failures, SIGTERM drain."""
+
+from __future__ import annotations
+
+import http.server
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import models as test_models
+from conftest import start_server, unused_port
+
+MLP_BODY = b'{"inputs":[{"name":"input","shape":[1,16],"datatype":"FP32","data":[' + b",".join(
+    [b"0.5"] * 16
+) + b"]}]}"
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def answers(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=1)
+        return True
+    except httpx.TransportError:
+        return False
+
+
+@pytest.fixture
+def gated_model_server(tmp_path: Path) -> Iterator[tuple[str, threading.Event]]:
+    """A loopback HTTP server whose model download blocks until the test opens the gate."""
+    test_models.mlp_model(tmp_path / "model.onnx")
+    gate = threading.Event()
+    root = str(tmp_path)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, directory=root, **kwargs)
+
+        def do_GET(self) -> None:
+            gate.wait(30)
+            super().do_GET()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/model.onnx", gate
+    gate.set()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_not_ready_while_loading_then_ready(gated_model_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    uri, gate = gated_model_server
+    server = start_server(
+        ["--model_name", "mlp", "--model_dir", uri, "--cache_dir", str(tmp_path / "cache")],
+        tmp_path / "log",
+        wait_ready=False,
+    )
+    try:
+        wait_for(lambda: answers(f"{server.url}/v2/health/live"))
+        assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
+        ready = httpx.get(f"{server.url}/v2/health/ready")
+        assert ready.status_code == 503 and ready.json() == {"ready": False}
+        infer = httpx.post(f"{server.url}/v2/models/mlp/infer", content=MLP_BODY)
+        assert infer.status_code == 503
+        assert int(infer.headers["retry-after"]) >= 1
+        assert "still loading" in infer.json()["error"]
+        assert httpx.get(f"{server.url}/v2/models/mlp").status_code == 503
+
+        gate.set()
+        wait_for(lambda: httpx.get(f"{server.url}/v2/health/ready").status_code == 200)
+        assert httpx.get(f"{server.url}/v2/models/mlp/ready").json() == {"ready": True}
+        assert httpx.post(f"{server.url}/v2/models/mlp/infer", content=MLP_BODY).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_missing_model_exits_with_a_clear_message(tmp_path: Path) -> None:
+    server = start_server(["--model_dir", str(tmp_path / "nowhere")], tmp_path / "log", wait_ready=False)
+    try:
+        server.process.wait(30)
+    finally:
+        server.stop()
+    assert server.process.returncode == 1
+    assert "does not exist" in server.log()
+
+
+def test_missing_model_without_exit_keeps_serving_errors(tmp_path: Path) -> None:
+    server = start_server(
+        ["--model_name", "m", "--model_dir", str(tmp_path / "nowhere"), "--no-exit_on_error"],
+        tmp_path / "log",
+        wait_ready=False,
+    )
+    try:
+        wait_for(lambda: answers(f"{server.url}/v2/health/live"))
+        wait_for(lambda: "model loading failed" in server.log())
+        assert httpx.get(f"{server.url}/v2/health/ready").status_code == 503
+        response = httpx.post(f"{server.url}/v2/models/m/infer", content=MLP_BODY)
+        assert response.status_code == 503
+        assert "does not exist" in response.json()["error"]
+    finally:
+        server.stop()
+
+
+def test_broken_onnx_file_fails_to_load(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"this is not a protobuf")
+    server = start_server(["--model_dir", str(tmp_path / "model.onnx")], tmp_path / "log", wait_ready=False)
+    try:
+        server.process.wait(30)
+    finally:
+        server.stop()
+    assert server.process.returncode == 1
+    assert "zeroserve:" in server.log()
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tmp_path: Path) -> None:
+    test_models.mlp_model(tmp_path / "model.onnx")
+    server = start_server(["--model_dir", str(tmp_path), "--shutdown_timeout", "20"], tmp_path / "log")
+    head, tail = MLP_BODY[:40], MLP_BODY[40:]
+    in_flight = []
+    for _ in range(3):  # three requests whose bodies are still arriving when SIGTERM lands
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(
+            b"POST /v2/models/model/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(MLP_BODY)}\r\n\r\n".encode()
+            + head
+        )
+        in_flight.append(sock)
+    time.sleep(0.3)
+    server.process.send_signal(signal.SIGTERM)
+
+    def refuses_new_connections() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+            return False
+        except ConnectionRefusedError:
+            return True
+
+    wait_for(refuses_new_connections, timeout=10)
+    assert server.process.poll() is None  # still draining
+    for sock in in_flight:
+        sock.sendall(tail)
+        response = b""
+        while b"\r\n\r\n" not in response or not response.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            response += chunk
+        sock.close()
+        assert response.startswith(b"HTTP/1.1 200"), response
+        assert b'"outputs"' in response
+    # uvicorn re-raises the SIGTERM it handled once the drain is done, so exit status is "terminated by SIGTERM"
+    assert server.process.wait(15) in (0, -signal.SIGTERM)
+
+
+def test_sigterm_drain_is_bounded_by_its_deadline(tmp_path: Path) -> None:
+    test_models.mlp_model(tmp_path / "model.onnx")
+    server = start_server(["--model_dir", str(tmp_path), "--shutdown_timeout", "1"], tmp_path / "log")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as stuck:
+        stuck.sendall(b"POST /v2/models/model/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n{")
+        time.sleep(0.2)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(15)
+        assert time.monotonic() - started < 8
+
+
+def test_port_from_environment_and_model_name_fallback(tmp_path: Path) -> None:
+    test_models.mlp_model(tmp_path / "model.onnx")
+    port = unused_port()
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PORT": str(port), "STORAGE_URI": str(tmp_path), "MODEL_NAME": "from-env"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "zeroserve.runtime", "--host", "127.0.0.1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: answers(f"{url}/v2/health/ready") and httpx.get(f"{url}/v2/health/ready").status_code == 200)
+        assert httpx.post(f"{url}/v2/models/from-env/infer", content=MLP_BODY).status_code == 200
+    finally:
+        process.terminate()
+        process.wait(15)

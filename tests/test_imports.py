@@ -1,0 +1,49 @@
+"""Import budget: cold start is the product, so what each entry point loads is pinned here.
+
+Each check runs in a fresh interpreter; module counts (not times) keep it deterministic.
+Timings live in bench/importtime.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ["numpy", "onnxruntime", "starlette", "uvicorn", "fsspec", "grpc", "s3fs", "gcsfs", "adlfs", "flask",
+         "orjson", "opentelemetry.sdk"]
+
+
+def loaded_after(statement: str) -> set[str]:
+    code = f"import sys, json\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return set(json.loads(out))
+
+
+def top_level(modules: set[str]) -> set[str]:
+    return {name for name in HEAVY if name in modules}
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ["import zeroserve", "import zeroserve.cli", "import zeroserve.errors", "import zeroserve.protocol.binary",
+     "import zeroserve.protocol.dtypes"],
+)
+def test_client_core_loads_nothing_heavy(statement: str) -> None:
+    assert top_level(loaded_after(statement)) == set()
+
+
+def test_runtime_package_and_entrypoint_are_light() -> None:
+    assert top_level(loaded_after("import zeroserve.runtime, zeroserve.runtime.__main__")) == set()
+    assert top_level(loaded_after("import zeroserve.runtime.config, zeroserve.runtime.providers")) == set()
+    assert top_level(loaded_after("import zeroserve.runtime.storage")) == set()
+
+
+def test_server_start_path_imports_only_what_it_uses() -> None:
+    modules = loaded_after("import zeroserve.runtime.serve, zeroserve.runtime.app")
+    # The REST stack and numpy are needed to answer; ONNX Runtime loads with the first model,
+    # fsspec and cloud backends only for a remote URI, gRPC only when enabled.
+    assert top_level(modules) == {"numpy", "starlette", "orjson"}
+    assert len(modules) < 420, f"{len(modules)} modules on the start path"
