@@ -1,0 +1,74 @@
+"""KServe-compatible flags and the environment fallbacks Knative and KServe rely on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from zeroserve.runtime.config import DEFAULT_MODEL_DIR, RuntimeConfig
+
+
+def test_defaults_follow_kserve() -> None:
+    config = RuntimeConfig.from_args([], {"HOME": "/home/u"})
+    assert config.model_name == "model"
+    assert config.model_dir == DEFAULT_MODEL_DIR == "/mnt/models"
+    assert (config.http_port, config.grpc_port) == (8080, 8081)
+    assert config.cache_dir == Path("/home/u/.cache/zeroserve") or config.cache_dir.name == "zeroserve"
+
+
+def test_kserve_flags() -> None:
+    config = RuntimeConfig.from_args(
+        ["--model_name=resnet", "--model_dir=s3://bucket/resnet", "--http_port=9000", "--grpc_port=9001"], {}
+    )
+    assert (config.model_name, config.model_dir, config.http_port, config.grpc_port) == (
+        "resnet", "s3://bucket/resnet", 9000, 9001,
+    )
+
+
+def test_environment_fallbacks() -> None:
+    env = {"PORT": "8012", "STORAGE_URI": "gs://b/m.onnx", "MODEL_NAME": "m", "ZEROSERVE_CACHE_DIR": "/cache"}
+    config = RuntimeConfig.from_args([], env)
+    assert (config.http_port, config.model_dir, config.model_name, config.cache_dir) == (
+        8012, "gs://b/m.onnx", "m", Path("/cache"),
+    )
+
+
+def test_flags_win_over_environment() -> None:
+    env = {"PORT": "8012", "STORAGE_URI": "gs://b/m.onnx", "MODEL_NAME": "m"}
+    config = RuntimeConfig.from_args(["--http_port", "1234", "--model_dir", "/x", "--model_name", "n"], env)
+    assert (config.http_port, config.model_dir, config.model_name) == (1234, "/x", "n")
+
+
+def test_unknown_flags_are_tolerated_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    config = RuntimeConfig.from_args(["--model_name", "m", "--enable_docs_url", "true"], {})
+    assert config.model_name == "m"
+    assert "--enable_docs_url" in caplog.text
+
+
+def test_limits_and_providers_flags() -> None:
+    config = RuntimeConfig.from_args(
+        ["--max_request_mib", "8", "--max_tensor_elements", "1000", "--providers", "cpu", "--intra_op_threads", "1"],
+        {},
+    )
+    assert config.limits.max_body_bytes == 8 * 2**20
+    assert config.limits.max_tensor_elements == 1000
+    assert config.providers.choice == "cpu" and config.providers.intra_op_threads == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        ([], {"PORT": "eighty"}, "PORT must be a port number"),
+        (["--workers", "0"], {}, "--workers must be at least 1"),
+        (["--http_port", "x"], {}, "invalid int value"),
+        (["--providers", "gpu"], {}, "invalid choice"),
+    ],
+)
+def test_bad_configuration_is_explained(
+    argv: list[str], env: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        RuntimeConfig.from_args(argv, env)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
