@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from zeroserve.runtime.errors import ModelLoadError
 from zeroserve.runtime.providers import (
     CPU,

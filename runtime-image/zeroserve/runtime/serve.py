@@ -48,7 +48,7 @@ def serve(config: RuntimeConfig) -> int:
         log_config=None,
         access_log=config.access_log,
         timeout_keep_alive=config.timeout_keep_alive,
-        timeout_graceful_shutdown=config.shutdown_timeout,
+        timeout_graceful_shutdown=max(1, round(config.shutdown_timeout)),
     )
     server = uvicorn.Server(uvicorn_config)
     server.run()
