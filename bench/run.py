@@ -1,0 +1,329 @@
+"""One benchmark run: cold start, throughput and latency of each server, and raw onnxruntime.
+
+Usage: .venv/bin/python bench/run.py [--servers zeroserve,kserve] [--quick] [--duration S]
+
+All numbers come from the same run on the same machine, because on a shared machine only
+ratios measured together mean anything. Servers run one at a time, each on a free 127.0.0.1 port,
+and are stopped by PID. Writes ``bench/results/<stamp>/results.json`` (raw numbers, ratios,
+machine facts, flags) and ``report.md``, and prints the markdown table. Exits 1 when any request
+failed or any answer was wrong (see "FLAGS"), 0 otherwise; a skipped server is not a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import load
+import numpy as np
+import payloads
+import report
+import servers
+
+import models
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+# One load scenario: (name, body name, connections, wrk threads).
+Plan = tuple[str, str, int, int]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    servers: tuple[str, ...]
+    python: str
+    duration_s: float
+    warmup_s: float
+    baseline_s: float
+    cold_starts: int
+    image_json: bool
+    quick: bool
+
+
+def parse_args(argv: Sequence[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--servers", default="zeroserve,kserve", help=f"comma-separated: {','.join(servers.KINDS)}")
+    parser.add_argument("--quick", action="store_true", help="short durations (smoke run; noisier numbers)")
+    parser.add_argument("--duration", type=float, help="seconds per wrk measurement (default 10, quick 3)")
+    parser.add_argument("--cold-starts", type=int, help="launches per server, median reported (default 5, quick 3)")
+    parser.add_argument(
+        "--image-json",
+        action=argparse.BooleanOptionalAction,
+        help="also load the image model with JSON bodies (default: on, off with --quick)",
+    )
+    parser.add_argument("--python", default=sys.executable, help="interpreter that runs the servers")
+    args = parser.parse_args(argv)
+    kinds = tuple(k for k in args.servers.split(",") if k)
+    unknown = sorted(set(kinds) - set(servers.KINDS))
+    if unknown or not kinds:
+        parser.error(f"--servers: unknown {unknown}; choose from {sorted(servers.KINDS)}")
+    duration = args.duration or (3.0 if args.quick else 10.0)
+    return Settings(
+        servers=kinds,
+        python=args.python,
+        duration_s=duration,
+        warmup_s=1.0 if args.quick else 3.0,
+        baseline_s=1.5 if args.quick else 5.0,
+        cold_starts=args.cold_starts or (3 if args.quick else 5),
+        image_json=(not args.quick) if args.image_json is None else args.image_json,
+        quick=args.quick,
+    )
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_facts() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    models_named = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    cpu_model = models_named[0] if models_named else platform.processor()
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": _version("onnxruntime"),
+        "kserve": _version("kserve"),
+        "zeroserve": _version("zeroserve"),
+        "numpy": _version("numpy"),
+        "wrk": load.wrk_version(),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+class Run:
+    """The state of one run: where files go, what was measured, what went wrong."""
+
+    def __init__(self, settings: Settings, out_dir: Path) -> None:
+        self.settings = settings
+        self.out_dir = out_dir
+        self.models_dir = RESULTS_DIR / "models"
+        self.flags: list[str] = []
+        self.result: dict[str, Any] = {
+            "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "settings": dataclasses.asdict(settings),
+            "machine": machine_facts(),
+            "servers": {},
+            "flags": self.flags,
+        }
+        self.expected: dict[str, np.ndarray] = {}
+        self.bodies: dict[str, payloads.Body] = {}
+        self.body_files: dict[str, Path] = {}
+
+    def flag(self, message: str) -> None:
+        print(f"FLAG: {message}", file=sys.stderr)
+        self.flags.append(message)
+
+    def log(self, message: str) -> None:
+        print(f"[{dt.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+    # -- preparation ------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        models.write_models(self.models_dir)
+        bodies = {
+            "tiny_json": payloads.json_body("tiny"),
+            "tiny_binary": payloads.binary_body("tiny"),
+            "image_binary": payloads.binary_body("image"),
+            "image_json": payloads.json_body("image"),
+        }
+        for name, body in bodies.items():
+            path = self.out_dir / "bodies" / f"{name}.bin"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(body.data)
+            self.bodies[name], self.body_files[name] = body, path
+
+    def baseline(self, when: str = "start") -> None:
+        """Raw onnxruntime numbers. Run at the start (the reference, and the expected outputs) and
+        again at the end (``baseline_end``), so drift in the machine's load during the run shows."""
+        self.log(f"raw onnxruntime baseline at {when} ({self.settings.baseline_s:g} s per measurement)")
+        out = self.out_dir / f"baseline-{when}.json"
+        argv = [
+            *(self.settings.python, str(BENCH_DIR / "baseline.py"), str(self.models_dir)),
+            *("--duration", str(self.settings.baseline_s), "--json", str(out)),
+        ]
+        if when == "start":
+            argv += ["--expected", str(self.out_dir / "expected")]
+        subprocess.run(argv, check=True, timeout=120 + 10 * self.settings.baseline_s)
+        if when != "start":
+            self.result[f"baseline_{when}"] = json.loads(out.read_text())
+            return
+        self.result["baseline"] = json.loads(out.read_text())
+        self.result["machine"]["onnxruntime"] = self.result["baseline"]["onnxruntime"]
+        for model in payloads.MODELS:
+            self.expected[model] = np.load(self.out_dir / "expected" / f"{model}.npy")
+
+    # -- per-server measurements ------------------------------------------------------------------
+
+    def check_answer(self, server: servers.Server, model: str, body_name: str) -> str:
+        """Send one request and compare the answer with raw onnxruntime; 'ok' or what is wrong."""
+        body = self.bodies[body_name]
+        status, headers, data = servers.request(server.port, "POST", server.infer_path, body.data, body.headers())
+        if status != 200:
+            return f"HTTP {status}: {data[:300]!r}"
+        try:
+            got = payloads.decode_response(data, headers)
+        except (ValueError, KeyError, TypeError) as exc:
+            return f"undecodable response ({exc}): {data[:300]!r}"
+        return payloads.check_outputs(model, got, self.expected[model]) or "ok"
+
+    def cold_start_once(self, kind: str, label: str) -> float:
+        """Launch, poll POST infer every 5 ms until a 200, stop; seconds from launch to that answer."""
+        body = self.bodies["tiny_json"]
+        log_path = self.out_dir / "logs" / f"{kind}-cold-{label}.log"
+        server = servers.launch(kind, self.settings.python, "tiny", self.models_dir / "tiny", log_path)
+        try:
+            elapsed, data, headers = server.poll_until(
+                "POST", server.infer_path, body.data, body.headers(), deadline_s=120
+            )
+        finally:
+            server.stop()
+        problem = payloads.check_outputs("tiny", payloads.decode_response(data, headers), self.expected["tiny"])
+        if problem:
+            self.flag(f"{kind} cold start {label}: first answer wrong: {problem}")
+        return elapsed
+
+    def cold_starts(self, kinds: Sequence[str]) -> None:
+        """One warm-up launch per server, then rounds of one launch each, alternating the order."""
+        n = self.settings.cold_starts
+        self.log(f"cold start: 1 warm-up + {n} launches per server, interleaved")
+        samples: dict[str, list[float]] = {k: [] for k in kinds}
+        live = list(kinds)
+        for round_ in range(n + 1):
+            for kind in list(live) if round_ % 2 == 0 else list(reversed(live)):
+                try:
+                    samples[kind].append(self.cold_start_once(kind, "warmup" if round_ == 0 else str(round_)))
+                except servers.ServerError as exc:
+                    self.flag(f"{kind} cold start aborted: {str(exc).splitlines()[0]}")
+                    self.result["servers"][kind].setdefault("errors", []).append(str(exc))
+                    print(exc, file=sys.stderr)
+                    live.remove(kind)
+        for kind in live:
+            self.result["servers"][kind]["cold_start"] = {
+                "median_s": statistics.median(samples[kind][1:]),
+                "samples_s": samples[kind][1:],
+                "warmup_s": samples[kind][0],
+                "poll_sleep_s": servers.POLL_SLEEP_S,
+            }
+
+    def scenario(
+        self, server: servers.Server, name: str, body_name: str, connections: int, threads: int
+    ) -> dict[str, Any]:
+        """Warm up, let the server drain, then one measured wrk run with the server's CPU time."""
+        body = self.bodies[body_name]
+        script = "binary.lua" if body.header_length is not None else "json.lua"
+        spec = load.Scenario(name, script, self.body_files[body_name], connections, threads, body.header_length)
+        url = server.url + server.infer_path
+        load.run(spec, url, self.settings.warmup_s)  # discarded
+        drained_s = server.wait_idle()
+        cpu_before = server.cpu_seconds()
+        stats = load.run(spec, url, self.settings.duration_s)
+        cpu_after = server.cpu_seconds()
+        stats["drain_before_s"] = drained_s
+        stats["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+        if cpu_before is not None and cpu_after is not None and stats["requests"]:
+            stats["server_cpu_ms_per_request"] = (cpu_after - cpu_before) * 1e3 / stats["requests"]
+        server.wait_idle()
+        if stats["has_errors"]:
+            self.flag(
+                f"{server.kind} {name}: {stats['non_2xx']} non-2xx responses, "
+                f"{stats['socket_errors']} socket errors of {stats['requests']} requests"
+            )
+        if not stats["requests"]:
+            self.flag(f"{server.kind} {name}: no request completed in {self.settings.duration_s:g} s")
+        p50_ms = stats["latency_us"]["percentiles"]["50"] / 1e3
+        self.log(f"  {server.kind} {name}: {stats['ok_requests_per_s']:.1f} req/s, p50 {p50_ms:.2f} ms")
+        return stats
+
+    def model_phase(self, kind: str, model: str, check_bodies: Sequence[str], scenarios: Sequence[Plan]) -> None:
+        """One server serving one model: check its answers, run the load scenarios, stop it."""
+        data = self.result["servers"][kind]
+        checks, loads = data.setdefault("checks", {}), data.setdefault("load", {})
+        self.log(f"{kind}: {model} model")
+        log_path = self.out_dir / "logs" / f"{kind}-{model}.log"
+        with servers.running(kind, self.settings.python, model, self.models_dir / model, log_path) as server:
+            for body_name in check_bodies:
+                checks[body_name] = self.check_answer(server, model, body_name)
+                if checks[body_name] != "ok":
+                    self.flag(f"{kind} {body_name}: wrong answer: {checks[body_name]}")
+            for scenario in scenarios:
+                loads[scenario[0]] = self.scenario(server, *scenario)
+            data.setdefault("rss_mib", {})[model] = server.rss_mib()
+
+    def measure_server(self, kind: str) -> None:
+        tiny_load: list[Plan] = [("tiny_json_c16", "tiny_json", 16, 2), ("tiny_json_c1", "tiny_json", 1, 1)]
+        image_load: list[Plan] = [("image_binary_c16", "image_binary", 16, 2)]
+        if self.settings.image_json:
+            image_load.append(("image_json_c16", "image_json", 16, 2))
+        phases = [
+            ("tiny", ["tiny_json", "tiny_binary"], tiny_load),
+            ("image", ["image_binary", "image_json"], image_load),
+        ]
+        for model, check_bodies, scenarios in phases:
+            try:
+                self.model_phase(kind, model, check_bodies, scenarios)
+            except (servers.ServerError, load.LoadError, OSError, subprocess.SubprocessError) as exc:
+                self.result["servers"][kind].setdefault("errors", []).append(str(exc))
+                self.flag(f"{kind} {model}: aborted: {str(exc).splitlines()[0]} (logs: {self.out_dir / 'logs'})")
+                print(exc, file=sys.stderr)
+
+    # -- the whole run ----------------------------------------------------------------------------
+
+    def execute(self) -> None:
+        self.prepare()
+        available: list[str] = []
+        for kind in self.settings.servers:
+            reason = servers.unavailable_reason(kind, self.settings.python)
+            self.result["servers"][kind] = {"skipped": reason} if reason else {}
+            if reason:
+                print(f"SKIP {kind}: {reason}", file=sys.stderr)
+            else:
+                available.append(kind)
+        self.baseline()
+        if available:
+            self.cold_starts(available)
+        for kind in available:
+            self.measure_server(kind)
+        self.baseline("end")
+        self.result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        self.result["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.result["ratios"] = report.ratios(self.result)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_args(argv)
+    if load.wrk_version() is None:
+        print("wrk not found on PATH; install it: apt-get update && apt-get install -y wrk", file=sys.stderr)
+        return 2
+    out_dir = RESULTS_DIR / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = Run(settings, out_dir)
+    run.execute()
+    table = report.markdown(run.result)
+    (out_dir / "results.json").write_text(json.dumps(run.result, indent=2, default=str) + "\n")
+    (out_dir / "report.md").write_text(table + "\n")
+    print(table)
+    print(f"\nresults: {out_dir / 'results.json'}", file=sys.stderr)
+    return 1 if run.flags else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The servers under test: how to launch each, wait for it, talk to it, and stop it.
+
+Every server is a child process on a free 127.0.0.1 port, with its output in a log file; it is
+stopped by its PID (SIGTERM, then SIGKILL after a bounded wait). Nothing here runs two servers
+at once: callers use ``running()`` one server at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+HOST = "127.0.0.1"
+POLL_SLEEP_S = 0.005
+STOP_WAIT_S = 15.0
+
+
+class ServerError(RuntimeError):
+    """A server did not start, answer, or stop as expected. The message carries its log tail."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerKind:
+    """A server under test: its name and the module that ``python -m`` or ``python`` runs."""
+
+    name: str
+    argv_prefix: tuple[str, ...]  # after the interpreter
+    extra_args: tuple[str, ...] = ()  # after the KServe-style flags
+
+    def command(self, python: str, model_name: str, model_dir: Path, http_port: int, grpc_port: int) -> list[str]:
+        flags = {
+            "--model_name": model_name,
+            "--model_dir": str(model_dir),
+            "--http_port": str(http_port),
+            "--grpc_port": str(grpc_port),
+        }
+        return [
+            python,
+            *self.argv_prefix,
+            *(part for flag in flags.items() for part in flag),
+            *self.extra_args,
+        ]
+
+
+KINDS: dict[str, ServerKind] = {
+    # KServe always listens on 0.0.0.0; zeroserve can be kept to loopback, which changes nothing else.
+    "zeroserve": ServerKind("zeroserve", ("-m", "zeroserve.runtime"), ("--host", HOST)),
+    "kserve": ServerKind("kserve", (str(BENCH_DIR / "peers" / "kserve_onnx.py"),)),
+}
+
+_PROBE_ZEROSERVE = """
+import importlib.util, sys
+import zeroserve.runtime
+if importlib.util.find_spec("zeroserve.runtime.__main__") is None:
+    sys.exit("zeroserve.runtime has no __main__ module")
+"""
+
+
+def unavailable_reason(kind: str, python: str) -> str | None:
+    """Why ``kind`` cannot run with ``python`` (None when it can). Checked in a fresh process."""
+    # find_spec, not an import of __main__: a __main__ without a __name__ guard would start serving.
+    probe = _PROBE_ZEROSERVE if kind == "zeroserve" else "import kserve, onnxruntime"
+    try:
+        done = subprocess.run([python, "-c", probe], check=False, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "import probe took over 60 s"
+    if done.returncode == 0:
+        return None
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    what = "zeroserve.runtime.__main__" if kind == "zeroserve" else "kserve and onnxruntime"
+    return f"cannot import {what} with {python}: " + (lines[-1] if lines else f"exit code {done.returncode}")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30.0,
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request on a fresh connection; returns status, headers, body."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=dict(headers or {}))
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+@dataclass(slots=True)
+class Server:
+    """A launched server process."""
+
+    kind: str
+    model_name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    started_at: float  # perf_counter just before launch
+
+    @property
+    def infer_path(self) -> str:
+        return f"/v2/models/{self.model_name}/infer"
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def fail(self, what: str) -> ServerError:
+        return ServerError(f"{self.kind}: {what}\n--- last lines of {self.log_path} ---\n{self.log_tail()}")
+
+    def check_alive(self) -> None:
+        code = self.process.poll()
+        if code is not None:
+            raise self.fail(f"process exited with code {code}")
+
+    def rss_mib(self) -> float | None:
+        """Resident memory of the server process (not its children), from /proc."""
+        try:
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return None
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time of the server process and its reaped children, from /proc."""
+        try:
+            # Fields after the parenthesised command name; utime is field 14 of the whole line.
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        utime, stime, cutime, cstime = (int(v) for v in fields[11:15])
+        return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
+
+    def wait_idle(self, busy_cores: float = 0.1, window_s: float = 0.25, deadline_s: float = 60.0) -> float:
+        """Wait until the server uses under ``busy_cores`` CPU; return seconds waited.
+
+        A load run ends with requests still queued in the server (wrk stops counting, the server
+        does not stop working); the next measurement must not inherit that backlog.
+        """
+        start = time.perf_counter()
+        before = self.cpu_seconds()
+        while before is not None and time.perf_counter() - start < deadline_s:
+            time.sleep(window_s)
+            after = self.cpu_seconds()
+            if after is None or (after - before) / window_s < busy_cores:
+                break
+            before = after
+        self.check_alive()
+        return time.perf_counter() - start
+
+    def poll_until(
+        self, method: str, path: str, body: bytes | None, headers: Mapping[str, str], deadline_s: float
+    ) -> tuple[float, bytes, dict[str, str]]:
+        """Repeat a request every 5 ms until it answers 200; return (seconds since launch, body, headers)."""
+        limit = time.perf_counter() + deadline_s
+        last = "no answer"
+        while True:
+            self.check_alive()
+            try:
+                status, resp_headers, resp_body = request(self.port, method, path, body, headers, timeout=5.0)
+                if status == 200:
+                    return time.perf_counter() - self.started_at, resp_body, resp_headers
+                last = f"HTTP {status}: {resp_body[:200]!r}"
+            except (ConnectionError, OSError, http.client.HTTPException) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if time.perf_counter() >= limit:
+                raise self.fail(f"{method} {path} got no 200 within {deadline_s:.0f} s (last: {last})")
+            time.sleep(POLL_SLEEP_S)
+
+    def wait_ready(self, deadline_s: float = 60.0) -> float:
+        """Wait for ``GET /v2/health/ready`` == 200; return seconds since launch."""
+        elapsed, _, _ = self.poll_until("GET", "/v2/health/ready", None, {}, deadline_s)
+        return elapsed
+
+    def stop(self) -> int | None:
+        """SIGTERM by PID, SIGKILL after a bounded wait; then clear any leftover of its own group."""
+        proc = self.process
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=STOP_WAIT_S)
+        # The server ran in a session of its own (start_new_session), so its group id is its PID
+        # and holds only processes it started (worker processes, if any).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return proc.returncode
+
+
+def launch(kind: str, python: str, model_name: str, model_dir: Path, log_path: Path) -> Server:
+    """Start ``kind`` serving ``model_dir`` on free ports; does not wait."""
+    port, grpc_port = free_port(), free_port()
+    argv = KINDS[kind].command(python, model_name, model_dir, port, grpc_port)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        log.write(f"$ {' '.join(argv)}\n".encode())
+        log.flush()
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return Server(kind, model_name, port, process, log_path, started)
+
+
+@contextlib.contextmanager
+def running(
+    kind: str, python: str, model_name: str, model_dir: Path, log_path: Path, ready_deadline_s: float = 60.0
+) -> Iterator[Server]:
+    """A ready server for the duration of the block; always stopped afterwards."""
+    server = launch(kind, python, model_name, model_dir, log_path)
+    try:
+        server.wait_ready(ready_deadline_s)
+        yield server
+    finally:
+        server.stop()
