@@ -54,6 +54,12 @@ def test_triton_repository(tmp_path: Path) -> None:
     assert discover(tmp_path, "ignored") == [ModelSource("alpha", "1", a1), ModelSource("beta", "3", b3)]
 
 
+def test_repository_of_unversioned_models(tmp_path: Path) -> None:
+    tiny = touch(tmp_path / "tiny" / "model.onnx")
+    image = touch(tmp_path / "image" / "resnet.onnx")
+    assert discover(tmp_path, "ignored") == [ModelSource("image", "1", image), ModelSource("tiny", "1", tiny)]
+
+
 def test_nothing_to_serve(tmp_path: Path) -> None:
     touch(tmp_path / "weights.bin")
     with pytest.raises(ModelLoadError, match="no ONNX model found"):

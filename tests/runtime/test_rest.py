@@ -189,3 +189,25 @@ def test_tritonclient_gzip_binary_request(server: ServerProcess) -> None:
     client = triton.InferenceServerClient(server.address)
     response = client.infer("add", [a, b], model_version="1", request_compression_algorithm="gzip")
     np.testing.assert_array_equal(response.as_numpy("sum"), data * 2)
+
+
+@pytest.fixture(scope="module")
+def pooled_server(model_repository, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A server that sends every run to the worker thread pool (no inline runs on the event loop)."""
+    from conftest import start_server
+
+    log = tmp_path_factory.mktemp("pooled") / "server.log"
+    server = start_server(["--model_dir", str(model_repository), "--inline_run_ms", "0"], log)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "BYTES", "INT64"])
+def test_round_trip_through_the_worker_pool(pooled_server: ServerProcess, datatype: str) -> None:
+    data = sample(datatype, (4, 5))
+    tensor = triton.InferInput("input", list(data.shape), datatype)
+    tensor.set_data_from_numpy(data, binary_data=True)
+    client = triton.InferenceServerClient(pooled_server.address, concurrency=4)
+    pending = [client.async_infer(f"identity_{datatype.lower()}", [tensor]) for _ in range(8)]
+    for request in pending:
+        assert_same(request.get_result().as_numpy("output"), data, datatype)

@@ -9,28 +9,44 @@ from collections.abc import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.dataplane import DataPlane
 from zeroserve.runtime.errors import ServerError
+from zeroserve.runtime.infer_endpoint import InferEndpoint, infer_target
 from zeroserve.runtime.loader import load_models
-from zeroserve.runtime.providers import cpu_quota
 from zeroserve.runtime.repository import ModelRepository
 from zeroserve.runtime.rest import RestApi, http_exception, server_error
 
 logger = logging.getLogger("zeroserve.runtime")
 
 
+class ServerApp(Starlette):
+    """Starlette, with inference POSTs dispatched straight to the raw-ASGI infer endpoint."""
+
+    infer_endpoint: InferEndpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            target = infer_target(scope["path"])
+            if target is not None:
+                await self.infer_endpoint.handle(scope, receive, send, *target)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     config: RuntimeConfig,
     *,
     on_load_failure: Callable[[ServerError], None] | None = None,
-) -> Starlette:
+) -> ServerApp:
     """Build the server app. Models start loading when the lifespan starts, after the listener is up;
     ``on_load_failure`` is called if loading fails (the server uses it to exit)."""
     repository = ModelRepository()
-    dataplane = DataPlane(repository, config.inference_threads or max(2, cpu_quota()))
-    api = RestApi(dataplane, config.limits)
+    dataplane = DataPlane(repository, config.inference_threads, config.inline_run_ms / 1000)
+    infer = InferEndpoint(dataplane, config.limits)
+    api = RestApi(dataplane, infer.route)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -43,11 +59,12 @@ def create_app(
                 await loading
             dataplane.close()
 
-    app = Starlette(
+    app = ServerApp(
         routes=api.routes(),
         lifespan=lifespan,
         exception_handlers={HTTPException: http_exception, Exception: server_error},
     )
+    app.infer_endpoint = infer
     app.state.repository = repository
     app.state.dataplane = dataplane
     return app

@@ -5,7 +5,8 @@ Three layouts are understood, so that no config file is needed:
 - a single ``.onnx`` file, served as ``model_name`` version 1;
 - a folder holding one ``.onnx`` (KServe's layout), likewise;
 - a Triton-style repository: ``VERSION/model.onnx`` folders for ``model_name``, or
-  ``NAME/VERSION/model.onnx`` for several models, each version served at ``/versions/VERSION``.
+  ``NAME/VERSION/model.onnx`` for several models, each version served at ``/versions/VERSION``
+  (``NAME/model.onnx`` is that model's version 1).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def discover(root: Path, model_name: str) -> list[ModelSource]:
         ModelSource(child.name, version, path)
         for child in sorted(root.iterdir())
         if child.is_dir() and not child.name.startswith(".")
-        for version, path in _versions(child)
+        for version, path in _versions(child) or _unversioned(child)
     ]
     if not sources:
         raise ModelLoadError(
@@ -65,6 +66,12 @@ def _onnx_in(folder: Path) -> Path | None:
         return preferred
     names = ", ".join(path.name for path in found)
     raise ModelLoadError(f"'{folder}' holds several .onnx files ({names}); name one or call it model.onnx")
+
+
+def _unversioned(folder: Path) -> list[tuple[str, Path]]:
+    """``NAME/model.onnx`` in a repository: the model's only version, 1."""
+    onnx_file = _onnx_in(folder)
+    return [("1", onnx_file)] if onnx_file is not None else []
 
 
 def _versions(folder: Path) -> list[tuple[str, Path]]:

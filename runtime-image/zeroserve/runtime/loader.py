@@ -28,10 +28,12 @@ async def load_models(config: RuntimeConfig, repository: ModelRepository) -> Non
         fetched = await anyio.to_thread.run_sync(
             lambda: storage.fetch(config.model_dir, config.cache_dir)
         )
-        logger.info(
-            "model files at %s (%s, %d bytes fetched in %.3f s)",
-            fetched.path, "cache hit" if fetched.cache_hit else "downloaded", fetched.bytes_fetched, fetched.seconds,
-        )
+        if fetched.path != Path(config.model_dir):  # remote: say what the cache saved
+            logger.info(
+                "model %s at %s (%s, %d bytes fetched in %.3f s)",
+                config.model_dir, fetched.path, "cache hit" if fetched.cache_hit else "downloaded",
+                fetched.bytes_fetched, fetched.seconds,
+            )
         sources = layout.discover(Path(fetched.path), config.model_name)
     except ServerError as exc:
         repository.discovery_error = exc.message

@@ -59,6 +59,8 @@ class OnnxModel:
         self._session: onnxruntime.InferenceSession | None = None
         self._inputs_by_name: dict[str, TensorSpec] = {}
         self._output_names: frozenset[str] = frozenset()
+        # Moving average of session.run wall time; decides whether a run may stay on the event loop.
+        self.run_seconds = float("inf")
 
     def __repr__(self) -> str:
         return f"OnnxModel(name={self.name!r}, version={self.version!r}, path='{self.path}')"
@@ -117,17 +119,24 @@ class OnnxModel:
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
         """Blocking inference; call it from a worker thread."""
         assert self._session is not None, "load() the model first"
+        started = time.perf_counter()
         try:
-            return self._session.run(output_names, feeds)  # type: ignore[no-any-return]
+            outputs: list[np.ndarray] = self._session.run(output_names, feeds)
         except Exception as exc:
             # ORT reports data-dependent failures (an index out of range, a reshape that does not fit)
             # as INVALID_ARGUMENT: those are the caller's to fix.
             if type(exc).__name__ == "InvalidArgument":
                 raise InvalidInput(f"model '{self.name}' rejected the input: {exc}") from exc
             raise InferenceError(f"model '{self.name}' failed: {exc}") from exc
+        elapsed = time.perf_counter() - started
+        previous = self.run_seconds
+        self.run_seconds = elapsed if previous == float("inf") else 0.8 * previous + 0.2 * elapsed
+        return outputs
 
     def warmup(self) -> float:
-        """Run one inference on zeros shaped from the metadata (dynamic dims as 1); returns seconds."""
+        """Run inference on zeros shaped from the metadata (dynamic dims as 1); returns seconds.
+
+        Twice: the first run pays ONNX Runtime's one-time costs, the second gives a fair run time."""
         import numpy as np
 
         feeds: dict[str, np.ndarray] = {}
@@ -140,6 +149,8 @@ class OnnxModel:
             else:
                 feeds[spec.name] = np.zeros(shape, dtype=dtypes.to_numpy(spec.datatype))
         started = time.perf_counter()
+        self.run(feeds, None)
+        self.run_seconds = float("inf")
         self.run(feeds, None)
         return time.perf_counter() - started
 

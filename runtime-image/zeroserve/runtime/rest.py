@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import logging
 import math
-import zlib
 from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp
 
-from zeroserve.runtime import codec
-from zeroserve.runtime.config import Limits
 from zeroserve.runtime.dataplane import DataPlane
-from zeroserve.runtime.errors import InvalidInput, ModelNotReady, PayloadTooLarge, ServerError
+from zeroserve.runtime.errors import ModelNotReady, ServerError
 
 logger = logging.getLogger("zeroserve.runtime")
 
@@ -29,11 +27,17 @@ def json_response(content: Any, status: int = 200, headers: dict[str, str] | Non
     return Response(orjson.dumps(content), status, headers={**_JSON, **(headers or {})})
 
 
-def error_response(exc: ServerError) -> Response:
-    headers = {}
+def error_body(exc: ServerError) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of the V2 error answer for ``exc``."""
+    headers = {"content-type": "application/json"}
     if isinstance(exc, ModelNotReady):
         headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
-    return json_response({"error": exc.message}, exc.status, headers)
+    return exc.status, headers, orjson.dumps({"error": exc.message})
+
+
+def error_response(exc: ServerError) -> Response:
+    status, headers, body = error_body(exc)
+    return Response(body, status, headers=headers)
 
 
 async def http_exception(request: Request, exc: Exception) -> Response:
@@ -55,9 +59,9 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 
 class RestApi:
-    def __init__(self, dataplane: DataPlane, limits: Limits) -> None:
+    def __init__(self, dataplane: DataPlane, infer: ASGIApp) -> None:
         self.dataplane = dataplane
-        self.limits = limits
+        self.infer = infer  # the raw-ASGI infer endpoint (infer_endpoint.py)
 
     def routes(self) -> list[BaseRoute]:
         model = "/v2/models/{model_name}"
@@ -105,58 +109,3 @@ class RestApi:
         except ServerError as exc:
             return error_response(exc)
         return Response(_READY if ready else _NOT_READY, 200 if ready else 503, headers=_JSON)
-
-    async def infer(self, request: Request) -> Response:
-        params = request.path_params
-        try:
-            body = await self._read_body(request)
-            infer_request = codec.decode_request(
-                body, request.headers.get("inference-header-content-length"), self.limits
-            )
-            result = await self.dataplane.infer(params["model_name"], params.get("model_version"), infer_request)
-            content, headers = codec.encode_result(result, infer_request)
-        except ServerError as exc:
-            return error_response(exc)
-        except ClientDisconnect:
-            return Response(status_code=400)  # nobody is listening; the status is for the access log
-        return Response(content, 200, headers=headers)
-
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                raise InvalidInput(f"Content-Length must be a number, got {declared!r}")
-            if int(declared) > limit:
-                raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
-        chunks = []
-        received = 0
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
-                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        encoding = request.headers.get("content-encoding")
-        if encoding:
-            body = _decompress(body, encoding.strip().lower(), limit)
-        return body
-
-
-def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    """gzip/deflate request bodies (tritonclient can send them), bounded like plain bodies."""
-    if encoding == "identity":
-        return body
-    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
-    if wbits is None:
-        raise InvalidInput(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none")
-    decompressor = zlib.decompressobj(wbits)
-    try:
-        out = decompressor.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise InvalidInput(f"request body is not valid {encoding}: {exc}") from None
-    if len(out) > limit:
-        raise PayloadTooLarge(f"decompressed request body is over the limit of {limit} bytes")
-    if not decompressor.eof:
-        raise InvalidInput(f"request body is truncated {encoding} data")
-    return out

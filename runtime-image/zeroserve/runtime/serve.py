@@ -47,6 +47,8 @@ def serve(config: RuntimeConfig) -> int:
         lifespan="on",
         log_config=None,
         access_log=config.access_log,
+        proxy_headers=False,  # nothing here reads client addresses; one middleware layer less per request
+        server_header=False,
         timeout_keep_alive=config.timeout_keep_alive,
         timeout_graceful_shutdown=max(1, round(config.shutdown_timeout)),
     )
