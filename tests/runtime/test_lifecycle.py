@@ -199,3 +199,26 @@ def test_port_from_environment_and_model_name_fallback(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(15)
+
+
+def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
+    test_models.mlp_model(tmp_path / "model.onnx")
+    server = start_server(["--model_dir", str(tmp_path), "--workers", "2"], tmp_path / "log")
+    try:
+        for _ in range(20):
+            with httpx.Client() as client:  # a new connection each time, spread over the workers
+                assert client.post(f"{server.url}/v2/models/model/infer", content=MLP_BODY).status_code == 200
+        wait_for(lambda: server.log().count("Application startup complete") == 2)
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM)
+    assert "Stopping parent process" in server.log()
+
+
+def test_workers_stop_when_a_model_cannot_load(tmp_path: Path) -> None:
+    server = start_server(["--model_dir", str(tmp_path / "nowhere"), "--workers", "2"], tmp_path / "log",
+                          wait_ready=False)
+    try:
+        assert server.process.wait(60) == 1
+    finally:
+        server.stop()
+    assert "does not exist" in server.log()

@@ -6,12 +6,20 @@ lets in-flight requests finish for up to ``shutdown_timeout`` seconds, then the 
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import importlib.util
 import logging
+import os
+import pickle
 import sys
+from typing import TYPE_CHECKING, Any
 
 from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.errors import ServerError
+
+if TYPE_CHECKING:
+    import uvicorn
 
 logger = logging.getLogger("zeroserve.runtime")
 
@@ -24,8 +32,15 @@ def configure_logging(level: str) -> None:
     )
 
 
+# Exit status uvicorn's supervisor reads as "this worker can never start": it stops instead of respawning.
+_STARTUP_FAILURE = 3
+_WORKER_CONFIG_ENV = "ZEROSERVE_WORKER_CONFIG"
+
+
 def serve(config: RuntimeConfig) -> int:
     """Serve until stopped; returns the process exit code (1 when a model failed to load)."""
+    if config.workers > 1:
+        return _serve_workers(config)
     import uvicorn
 
     from zeroserve.runtime.app import create_app
@@ -37,8 +52,18 @@ def serve(config: RuntimeConfig) -> int:
             failed.append(exc)
             server.should_exit = True
 
-    app = create_app(config, on_load_failure=on_load_failure)
-    uvicorn_config = uvicorn.Config(
+    server = uvicorn.Server(_uvicorn_config(create_app(config, on_load_failure=on_load_failure), config))
+    server.run()
+    if failed:
+        print(f"zeroserve: {failed[0].message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _uvicorn_config(app: Any, config: RuntimeConfig, **extra: Any) -> uvicorn.Config:
+    import uvicorn
+
+    return uvicorn.Config(
         app,
         host=config.host,
         port=config.http_port,
@@ -51,10 +76,43 @@ def serve(config: RuntimeConfig) -> int:
         server_header=False,
         timeout_keep_alive=config.timeout_keep_alive,
         timeout_graceful_shutdown=max(1, round(config.shutdown_timeout)),
+        **extra,
     )
-    server = uvicorn.Server(uvicorn_config)
-    server.run()
-    if failed:
-        print(f"zeroserve: {failed[0].message}", file=sys.stderr)
+
+
+def _serve_workers(config: RuntimeConfig) -> int:
+    """``--workers N``: N processes share one listening socket, each loading its own copy of the models.
+
+    ONNX Runtime threads are split between them (unless set explicitly) so N workers do not
+    oversubscribe the CPU quota."""
+    from uvicorn.supervisors import Multiprocess
+
+    if config.providers.intra_op_threads is None:
+        from zeroserve.runtime.providers import cpu_quota
+
+        threads = max(1, cpu_quota() // config.workers)
+        config = dataclasses.replace(config, providers=dataclasses.replace(config.providers, intra_op_threads=threads))
+    # Workers are spawned processes: they rebuild the app from this config through the factory below.
+    os.environ[_WORKER_CONFIG_ENV] = base64.b64encode(pickle.dumps(config)).decode()
+    uvicorn_config = _uvicorn_config(f"{__name__}:worker_app", config, factory=True, workers=config.workers)
+    supervisor = Multiprocess(uvicorn_config, sockets=[uvicorn_config.bind_socket()])
+    supervisor.run()
+    if any(process.exitcode == _STARTUP_FAILURE for process in supervisor.processes):
+        print("zeroserve: a worker could not load its models (see its log above)", file=sys.stderr)
         return 1
     return 0
+
+
+def worker_app() -> Any:
+    """App factory run inside each worker process of ``--workers N``."""
+    from zeroserve.runtime.app import create_app
+
+    config: RuntimeConfig = pickle.loads(base64.b64decode(os.environ[_WORKER_CONFIG_ENV]))
+    configure_logging(config.log_level)
+
+    def on_load_failure(exc: ServerError) -> None:
+        if config.exit_on_error:
+            print(f"zeroserve: {exc.message}", file=sys.stderr, flush=True)
+            os._exit(_STARTUP_FAILURE)  # nothing was ever ready in this worker; the supervisor stops all
+
+    return create_app(config, on_load_failure=on_load_failure)
