@@ -6,6 +6,7 @@ cheap: the web stack, numpy and ONNX Runtime load with ``create_app``/``serve``,
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
