@@ -1,8 +1,11 @@
-"""Serve the example model locally and answer one request: the README's first command runs this.
+"""Serve the example model with scale to zero on this machine, and watch a cold start, a warm request and the
+scale-down. The README's first command runs this.
 
-    python examples/quickstart.py            # serve, show one inference, keep serving until Ctrl-C
-    python examples/quickstart.py --once     # serve, show one inference, stop
+    python examples/quickstart.py            # then keeps serving (and scaling to zero) until Ctrl-C
+    python examples/quickstart.py --once     # stops after the scale-down
 
+It runs `python -m zeroserve.runtime.scale_to_zero` (the same as `zeroserve dev`): the port is held, the first
+request starts a model server process, and the process stops after --idle_timeout seconds without requests.
 The model (examples/models/mlp/model.onnx) is a small dense classifier: 16 features in, 4 scores out.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,61 +23,70 @@ from pathlib import Path
 import httpx
 
 MODEL_DIR = Path(__file__).parent / "models" / "mlp"
+REQUEST = {"id": "quickstart", "inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}
 
 
-def wait_until_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"the server exited with status {process.returncode}")
+            raise SystemExit(f"zeroserve dev exited with status {process.returncode}")
         try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return time.monotonic() - started
-        except httpx.TransportError:
-            pass
-        time.sleep(0.02)
-    raise SystemExit(f"the server was not ready after {timeout} s")
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listening on port {port} after {timeout} s")
+
+
+def infer(client: httpx.Client, url: str, label: str) -> None:
+    started = time.perf_counter()
+    response = client.post(f"{url}/v2/models/mlp/infer", json=REQUEST, timeout=120)
+    elapsed = time.perf_counter() - started
+    response.raise_for_status()
+    waited = response.headers.get("server-timing", "")
+    print(f"\n{label}: POST /v2/models/mlp/infer -> {response.status_code} in {elapsed * 1000:.0f} ms "
+          f"(waiting for a server process: {waited.split('dur=')[-1]} ms)")
+    print("  ", json.dumps(response.json()))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--once", action="store_true", help="stop after the first answer")
+    parser.add_argument("--idle_timeout", type=float, help="seconds before scale-down (default 3 with --once, else 30)")
+    parser.add_argument("--once", action="store_true", help="stop after the scale-down")
     args = parser.parse_args()
+    idle = args.idle_timeout or (3.0 if args.once else 30.0)
     url = f"http://127.0.0.1:{args.port}"
 
-    command = [sys.executable, "-m", "zeroserve.runtime", "--model_name", "mlp",
-               "--model_dir", str(MODEL_DIR), "--host", "127.0.0.1", "--http_port", str(args.port)]
-    print("$", " ".join(command[2:]), flush=True)
-    server = subprocess.Popen(command)
+    command = [sys.executable, "-m", "zeroserve.runtime.scale_to_zero", "--port", str(args.port),
+               "--idle_timeout", str(idle), "--model_name", "mlp", "--model_dir", str(MODEL_DIR)]
+    print("$ zeroserve dev", " ".join(command[3:]), flush=True)
+    front = subprocess.Popen(command, stderr=subprocess.PIPE if args.once else None)
     try:
-        seconds = wait_until_ready(url, server)
-        print(f"\nready after {seconds:.2f} s (process start to /v2/health/ready)\n")
-
-        metadata = httpx.get(f"{url}/v2/models/mlp").json()
-        print("GET /v2/models/mlp ->", json.dumps(metadata))
-        request = {
-            "id": "quickstart-1",
-            "inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}],
-        }
-        started = time.perf_counter()
-        response = httpx.post(f"{url}/v2/models/mlp/infer", json=request)
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        response.raise_for_status()
-        print("POST /v2/models/mlp/infer ->", json.dumps(response.json()), f"({elapsed_ms:.1f} ms)")
-
+        wait_for_port(args.port, front)
+        with httpx.Client() as client:
+            infer(client, url, "cold")
+            infer(client, url, "warm")
+        print(f"\nno more requests: the server process stops after {idle:.0f} s idle (scale to zero)", flush=True)
         if args.once:
+            time.sleep(idle + 1.5)
             return 0
-        print(f"\nserving at {url}; try:\n  curl -s {url}/v2/models/mlp/infer -d '{json.dumps(request)}'\n"
+        print(f"\nserving at {url}; try:\n  curl -s {url}/v2/models/mlp/infer -d '{json.dumps(REQUEST)}'\n"
               "Ctrl-C stops it.", flush=True)
-        server.wait()
-        return server.returncode
+        front.wait()
+        return front.returncode
     except KeyboardInterrupt:
         return 0
     finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            server.wait(30)
+        if front.poll() is None:
+            front.send_signal(signal.SIGTERM)
+            front.wait(30)
+        if args.once and front.stderr is not None:
+            log = front.stderr.read().decode(errors="replace")
+            print("\nzeroserve dev said:\n" + "\n".join(
+                "  " + line for line in log.splitlines() if "zeroserve.dev" in line or "ready on" in line
+            ))
 
 
 if __name__ == "__main__":

@@ -17,5 +17,7 @@ def test_quickstart_serves_and_answers() -> None:
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "POST /v2/models/mlp/infer ->" in result.stdout
+    assert "cold: POST /v2/models/mlp/infer -> 200" in result.stdout
+    assert "warm: POST /v2/models/mlp/infer -> 200" in result.stdout
     assert '"model_name": "mlp"' in result.stdout and '"shape": [1, 4]' in result.stdout
+    assert "scaled to zero" in result.stdout

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import http.server
 import signal
 import socket
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 import models as test_models
 from conftest import start_server, unused_port
@@ -35,33 +31,6 @@ def answers(url: str) -> bool:
         return True
     except httpx.TransportError:
         return False
-
-
-@pytest.fixture
-def gated_model_server(tmp_path: Path) -> Iterator[tuple[str, threading.Event]]:
-    """A loopback HTTP server whose model download blocks until the test opens the gate."""
-    test_models.mlp_model(tmp_path / "model.onnx")
-    gate = threading.Event()
-    root = str(tmp_path)
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-            super().__init__(*args, directory=root, **kwargs)
-
-        def do_GET(self) -> None:
-            gate.wait(30)
-            super().do_GET()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/model.onnx", gate
-    gate.set()
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def test_not_ready_while_loading_then_ready(gated_model_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
