@@ -1,0 +1,144 @@
+"""The ``zeroserve`` command: ``render`` prints exactly the repository's files, writes and checks the tree, says
+which flag is wrong; ``serve`` is unchanged; the command stays light."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zeroserve import cli, knative
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        code = cli.main(args)
+    except SystemExit as exc:  # argparse
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read(path: str) -> str:
+    return (REPO / "knative" / path).read_text(encoding="utf-8")
+
+
+def test_render_with_defaults_prints_the_cpu_service_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["render"], capsys) == (0, read("cpu/service.yaml"), "")
+
+
+@pytest.mark.parametrize(
+    ("args", "files"),
+    [
+        (["--gpu", "--name", "mlp-gpu", "--model-name", "mlp"], ["gpu/service.yaml"]),
+        (["--grpc", "--name", "mlp-grpc", "--model-name", "mlp"], ["grpc/service.yaml"]),
+        (["--kserve", "--name", "mlp-kserve", "--model-name", "mlp"], ["kserve/runtime.yaml", "kserve/isvc.yaml"]),
+    ],
+)
+def test_render_variants_print_the_repository_files(
+    args: list[str], files: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(["render", *args], capsys) == (0, "---\n".join(read(f) for f in files), "")
+
+
+def test_render_options_reach_the_manifest(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["render", "--name", "bert", "--model-uri", "gs://b/bert/", "--image", "reg.example/zs:1", "-n", "ml",
+            "--min-scale", "1", "--max-scale", "7", "--target-concurrency", "2", "--container-concurrency", "3",
+            "--cold-start", "90", "--no-startup-probe"]
+    code, out, err = run(args, capsys)
+    assert code == 0
+    expected = knative.RenderOptions(
+        name="bert", model_uri="gs://b/bert/", image="reg.example/zs:1", namespace="ml", min_scale=1, max_scale=7,
+        target_concurrency=2, container_concurrency=3, cold_start=90, startup_probe=False,
+    )
+    assert out == knative.to_yaml(knative.render(expected), comments=[knative.explain(expected)])
+    assert err == f"zeroserve render: warning: {knative.notes(expected)[0]}\n"
+    assert "never scales to zero" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--name", "Bad"], "zeroserve render: error: name 'Bad' must be a DNS-1035 label"),
+        (["--model-name", "a b"], "error: --model-name 'a b' must be letters"),
+        (["--min-scale", "3", "--max-scale", "2"], "error: --max-scale (2) is below --min-scale (3)"),
+        (["--target-concurrency", "9"], "--target-concurrency (9) is above --container-concurrency (8)"),
+        (["--cold-start", "x"], "argument --cold-start: invalid int value: 'x'"),
+        (["--check"], "--check needs --out-dir"),
+        (["--out-dir", "somewhere", "--gpu", "--image", "i"], "drop --gpu, --image"),
+    ],
+)
+def test_render_errors_name_the_flag(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["render", *args], capsys)
+    assert code == 2 and out == ""
+    assert message in err
+
+
+def test_render_out_dir_writes_the_tree_and_check_finds_drift(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(["render", "--out-dir", str(tmp_path)], capsys)[0] == 0
+    written = {str(p.relative_to(tmp_path)): p.read_text() for p in tmp_path.rglob("*") if p.is_file()}
+    assert written == knative.layout()
+    assert run(["render", "--out-dir", str(tmp_path), "--check"], capsys)[0] == 0
+    (tmp_path / "gpu" / "service.yaml").write_text("edited by hand\n")
+    (tmp_path / "cpu" / "kustomization.yaml").unlink()
+    (tmp_path / "cpu" / "old.yaml").write_text("kind: Leftover\n")
+    code, _, err = run(["render", "--out-dir", str(tmp_path), "--check"], capsys)
+    assert code == 1
+    assert "gpu/service.yaml differs" in err and "cpu/kustomization.yaml differs" in err
+    assert "cpu/old.yaml is not part of the rendered tree" in err
+
+
+def test_repository_folder_passes_check(capsys: pytest.CaptureFixture[str]) -> None:
+    # What .ci/run can run to catch a hand edit: zeroserve render --out-dir knative --check
+    assert run(["render", "--out-dir", str(REPO / "knative"), "--check"], capsys) == (0, "", "")
+
+
+def test_top_level_help_and_unknown_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    assert all(f"\n  {command} " in out for command in ("serve", "render", "deploy", "status"))
+    assert run([], capsys)[0] == 2
+    code, _, err = run(["apply"], capsys)
+    assert code == 2 and "unknown command 'apply'" in err
+
+
+def test_serve_still_hands_everything_to_the_runtime(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["serve", "--help"], capsys)
+    assert code == 0
+    assert out.startswith("usage: zeroserve serve") and "--model_name" in out and "--trt_engine_cache_path" in out
+
+
+def test_status_and_deploy_help(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["deploy", "--help"], capsys)
+    assert code == 0 and "--kubeconfig" in out and "--model-uri" in out and "-f FILE" in out
+    code, out, _ = run(["status", "--help"], capsys)
+    assert code == 0 and "--kserve" in out
+
+
+def test_render_loads_no_cluster_client_and_nothing_heavy() -> None:
+    code = (
+        "import sys, json\n"
+        "from zeroserve import cli\n"
+        "import contextlib, io\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert cli.main(['render', '--kserve']) == 0\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    modules = set(json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                            text=True, timeout=60).stdout))
+    heavy = {"kubernetes", "yaml", "urllib3", "numpy", "onnxruntime", "starlette", "httpx", "zeroserve.deploy"}
+    assert modules & heavy == set()
+
+
+def test_console_script_renders(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "zeroserve", "render", "--grpc"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "name: h2c" in result.stdout

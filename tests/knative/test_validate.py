@@ -1,0 +1,72 @@
+"""Every manifest in knative/ and every ``zeroserve render`` output passes ../shared/tools/validate-manifests
+(upstream Knative 1.23 and KServe 0.20 CRD schemas plus their admission rules), warnings included."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zeroserve import knative
+from zeroserve.knative import RenderOptions
+
+REPO = Path(__file__).resolve().parents[2]
+VALIDATOR = REPO.parent / "shared" / "tools" / "validate-manifests"
+
+pytestmark = pytest.mark.skipif(not VALIDATOR.exists(), reason=f"{VALIDATOR} not found (shared/ not beside the repo)")
+
+
+def validate(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(VALIDATOR), "-W", *args], input=stdin, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_knative_folder_validates_with_no_warnings() -> None:
+    result = validate(str(REPO / "knative"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Subfolders are walked (kustomization.yaml files are skipped as kustomize input): 5 manifest files.
+    assert "5 file(s), 5 document(s): 0 error(s), 0 warning(s), 0 skipped" in result.stdout
+
+
+VARIANTS = [
+    ("knative", RenderOptions()),
+    ("knative", RenderOptions(accelerator="gpu")),
+    ("knative", RenderOptions(protocol="grpc")),
+    ("knative", RenderOptions(accelerator="gpu", protocol="grpc", namespace="ml", image=f"r.io/z@sha256:{'a' * 64}")),
+    ("knative", RenderOptions(name="x" * 63, min_scale=1, max_scale=0, container_concurrency=0, startup_probe=False)),
+    ("knative", RenderOptions(cold_start=1, target_concurrency=1, container_concurrency=1)),
+    ("knative", RenderOptions(cold_start=480)),  # the longest cold start inside Knative's default 600 s timeout
+    ("kserve", RenderOptions()),
+    ("kserve", RenderOptions(accelerator="gpu", model_name="resnet.v2")),
+    ("kserve", RenderOptions(protocol="grpc", namespace="ml", name="b" * 53)),
+]
+
+
+@pytest.mark.parametrize(("target", "options"), VARIANTS)
+def test_render_output_validates_with_no_warnings(target: knative.Target, options: RenderOptions) -> None:
+    text = knative.to_yaml(knative.render(options, target), comments=[knative.explain(options, target)])
+    result = validate("-", stdin=text)
+    assert result.returncode == 0, result.stdout
+    assert "0 error(s), 0 warning(s), 0 skipped" in result.stdout
+
+
+def test_validator_is_not_vacuous() -> None:
+    # The same pipeline flags what Knative would reject: a second port and a reserved env var.
+    service = knative.knative_service(RenderOptions())
+    container = service["spec"]["template"]["spec"]["containers"][0]
+    container["ports"].append({"containerPort": 9000})
+    container["env"] = [{"name": "PORT", "value": "9000"}]
+    result = validate("-", stdin=knative.to_yaml([service]))
+    assert result.returncode == 1
+    assert "only a single port is allowed" in result.stdout
+    assert '"PORT" is a reserved environment variable' in result.stdout
+
+
+def test_a_long_cold_start_is_flagged_as_the_render_note_says() -> None:
+    options = RenderOptions(cold_start=900)
+    result = validate("-", stdin=knative.to_yaml(knative.render(options)))
+    assert result.returncode == 1 and "max-revision-timeout-seconds (600)" in result.stdout
+    assert "max-revision-timeout-seconds" in knative.notes(options)[0]
