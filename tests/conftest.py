@@ -94,7 +94,8 @@ def start_server(
 
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Triton-style repository: add (versions 1: a+b, 2: a*b), identity_<dt> per datatype, mlp, gather."""
+    """A Triton-style repository: add (versions 1: a+b, 2: a*b), identity_<dt> per datatype, mlp, gather
+    (fixed shape), lookup (gather over a dynamic batch)."""
     root = tmp_path_factory.mktemp("repository")
     test_models.add_model(root / "add" / "1" / "model.onnx", "Add")
     test_models.add_model(root / "add" / "2" / "model.onnx", "Mul")
@@ -102,6 +103,7 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         test_models.identity_model(root / f"identity_{datatype.lower()}" / "1" / "model.onnx", datatype)
     test_models.mlp_model(root / "mlp" / "1" / "model.onnx")
     test_models.gather_model(root / "gather" / "1" / "model.onnx")
+    test_models.lookup_model(root / "lookup" / "1" / "model.onnx")
     return root
 
 

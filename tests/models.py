@@ -98,3 +98,17 @@ def gather_model(path: Path) -> Path:
         initializer=[table],
     )
     return _save(graph, path)
+
+
+def lookup_model(path: Path) -> Path:
+    """``picked = table[index]`` over a dynamic batch of indices: batchable, and an index out of range fails
+    inside ONNX Runtime (so a merged run fails and must be split back to find the culprit)."""
+    table = numpy_helper.from_array(np.arange(8, dtype=np.float32) * 10, "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "index"], ["picked"])],
+        "lookup",
+        [helper.make_tensor_value_info("index", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("picked", TensorProto.FLOAT, ["batch"])],
+        initializer=[table],
+    )
+    return _save(graph, path)

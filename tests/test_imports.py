@@ -47,3 +47,16 @@ def test_server_start_path_imports_only_what_it_uses() -> None:
     # fsspec and cloud backends only for a remote URI, gRPC only when enabled.
     assert top_level(modules) == {"numpy", "starlette", "orjson"}
     assert len(modules) < 420, f"{len(modules)} modules on the start path"
+
+
+def test_rest_only_server_never_imports_grpc() -> None:
+    build = "from zeroserve.runtime.app import create_app\nfrom zeroserve.runtime.config import RuntimeConfig\n"
+    rest = loaded_after(build + "create_app(RuntimeConfig.from_args([], {}))")
+    assert "grpc" not in top_level(rest)
+    both = loaded_after(build + "create_app(RuntimeConfig.from_args(['--enable_grpc'], {}))")
+    assert "grpc" in top_level(both)  # the check above can see grpc when it is there
+
+
+def test_grpc_only_server_skips_the_rest_stack() -> None:
+    modules = loaded_after("import zeroserve.runtime.serve, zeroserve.runtime.grpc")
+    assert top_level(modules) == {"grpc", "numpy", "orjson"}

@@ -23,6 +23,8 @@ USAGE = """usage: zeroserve <command> [options]
 
 commands:
   serve     serve ONNX models over the Open Inference Protocol (KServe V2); see `zeroserve serve --help`
+  dev       serve with scale to zero on this machine: a server process starts on the first request, stops
+            when idle (Knative's activator in miniature); see `zeroserve dev --help`
   render    print Knative or KServe manifests for a model, or write the kustomize tree (--out-dir)
   deploy    apply them to the current Kubernetes context and wait until the service is ready
   status    show a deployed service: readiness, URL, latest revision and scale
@@ -36,8 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, end="")
         return 0 if args else 2
     command, rest = args[0], args[1:]
-    if command == "serve":
-        return _serve(rest)
+    if command in ("serve", "dev"):
+        return _serve(command, rest)
     handler = _COMMANDS.get(command)
     if handler is None:
         print(f"zeroserve: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
@@ -45,19 +47,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return handler(rest)
 
 
-def _serve(args: list[str]) -> int:
+def _serve(command: str, args: list[str]) -> int:
     try:
-        from zeroserve.runtime.__main__ import main as serve_main
+        if command == "dev":
+            from zeroserve.runtime.scale_to_zero import main as run
+        else:
+            from zeroserve.runtime.__main__ import main as run
     except ImportError as exc:
         if exc.name and exc.name.split(".")[0] in ("starlette", "uvicorn", "numpy", "orjson", "onnxruntime"):
             print(
-                f"zeroserve serve needs the server extras ({exc.name} is missing): "
+                f"zeroserve {command} needs the server extras ({exc.name} is missing): "
                 "pip install 'zeroserve[runtime,cpu]'",
                 file=sys.stderr,
             )
             return 2
         raise
-    return serve_main(args)
+    return run(args)
 
 
 # ---------------------------------------------------------------------------------------------------------

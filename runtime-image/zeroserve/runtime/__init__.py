@@ -23,6 +23,7 @@ _LAZY = {
 }
 
 
+@functools.cache
 def version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as dist_version

@@ -15,9 +15,10 @@ from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.dataplane import DataPlane
 from zeroserve.runtime.errors import ServerError
 from zeroserve.runtime.infer_endpoint import InferEndpoint, infer_target
-from zeroserve.runtime.loader import load_models
+from zeroserve.runtime.loader import load_in_background
 from zeroserve.runtime.repository import ModelRepository
 from zeroserve.runtime.rest import RestApi, http_exception, server_error
+from zeroserve.runtime.telemetry import Telemetry
 
 logger = logging.getLogger("zeroserve.runtime")
 
@@ -40,24 +41,45 @@ def create_app(
     config: RuntimeConfig,
     *,
     on_load_failure: Callable[[ServerError], None] | None = None,
+    telemetry: Telemetry | None = None,
 ) -> ServerApp:
     """Build the server app. Models start loading when the lifespan starts, after the listener is up;
-    ``on_load_failure`` is called if loading fails (the server uses it to exit)."""
+    ``on_load_failure`` is called if loading fails (the server uses it to exit). ``telemetry`` (off by
+    default) receives the init spans once models are ready, and wraps each inference in a span."""
+    telemetry = telemetry or Telemetry()
     repository = ModelRepository()
-    dataplane = DataPlane(repository, config.inference_threads, config.inline_run_ms / 1000)
-    infer = InferEndpoint(dataplane, config.limits)
+    dataplane = DataPlane(
+        repository, config.inference_threads, config.inline_run_ms / 1000,
+        batching=config.batching, max_queue=config.max_queue_size,
+    )
+    infer = InferEndpoint(dataplane, config.limits, telemetry)
     api = RestApi(dataplane, infer.route)
+    grpc_server = None
+    if config.serves_grpc:  # imported only when asked for: grpc adds to every cold start
+        from zeroserve.runtime.grpc import GrpcServer
+
+        grpc_server = GrpcServer(dataplane, config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        loading = asyncio.create_task(_load(config, repository, on_load_failure), name="zeroserve-load")
+        if grpc_server is not None:
+            await grpc_server.start()  # in this event loop, beside REST
+            grpc_server.stop_on_signals()  # both stop accepting at once; one drain deadline
+        async def load() -> None:
+            await load_in_background(config, repository, on_load_failure)
+            telemetry.record_init(repository.coldstart)
+
+        loading = asyncio.create_task(load(), name="zeroserve-load")
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop()
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
             dataplane.close()
+            await asyncio.to_thread(telemetry.shutdown)
 
     app = ServerApp(
         routes=api.routes(),
@@ -68,19 +90,3 @@ def create_app(
     app.state.repository = repository
     app.state.dataplane = dataplane
     return app
-
-
-async def _load(
-    config: RuntimeConfig, repository: ModelRepository, on_failure: Callable[[ServerError], None] | None
-) -> None:
-    try:
-        await load_models(config, repository)
-    except ServerError as exc:
-        logger.error("model loading failed: %s", exc.message)
-        if on_failure is not None:
-            on_failure(exc)
-    except Exception as exc:
-        logger.exception("model loading crashed")
-        repository.discovering = False
-        if on_failure is not None:
-            on_failure(ServerError(f"model loading crashed: {exc}"))

@@ -70,11 +70,8 @@ def _decode_input(item: Any, position: int, raw: memoryview, limits: Limits) -> 
     datatype = item.get("datatype")
     if not isinstance(datatype, str):
         raise InvalidInput(f"input '{name}' needs a 'datatype' string")
-    if datatype not in dtypes.DATATYPES:
-        raise InvalidInput(
-            f"input '{name}' has unknown datatype {datatype!r}; one of {', '.join(sorted(dtypes.DATATYPES))}"
-        )
-    shape = _shape(item.get("shape"), name, limits)
+    check_datatype(datatype, name)
+    shape = check_shape(item.get("shape"), name, limits)
     count = math.prod(shape)
     parameters = _parameters(item, f"input '{name}'")
     size = parameters.get("binary_data_size")
@@ -88,7 +85,7 @@ def _decode_input(item: Any, position: int, raw: memoryview, limits: Limits) -> 
                 f"input '{name}' claims {size} binary bytes but only {len(raw)} remain in the body "
                 "(truncated request?)"
             )
-        array = _from_binary(raw[:size], datatype, shape, count, name)
+        array = array_from_raw(raw[:size], datatype, shape, count, name)
         return InputTensor(name, datatype, shape, array), size
     if "data" not in item:
         raise InvalidInput(f"input '{name}' has neither 'data' nor a binary_data_size parameter")
@@ -96,7 +93,18 @@ def _decode_input(item: Any, position: int, raw: memoryview, limits: Limits) -> 
     return InputTensor(name, datatype, shape, array), 0
 
 
-def _shape(value: Any, name: str, limits: Limits) -> list[int]:
+# The checks and conversions below are shared with the gRPC codec (grpc_codec.py): one validation path.
+
+
+def check_datatype(datatype: str, name: str) -> None:
+    if datatype not in dtypes.DATATYPES:
+        raise InvalidInput(
+            f"input '{name}' has unknown datatype {datatype!r}; one of {', '.join(sorted(dtypes.DATATYPES))}"
+        )
+
+
+def check_shape(value: Any, name: str, limits: Limits) -> list[int]:
+    """``value`` as a shape within the limits, checked before anything is allocated for it."""
     if not isinstance(value, list) or not all(
         isinstance(dim, int) and not isinstance(dim, bool) for dim in value
     ):
@@ -114,7 +122,8 @@ def _shape(value: Any, name: str, limits: Limits) -> list[int]:
     return value
 
 
-def _from_binary(raw: memoryview, datatype: str, shape: list[int], count: int, name: str) -> np.ndarray:
+def array_from_raw(raw: memoryview | bytes, datatype: str, shape: list[int], count: int, name: str) -> np.ndarray:
+    """A tensor from its raw little-endian bytes (BYTES: length-prefixed elements), which must fill ``raw``."""
     if datatype == "BYTES":
         try:
             elements = binary.decode_bytes_elements(raw, count)
@@ -137,7 +146,7 @@ def _from_json(data: Any, datatype: str, shape: list[int], count: int, name: str
     if datatype == "BYTES":
         array = np.array(data, dtype=object)
         if array.size != count:
-            raise _count_error(name, array.size, shape, count)
+            raise count_error(name, array.size, shape, count)
         flat = array.reshape(-1)
         for index, element in enumerate(flat):
             if not isinstance(element, str):
@@ -149,7 +158,7 @@ def _from_json(data: Any, datatype: str, shape: list[int], count: int, name: str
     except ValueError:
         raise InvalidInput(f"input '{name}': 'data' is not a regular (rectangular) array of numbers") from None
     if array.size != count:
-        raise _count_error(name, array.size, shape, count)
+        raise count_error(name, array.size, shape, count)
     if count == 0:
         return np.zeros(shape, dtype=target)
     if target.kind in "iu" and array.dtype.kind in "fO":
@@ -172,7 +181,7 @@ def _exact_integers(data: list[Any], target: np.dtype, name: str, datatype: str)
         raise InvalidInput(f"input '{name}': a value is out of range for {datatype}") from None
 
 
-def _count_error(name: str, got: int, shape: list[int], count: int) -> InvalidInput:
+def count_error(name: str, got: int, shape: list[int], count: int) -> InvalidInput:
     return InvalidInput(f"input '{name}' has {got} data elements but shape {shape} needs {count}")
 
 
@@ -219,7 +228,7 @@ def encode_result(result: InferResult, request: InferRequest) -> tuple[bytes, di
         entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype, "shape": list(array.shape)}
         flag = wants_binary.get(output.name)
         if flag if flag is not None else binary_default:
-            chunk = _to_binary(array, output.datatype)
+            chunk = raw_from_array(array, output.datatype)
             entry["parameters"] = {"binary_data_size": len(chunk)}
             chunks.append(chunk)
         else:
@@ -239,9 +248,10 @@ def encode_result(result: InferResult, request: InferRequest) -> tuple[bytes, di
     return b"".join([header, *chunks]), headers
 
 
-def _to_binary(array: np.ndarray, datatype: str) -> bytes:
+def raw_from_array(array: np.ndarray, datatype: str) -> bytes:
+    """A tensor's raw little-endian bytes (BYTES: each element length-prefixed)."""
     if datatype == "BYTES":
-        return binary.encode_bytes_elements(_as_bytes(element) for element in array.reshape(-1))
+        return binary.encode_bytes_elements(as_bytes(element) for element in array.reshape(-1))
     return np.ascontiguousarray(array, dtype=dtypes.to_numpy(datatype)).tobytes()
 
 
@@ -252,5 +262,5 @@ def _to_json_data(array: np.ndarray, datatype: str) -> Any:
     return flat  # orjson serializes numpy arrays natively
 
 
-def _as_bytes(element: Any) -> bytes:
+def as_bytes(element: Any) -> bytes:
     return element if isinstance(element, bytes) else str(element).encode("utf-8")

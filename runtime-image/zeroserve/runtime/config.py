@@ -8,13 +8,16 @@ ServingRuntime can start the image unchanged. Environment fallbacks cover plain 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from zeroserve.runtime import providers
+from zeroserve.runtime.batching import BatchSettings
 from zeroserve.runtime.providers import ProviderSettings
 
 logger = logging.getLogger("zeroserve.runtime")
@@ -23,6 +26,13 @@ DEFAULT_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts the
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_GRPC_PORT = 8081
 MiB = 2**20
+# rest: REST on --http_port; grpc: gRPC only, on --grpc_port or PORT (a Knative h2c port);
+# both: REST on --http_port and gRPC on --grpc_port.
+Protocol = Literal["rest", "grpc", "both"]
+PROTOCOLS: tuple[Protocol, ...] = ("rest", "grpc", "both")
+# KServe's own --protocol takes the predictor protocol of a transformer; a ServingRuntime may pass it.
+_KSERVE_PROTOCOLS = ("v1", "v2", "grpc-v2")
+_GRPC_MAX_MESSAGE = 2**31 - 1  # gRPC keeps message sizes in a signed 32-bit int
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,20 +51,38 @@ class RuntimeConfig:
     host: str = "0.0.0.0"
     http_port: int = DEFAULT_HTTP_PORT
     grpc_port: int = DEFAULT_GRPC_PORT
+    # REST only unless asked: importing grpc costs start-up time (docs/grpc.md), which a scale-to-zero
+    # server pays on every cold start.
+    protocol: Protocol = "rest"
+    # gRPC's own default receive limit is 4 MiB, which one 3x512x512 FP32 image exceeds; follow the REST body limit.
+    grpc_max_receive_message_length: int = 256 * MiB
+    grpc_max_send_message_length: int = 256 * MiB
     workers: int = 1
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "zeroserve")
+    # Built session artifacts (optimized graph, TensorRT engines) on any fsspec URI; None: off (docs/artifact-cache.md).
+    cache_uri: str | None = None
     limits: Limits = field(default_factory=Limits)
     providers: ProviderSettings = field(default_factory=ProviderSettings)
     # One session.run at a time by default: ONNX Runtime already spreads one run over the CPU quota,
     # and two concurrent runs on 2 cores measured ~12% slower (bench/) than one.
     inference_threads: int = 1
     inline_run_ms: float = 0.3  # session.run shorter than this runs on the event loop (0: never)
+    batching: BatchSettings = field(default_factory=BatchSettings)
+    max_queue_size: int = 512  # inferences admitted at once; more get 503 + Retry-After (0: no bound)
     warmup: bool = True
     exit_on_error: bool = True
     shutdown_timeout: float = 30.0
     timeout_keep_alive: int = 65  # outlive the idle timeout of proxies in front (Envoy: 60 s)
     log_level: str = "info"
     access_log: bool = False
+
+    @property
+    def serves_rest(self) -> bool:
+        return self.protocol != "grpc"
+
+    @property
+    def serves_grpc(self) -> bool:
+        return self.protocol != "rest"
 
     @classmethod
     def from_args(cls, argv: Sequence[str], environ: Mapping[str, str]) -> RuntimeConfig:
@@ -78,18 +106,38 @@ class RuntimeConfig:
             parser.error("--workers must be at least 1")
         if ns.inference_threads < 1:
             parser.error("--inference_threads must be at least 1")
+        protocol = _protocol(ns, parser)
+        grpc_port = ns.grpc_port
+        if grpc_port is None:
+            # gRPC only on Knative: the single container port (named h2c) arrives as PORT.
+            port_env = environ.get("PORT")
+            grpc_port = _port(port_env, parser) if protocol == "grpc" and port_env else DEFAULT_GRPC_PORT
+        if protocol == "both" and grpc_port == http_port:
+            parser.error(f"REST and gRPC cannot share port {grpc_port}; give --http_port and --grpc_port apart")
+        if protocol == "grpc" and ns.workers > 1:
+            parser.error("--workers applies to the REST server; with --protocol grpc run one process per pod")
+        if protocol != "rest":
+            missing = [name for name in ("grpc", "grpc_health") if importlib.util.find_spec(name) is None]
+            if missing:
+                parser.error(f"gRPC needs the '{missing[0]}' package: pip install 'zeroserve[grpc]'")
         return cls(
             model_name=ns.model_name or environ.get("MODEL_NAME") or "model",
             model_dir=ns.model_dir or environ.get("STORAGE_URI") or DEFAULT_MODEL_DIR,
             host=ns.host,
             http_port=http_port,
-            grpc_port=ns.grpc_port,
+            grpc_port=grpc_port,
+            protocol=protocol,
+            grpc_max_receive_message_length=_message_length(ns.grpc_max_receive_message_length, limits, parser),
+            grpc_max_send_message_length=_message_length(ns.grpc_max_send_message_length, limits, parser),
             workers=ns.workers,
             cache_dir=Path(cache_dir),
+            cache_uri=ns.cache_uri or environ.get("ZEROSERVE_CACHE_URI") or None,
             limits=limits,
             providers=provider_settings,
             inference_threads=ns.inference_threads,
             inline_run_ms=ns.inline_run_ms,
+            batching=_batching(ns, parser),
+            max_queue_size=ns.max_queue_size,
             warmup=ns.warmup,
             exit_on_error=ns.exit_on_error,
             shutdown_timeout=ns.shutdown_timeout,
@@ -112,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
         "local path, file://, s3://, gs://, az://, https:// (env STORAGE_URI; default /mnt/models)",
     )
     model.add_argument(
+        "--cache_uri",
+        help="keep built session artifacts (CPU: the optimized graph; GPU: TensorRT engines) at this fsspec URI, "
+        "local folder or s3://bucket/prefix, shared by every start (env ZEROSERVE_CACHE_URI; default off)",
+    )
+    model.add_argument(
         "--cache_dir", help="where remote models are cached (env ZEROSERVE_CACHE_DIR; default ~/.cache/zeroserve)"
     )
     model.add_argument(
@@ -125,12 +178,40 @@ def build_parser() -> argparse.ArgumentParser:
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="0.0.0.0")
     server.add_argument("--http_port", type=int, help="REST port (env PORT, as Knative injects it; default 8080)")
-    server.add_argument("--grpc_port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port (default 8081)")
+    server.add_argument(
+        "--protocol",
+        help="rest (default): REST on --http_port; grpc: gRPC only, on --grpc_port, else PORT (Knative's h2c "
+        "port), else 8081; both: REST on --http_port and gRPC on --grpc_port",
+    )
+    server.add_argument(
+        "--enable_grpc", nargs="?", const=True, type=_boolean, metavar="BOOL",
+        help="also serve gRPC on --grpc_port (KServe's flag: '--enable_grpc', '--enable_grpc=false'); "
+        "same as --protocol both. Default off, or on when --grpc_port is given",
+    )
+    server.add_argument("--no-enable_grpc", dest="enable_grpc", action="store_false", help=argparse.SUPPRESS)
+    server.add_argument("--grpc_port", type=int, help="gRPC port (default 8081); giving it turns gRPC on")
+    server.add_argument(
+        "--grpc_max_receive_message_length", type=int, metavar="BYTES",
+        help="largest gRPC request accepted (default: --max_request_mib)",
+    )
+    server.add_argument(
+        "--grpc_max_send_message_length", type=int, metavar="BYTES",
+        help="largest gRPC response sent (default: --max_request_mib)",
+    )
     server.add_argument("--workers", type=int, default=1, help="server processes sharing the port (default 1)")
     server.add_argument(
         "--inference_threads", type=int, default=1,
         help="concurrent session.run calls (default 1; ONNX Runtime parallelises each run itself)",
     )
+    batching = parser.add_argument_group("adaptive batching (off unless --max_batch_size > 1)")
+    batching.add_argument("--max_batch_size", type=int, default=0,
+                          help="merge concurrent requests into runs of up to this many rows (default 0: off)")
+    batching.add_argument("--max_queue_delay_us", type=int, default=500,
+                          help="how long the oldest request waits for others to join its batch (default 500)")
+    batching.add_argument("--preferred_batch_sizes", default="",
+                          help="comma-separated row counts dispatched without waiting out the delay, e.g. 4,8")
+    server.add_argument("--max_queue_size", type=int, default=512,
+                        help="inferences admitted at once; more are answered 503 with Retry-After (0: no bound)")
     server.add_argument(
         "--inline_run_ms", type=float, default=0.3,
         help="models whose runs take less than this (moving average) run on the event loop, skipping the "
@@ -144,6 +225,51 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--access_log", action=argparse.BooleanOptionalAction, default=False)
     providers.add_arguments(parser)
     return parser
+
+
+def _protocol(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> Protocol:
+    """REST, gRPC or both, from --protocol, --enable_grpc and whether --grpc_port was given."""
+    chosen: Protocol | None = None
+    if ns.protocol in _KSERVE_PROTOCOLS:
+        logger.warning("ignoring --protocol %s: KServe's predictor protocol (ours: rest|grpc|both)", ns.protocol)
+    elif ns.protocol is not None:
+        if ns.protocol not in PROTOCOLS:
+            parser.error(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {ns.protocol!r}")
+        chosen = ns.protocol
+    if ns.enable_grpc is not None:
+        if chosen is not None and ns.enable_grpc != (chosen != "rest"):
+            parser.error(f"--enable_grpc={str(ns.enable_grpc).lower()} contradicts --protocol {chosen}")
+        return chosen or ("both" if ns.enable_grpc else "rest")
+    if chosen is not None:
+        return chosen
+    return "both" if ns.grpc_port is not None else "rest"
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _message_length(value: int | None, limits: Limits, parser: argparse.ArgumentParser) -> int:
+    if value is None:
+        return min(limits.max_body_bytes, _GRPC_MAX_MESSAGE)
+    if not 0 < value <= _GRPC_MAX_MESSAGE:
+        parser.error(f"gRPC message lengths must be between 1 and {_GRPC_MAX_MESSAGE} bytes, got {value}")
+    return value
+
+
+def _batching(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> BatchSettings:
+    try:
+        preferred = tuple(int(size) for size in ns.preferred_batch_sizes.split(",") if size.strip())
+    except ValueError:
+        parser.error(f"--preferred_batch_sizes must be integers separated by commas, got {ns.preferred_batch_sizes!r}")
+    if ns.max_batch_size < 0 or ns.max_queue_delay_us < 0 or ns.max_queue_size < 0 or any(p < 1 for p in preferred):
+        parser.error("batch sizes, delays and queue sizes must not be negative")
+    return BatchSettings(ns.max_batch_size, ns.max_queue_delay_us / 1e6, preferred)
 
 
 def _port(text: str | None, parser: argparse.ArgumentParser) -> int:

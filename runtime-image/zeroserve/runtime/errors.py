@@ -7,6 +7,7 @@ handler renders ``{"error": "..."}`` for REST (and one mapping serves gRPC later
         │   └── PayloadTooLarge     413  body or tensor over the configured bounds
         ├── ModelNotFound           404  unknown model or version
         ├── ModelNotReady           503  still loading (carries retry_after seconds)
+        │   └── ServerBusy          503  the inference queue is full (back-pressure)
         ├── ModelLoadError          500/503  loading failed: storage, bad ONNX, provider
         │   └── StorageError        the model URI cannot be read (missing, no access, no extra)
         └── InferenceError          500  ONNX Runtime failed on a request that passed validation
@@ -45,6 +46,10 @@ class ModelNotReady(ServerError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ServerBusy(ModelNotReady):
+    """Too many inferences queued: answered 503 with Retry-After rather than queued without bound."""
 
 
 class ModelLoadError(ServerError):

@@ -9,7 +9,9 @@ is the Starlette route's endpoint too, so there is one implementation of the end
 from __future__ import annotations
 
 import logging
+import time
 import zlib
+from typing import TYPE_CHECKING
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -18,7 +20,12 @@ from zeroserve.runtime import codec
 from zeroserve.runtime.config import Limits
 from zeroserve.runtime.dataplane import DataPlane
 from zeroserve.runtime.errors import InvalidInput, PayloadTooLarge, ServerError
+from zeroserve.runtime.messages import InferResult
 from zeroserve.runtime.rest import error_body
+from zeroserve.runtime.telemetry import Telemetry, set_result
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 logger = logging.getLogger("zeroserve.runtime")
 
@@ -32,9 +39,10 @@ class ClientGone(Exception):
 
 
 class InferEndpoint:
-    def __init__(self, dataplane: DataPlane, limits: Limits) -> None:
+    def __init__(self, dataplane: DataPlane, limits: Limits, telemetry: Telemetry | None = None) -> None:
         self.dataplane = dataplane
         self.limits = limits
+        self.telemetry = telemetry or Telemetry()
 
     async def route(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The endpoint of the Starlette route (reached when the app runs without the front)."""
@@ -42,7 +50,18 @@ class InferEndpoint:
         await self.handle(scope, receive, send, params["model_name"], params.get("model_version"))
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None) -> None:
+        if not self.telemetry.enabled:
+            await self._handle(scope, receive, send, name, version, None)
+            return
+        with self.telemetry.infer_span(scope["headers"], scope["path"], version is not None) as span:
+            await self._handle(scope, receive, send, name, version, span)
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None, span: Span | None
+    ) -> None:
+        received = time.perf_counter()
         headers = dict(scope["headers"])
+        result: InferResult | None = None
         try:
             body = await self._read_body(headers, receive)
             header_length = headers.get(_HEADER_LENGTH)
@@ -51,6 +70,10 @@ class InferEndpoint:
             )
             result = await self.dataplane.infer(name, version, request)
             content, response_headers = codec.encode_result(result, request)
+            timing = result.server_timing()
+            if result.coldstart:  # the first answer also tells where the cold start went
+                timing = f"{self.dataplane.repository.coldstart.server_timing()}, {timing}"
+            response_headers["server-timing"] = timing
             status = 200
         except ServerError as exc:
             status, response_headers, content = error_body(exc)
@@ -59,10 +82,22 @@ class InferEndpoint:
         except Exception:
             logger.exception("unexpected error in inference for model '%s'", name)
             status, response_headers, content = error_body(ServerError("internal server error"))
+        if span is not None:
+            set_result(span, status, result.coldstart if result else False, result.id if result else None)
+        self._observe(name, version, result, status, time.perf_counter() - received)
         raw_headers = [(key.encode(), value.encode()) for key, value in response_headers.items()]
         raw_headers.append((b"content-length", str(len(content)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": content})
+
+    def _observe(self, name: str, version: str | None, result: InferResult | None, status: int, seconds: float) -> None:
+        if result is not None:
+            self.dataplane.metrics.observe(result.model_name, result.model_version, status, seconds)
+            return
+        # Label failures with names the server serves only: a client must not mint new series at will.
+        repository = self.dataplane.repository
+        known = name in repository.names() and version in (None, *repository.versions(name))
+        self.dataplane.metrics.observe(name if known else "", (version or "") if known else "", status, seconds)
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
         limit = self.limits.max_body_bytes

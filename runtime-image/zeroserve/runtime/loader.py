@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio.to_thread
 
 from zeroserve.runtime import layout, storage
+from zeroserve.runtime.coldstart import ColdStart
 from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.errors import InvalidInput, ServerError
 from zeroserve.runtime.model import OnnxModel
@@ -24,10 +26,14 @@ logger = logging.getLogger("zeroserve.runtime")
 async def load_models(config: RuntimeConfig, repository: ModelRepository) -> None:
     """Fill ``repository``; raises the first ServerError after recording it, so callers may exit."""
     started = time.perf_counter()
+    coldstart = repository.coldstart
     try:
+        phase = coldstart.begin("fetch", **{"url.full": config.model_dir})
         fetched = await anyio.to_thread.run_sync(
             lambda: storage.fetch(config.model_dir, config.cache_dir)
         )
+        coldstart.end(phase, **{"zeroserve.fetch.bytes": fetched.bytes_fetched,
+                                "zeroserve.fetch.cache_hit": fetched.cache_hit})
         if fetched.path != Path(config.model_dir):  # remote: say what the cache saved
             logger.info(
                 "model %s at %s (%s, %d bytes fetched in %.3f s)",
@@ -39,35 +45,65 @@ async def load_models(config: RuntimeConfig, repository: ModelRepository) -> Non
         repository.discovery_error = exc.message
         repository.discovering = False
         raise
+    artifacts = None
+    if config.cache_uri:  # imported only when used
+        from zeroserve.runtime.artifacts import ArtifactStore
+
+        artifacts = ArtifactStore(config.cache_uri, config.cache_dir)
     entries = [
-        repository.add(OnnxModel(source.name, source.version, source.path, config.providers))
+        repository.add(OnnxModel(source.name, source.version, source.path, config.providers, artifacts=artifacts))
         for source in sources
     ]
     repository.discovering = False
     failure: ServerError | None = None
     for entry in entries:
         try:
-            await anyio.to_thread.run_sync(_load_one, entry, config.warmup)
+            await anyio.to_thread.run_sync(_load_one, entry, config.warmup, coldstart)
         except ServerError as exc:
             entry.state, entry.error = State.FAILED, exc.message
             logger.error("model '%s' version %s failed to load: %s", entry.model.name, entry.model.version, exc.message)
             failure = failure or exc
     if failure is not None:
         raise failure
-    logger.info("all models ready in %.3f s", time.perf_counter() - started)
+    coldstart.ready_ns = time.time_ns()
+    logger.info("all models ready in %.3f s (%.3f s after the process started)", time.perf_counter() - started,
+                coldstart.init_seconds)
 
 
-def _load_one(entry: Entry, warmup: bool) -> None:
+async def load_in_background(
+    config: RuntimeConfig, repository: ModelRepository, on_failure: Callable[[ServerError], None] | None
+) -> None:
+    """``load_models`` as a background task: a failure is logged and handed to ``on_failure``, never raised."""
+    try:
+        await load_models(config, repository)
+    except ServerError as exc:
+        logger.error("model loading failed: %s", exc.message)
+        if on_failure is not None:
+            on_failure(exc)
+    except Exception as exc:
+        logger.exception("model loading crashed")
+        repository.discovering = False
+        if on_failure is not None:
+            on_failure(ServerError(f"model loading crashed: {exc}"))
+
+
+def _load_one(entry: Entry, warmup: bool, coldstart: ColdStart) -> None:
     model = entry.model
+    labels = {"zeroserve.model.name": model.name, "zeroserve.model.version": model.version}
     started = time.perf_counter()
+    phase = coldstart.begin("session", **labels)
     model.load()
+    coldstart.end(phase, **{"zeroserve.execution_providers": model.execution_providers})
     loaded = time.perf_counter()
     if warmup:
+        phase = coldstart.begin("warmup", **labels)
         try:
             model.warmup()
         except InvalidInput as exc:
             # Zeros are not valid input for every model (a shape tensor, an index); serving still works.
             logger.warning("model '%s': warmup on zeros was rejected, serving without it: %s", model.name, exc)
+        finally:
+            coldstart.end(phase)
     entry.state, entry.since = State.READY, time.monotonic()
     logger.info(
         "model '%s' version %s ready on %s (session %.3f s, warmup %.3f s)",

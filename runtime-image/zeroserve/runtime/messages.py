@@ -56,3 +56,10 @@ class InferResult:
     model_version: str
     outputs: list[OutputTensor]
     id: str | None = None
+    queue_seconds: float = 0.0  # waiting for an inference thread
+    compute_seconds: float = 0.0  # session.run
+    coldstart: bool = False  # the first inference answered by this process
+
+    def server_timing(self) -> str:
+        """The Server-Timing entries for this inference (milliseconds)."""
+        return f"queue;dur={self.queue_seconds * 1000:.3f}, infer;dur={self.compute_seconds * 1000:.3f}"

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     import numpy as np
     import onnxruntime
 
+    from zeroserve.runtime.artifacts import ArtifactStore
+    from zeroserve.runtime.session_artifacts import SessionArtifacts
+
 logger = logging.getLogger("zeroserve.runtime")
 
 ORT_TO_V2: Final[dict[str, str]] = {
@@ -48,11 +51,22 @@ def _spec(node: Any) -> TensorSpec:
 
 
 class OnnxModel:
-    def __init__(self, name: str, version: str, path: Path, settings: ProviderSettings) -> None:
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        path: Path,
+        settings: ProviderSettings,
+        *,
+        artifacts: ArtifactStore | None = None,
+    ) -> None:
         self.name = name
         self.version = version
         self.path = path
         self.settings = settings
+        self.artifacts = artifacts  # the --cache_uri store, if any
+        # This model's use of it, after load(): ``session_artifacts.lookup.source`` says hit or miss.
+        self.session_artifacts: SessionArtifacts | None = None
         self.inputs: list[TensorSpec] = []
         self.outputs: list[TensorSpec] = []
         self.execution_providers: list[str] = []
@@ -66,7 +80,13 @@ class OnnxModel:
         return f"OnnxModel(name={self.name!r}, version={self.version!r}, path='{self.path}')"
 
     def load(self) -> None:
-        session, self.execution_providers = create_session(self.path, self.settings)
+        if self.artifacts is not None:
+            from zeroserve.runtime.session_artifacts import SessionArtifacts
+
+            self.session_artifacts = SessionArtifacts(self.artifacts, self.path)
+        session, self.execution_providers = create_session(
+            self.path, self.settings, artifacts=self.session_artifacts
+        )
         self.inputs = [_spec(node) for node in session.get_inputs()]
         self.outputs = [_spec(node) for node in session.get_outputs()]
         self._inputs_by_name = {spec.name: spec for spec in self.inputs}
@@ -152,7 +172,11 @@ class OnnxModel:
         self.run(feeds, None)
         self.run_seconds = float("inf")
         self.run(feeds, None)
-        return time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        if self.session_artifacts is not None:
+            # TensorRT builds engines for dynamic shapes on the first run: store them only now.
+            self.session_artifacts.publish()
+        return elapsed
 
 
 def _shape_matches(shape: list[int], expected: list[int]) -> bool:

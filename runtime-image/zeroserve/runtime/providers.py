@@ -16,12 +16,14 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from zeroserve.runtime.errors import ModelLoadError
 
 if TYPE_CHECKING:
     import onnxruntime
+
+    from zeroserve.runtime.session_artifacts import SessionArtifacts
 
 logger = logging.getLogger(__name__)
 
@@ -292,13 +294,19 @@ def session_options(
 
 
 def create_session(
-    model_path: Path, settings: ProviderSettings, *, available: Sequence[str] | None = None
+    model_path: Path,
+    settings: ProviderSettings,
+    *,
+    available: Sequence[str] | None = None,
+    artifacts: SessionArtifacts | None = None,
 ) -> tuple[onnxruntime.InferenceSession, list[str]]:
     """Build the inference session and return it with the providers it really uses.
 
     With ``auto``, a provider that fails to start is logged and the next one tried. A provider named
     explicitly must be in use, or ModelLoadError is raised; so are ORT's own load errors.
     ``available`` (default ``onnxruntime.get_available_providers()``) is what the build is taken to offer.
+    ``artifacts`` (the artifact cache) may supply a cached optimized graph or TensorRT engine folder;
+    a session that fails with it is retried without it.
     """
     import onnxruntime as ort
     from onnxruntime.capi import onnxruntime_pybind11_state as C
@@ -314,7 +322,9 @@ def create_session(
         names = [name for name, _ in attempt]
         try:
             options = [opts for _, opts in attempt]
-            session = ort.InferenceSession(str(model_path), so, names, options, enable_fallback=0)
+            session = _cached_session(ort, model_path, names, options, settings, artifacts) or ort.InferenceSession(
+                str(model_path), so, names, options, enable_fallback=0
+            )
             break
         except Exception as exc:
             if isinstance(exc, model_errors):
@@ -340,7 +350,35 @@ def create_session(
             "to a persistent folder to keep them"
         )
     logger.info("model %s runs on %s", model_path, ", ".join(in_use))
+    if artifacts is not None:
+        artifacts.created(in_use)
     return session, in_use
+
+
+def _cached_session(
+    ort: Any,
+    model_path: Path,
+    names: list[str],
+    options: list[dict[str, str]],
+    settings: ProviderSettings,
+    artifacts: SessionArtifacts | None,
+) -> onnxruntime.InferenceSession | None:
+    """The session built with the artifact cache, or None when it does not apply or failed (logged)."""
+    if artifacts is None:
+        return None
+    prepared = artifacts.prepare(names, options[0], session_options(settings))
+    if prepared is None:
+        return None
+    try:
+        return ort.InferenceSession(
+            str(prepared.model_path), prepared.session_options, names, [prepared.options, *options[1:]],
+            enable_fallback=0,
+        )  # fmt: skip
+    except Exception as exc:
+        # The model's own faults surface again below, without the cache, with the usual message.
+        logger.warning("artifact cache: session for %s failed, building without it: %s", model_path, _reason(exc))
+        artifacts.discard()
+        return None
 
 
 _LIBRARY_HINT = (

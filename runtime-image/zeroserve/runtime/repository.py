@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from zeroserve.runtime.coldstart import ColdStart
 from zeroserve.runtime.errors import ModelLoadError, ModelNotFound, ModelNotReady
 from zeroserve.runtime.model import OnnxModel
 
@@ -31,6 +32,12 @@ class ModelRepository:
         # so a request for any model is "not ready" rather than "not found".
         self.discovering = True
         self.discovery_error: str | None = None
+        self.coldstart = ColdStart()
+
+    def retry_after(self) -> float:
+        """Seconds a client should wait before asking again while models load: half the time spent so far
+        (a start that has taken long is likely to take a while more), between 1 and 30."""
+        return min(30.0, max(1.0, self.coldstart.elapsed_seconds() / 2))
 
     def add(self, model: OnnxModel) -> Entry:
         entry = Entry(model)
@@ -55,7 +62,9 @@ class ModelRepository:
         versions = self._models.get(name)
         if versions is None:
             if self.discovering:
-                raise ModelNotReady(f"model '{name}' is not ready: the server is still loading its models")
+                raise ModelNotReady(
+                f"model '{name}' is not ready: the server is still loading its models", self.retry_after()
+            )
             if self.discovery_error is not None:
                 raise ModelLoadError(f"model '{name}' is not available: {self.discovery_error}")
             known = ", ".join(repr(n) for n in self._models) or "none"
@@ -75,7 +84,7 @@ class ModelRepository:
         if entry.state is State.READY:
             return entry.model
         if entry.state is State.LOADING:
-            raise ModelNotReady(f"model '{name}' is still loading", retry_after=1.0)
+            raise ModelNotReady(f"model '{name}' is still loading", self.retry_after())
         raise ModelLoadError(f"model '{name}' failed to load: {entry.error}")
 
 

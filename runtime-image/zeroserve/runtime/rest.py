@@ -69,6 +69,7 @@ class RestApi:
         return [
             Route("/v2/health/live", self.live, methods=["GET"]),
             Route("/v2/health/ready", self.ready, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
             Route("/v2", self.server_metadata, methods=["GET"]),
             Route("/v2/", self.server_metadata, methods=["GET"]),
             *(
@@ -90,6 +91,11 @@ class RestApi:
         if self.dataplane.ready():
             return Response(_READY, 200, headers=_JSON)
         return Response(_NOT_READY, 503, headers=_JSON)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(
+            self.dataplane.metrics.render(), headers={"content-type": "text/plain; version=0.0.4; charset=utf-8"}
+        )
 
     async def server_metadata(self, request: Request) -> Response:
         return json_response(self.dataplane.server_metadata())

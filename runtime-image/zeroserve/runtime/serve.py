@@ -15,6 +15,7 @@ import pickle
 import sys
 from typing import TYPE_CHECKING, Any
 
+from zeroserve.runtime import telemetry
 from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.errors import ServerError
 
@@ -39,6 +40,10 @@ _WORKER_CONFIG_ENV = "ZEROSERVE_WORKER_CONFIG"
 
 def serve(config: RuntimeConfig) -> int:
     """Serve until stopped; returns the process exit code (1 when a model failed to load)."""
+    if not config.serves_rest:
+        from zeroserve.runtime.grpc import serve_grpc
+
+        return serve_grpc(config)
     if config.workers > 1:
         return _serve_workers(config)
     import uvicorn
@@ -52,10 +57,13 @@ def serve(config: RuntimeConfig) -> int:
             failed.append(exc)
             server.should_exit = True
 
-    server = uvicorn.Server(_uvicorn_config(create_app(config, on_load_failure=on_load_failure), config))
+    app = create_app(config, on_load_failure=on_load_failure, telemetry=telemetry.from_environment(os.environ))
+    server = uvicorn.Server(_uvicorn_config(app, config))
     server.run()
     if failed:
         print(f"zeroserve: {failed[0].message}", file=sys.stderr)
+        return 1
+    if not server.started:  # the lifespan could not start (the gRPC port is taken, ...); uvicorn logged why
         return 1
     return 0
 
@@ -115,4 +123,4 @@ def worker_app() -> Any:
             print(f"zeroserve: {exc.message}", file=sys.stderr, flush=True)
             os._exit(_STARTUP_FAILURE)  # nothing was ever ready in this worker; the supervisor stops all
 
-    return create_app(config, on_load_failure=on_load_failure)
+    return create_app(config, on_load_failure=on_load_failure, telemetry=telemetry.from_environment(os.environ))

@@ -1,0 +1,208 @@
+"""Adaptive batching: concurrent requests to one model merged along the batch dimension into one session.run.
+
+A request joins the queue of its model; the batcher takes the oldest request and every queued request that
+can share its run (same output selection, same dtypes and non-batch dimensions), up to ``max_batch_size``
+rows, after waiting at most ``max_queue_delay`` for more to arrive (or less, once the rows reach the largest
+size or a preferred size). While a batch runs the next one forms, so under load batches grow by themselves
+and at low load a request waits at most the delay. Outputs are split back by rows, in order. If a merged run
+fails, each request is run alone so that an error stays with the request that caused it.
+
+Only models whose every input and output has a dynamic first dimension are batched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from zeroserve.runtime.model import OnnxModel
+
+if TYPE_CHECKING:
+    import numpy as np
+
+RunResult = tuple[list[Any], float, float]  # outputs, run started, run finished (perf_counter)
+BatchResult = tuple[list[Any], float, float, int]  # ... and the rows of the run it was part of
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSettings:
+    max_batch_size: int = 0  # rows per merged run; 0 or 1: batching off
+    max_queue_delay: float = 0.0005  # seconds the oldest request waits for company
+    preferred_batch_sizes: tuple[int, ...] = ()  # row counts worth dispatching at once
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_batch_size > 1
+
+
+def batchable(model: OnnxModel) -> bool:
+    """True when every input and output has a dynamic first (batch) dimension."""
+    specs = [*model.inputs, *model.outputs]
+    return bool(specs) and all(spec.shape and spec.shape[0] == -1 for spec in specs)
+
+
+@dataclass(slots=True)
+class _Pending:
+    feeds: dict[str, np.ndarray]
+    output_names: list[str] | None
+    rows: int
+    key: tuple[Any, ...]
+    future: asyncio.Future[BatchResult]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """The queue and dispatch loop of one model. Create and use it inside the server's event loop."""
+
+    def __init__(self, model: OnnxModel, executor: Executor, settings: BatchSettings, slots: int = 1) -> None:
+        self.model = model
+        self.settings = settings
+        self._executor = executor
+        self._queue: deque[_Pending] = deque()
+        self._arrived = asyncio.Event()
+        self._slots = asyncio.Semaphore(slots)
+        self._loop_task: asyncio.Task[None] | None = None
+        self._runs: set[asyncio.Task[None]] = set()
+        self._preferred = frozenset(settings.preferred_batch_sizes)
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None) -> BatchResult:
+        """Outputs for one request, its run's start and end time, and the size of the batch it ran in."""
+        rows = _rows(feeds)
+        loop = asyncio.get_running_loop()
+        if rows is None or rows == 0 or rows >= self.settings.max_batch_size:
+            arrays, started, finished = await loop.run_in_executor(
+                self._executor, _timed, self.model.run, feeds, output_names
+            )
+            return arrays, started, finished, rows or 1
+        key = (
+            tuple(output_names) if output_names is not None else None,
+            tuple((name, array.dtype.str, array.shape[1:]) for name, array in sorted(feeds.items())),
+        )
+        pending = _Pending(feeds, output_names, rows, key, loop.create_future())
+        self._queue.append(pending)
+        self._arrived.set()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = loop.create_task(self._dispatch_loop(), name=f"batcher-{self.model.name}")
+        return await pending.future
+
+    def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            await self._slots.acquire()
+            await self._gather(self._queue[0])
+            batch = self._take(self._queue[0].key)
+            task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+            self._runs.add(task)
+            task.add_done_callback(self._runs.discard)
+
+    async def _gather(self, first: _Pending) -> None:
+        """Wait until the oldest request's batch is full, preferred, or out of time."""
+        deadline = first.enqueued + self.settings.max_queue_delay
+        while True:
+            rows = sum(p.rows for p in self._queue if p.key == first.key)
+            if rows >= self.settings.max_batch_size or rows in self._preferred:
+                return
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _take(self, key: tuple[Any, ...]) -> list[_Pending]:
+        batch: list[_Pending] = []
+        rows = 0
+        kept: deque[_Pending] = deque()
+        while self._queue:
+            pending = self._queue.popleft()
+            if pending.key == key and rows + pending.rows <= self.settings.max_batch_size:
+                batch.append(pending)
+                rows += pending.rows
+            else:
+                kept.append(pending)
+        self._queue = kept
+        return batch
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if len(batch) == 1:
+                arrays, started, finished = await loop.run_in_executor(
+                    self._executor, _timed, self.model.run, batch[0].feeds, batch[0].output_names
+                )
+                _resolve(batch[0], (arrays, started, finished, batch[0].rows))
+                return
+            try:
+                arrays, started, finished = await loop.run_in_executor(
+                    self._executor, _run_merged, self.model, batch
+                )
+            except Exception:
+                await self._run_alone(batch)  # find the request that failed; the others still succeed
+                return
+            total = sum(p.rows for p in batch)
+            offset = 0
+            for pending in batch:
+                parts = [array[offset : offset + pending.rows] for array in arrays]
+                offset += pending.rows
+                _resolve(pending, (parts, started, finished, total))
+        finally:
+            self._slots.release()
+
+    async def _run_alone(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        for pending in batch:
+            try:
+                arrays, started, finished = await loop.run_in_executor(
+                    self._executor, _timed, self.model.run, pending.feeds, pending.output_names
+                )
+            except Exception as exc:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            else:
+                _resolve(pending, (arrays, started, finished, pending.rows))
+
+
+def _rows(feeds: dict[str, np.ndarray]) -> int | None:
+    """The shared first dimension of every input, or None when they disagree (then it runs alone)."""
+    sizes = {array.shape[0] if array.ndim else -1 for array in feeds.values()}
+    return sizes.pop() if len(sizes) == 1 and -1 not in sizes else None
+
+
+def _run_merged(model: OnnxModel, batch: list[_Pending]) -> RunResult:
+    import numpy as np
+
+    names = batch[0].feeds.keys()
+    merged = {name: np.concatenate([p.feeds[name] for p in batch]) for name in names}
+    arrays, started, finished = _timed(model.run, merged, batch[0].output_names)
+    total = sum(p.rows for p in batch)
+    if any(array.ndim == 0 or array.shape[0] != total for array in arrays):
+        raise ValueError("an output does not keep the batch dimension")
+    return arrays, started, finished
+
+
+def _timed(run: Callable[..., list[Any]], feeds: dict[str, Any], output_names: list[str] | None) -> RunResult:
+    started = time.perf_counter()
+    arrays = run(feeds, output_names)
+    return arrays, started, time.perf_counter()
+
+
+def _resolve(pending: _Pending, value: BatchResult) -> None:
+    if not pending.future.done():  # the caller may have gone (cancelled) meanwhile
+        pending.future.set_result(value)

@@ -1,0 +1,83 @@
+"""What this process's cold start spent its time on: phases recorded as they happen, read by the
+Server-Timing header of the first response and by the init span (telemetry.py) afterwards.
+
+Recording is plain bookkeeping (no OpenTelemetry here), so it costs nothing when tracing is off.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Phase:
+    name: str  # fetch, session, warmup, ...
+    start_ns: int  # wall clock, time.time_ns()
+    end_ns: int = 0
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return (self.end_ns - self.start_ns) / 1e9
+
+
+def process_start_ns() -> int:
+    """When this process started (wall clock): interpreter start-up and imports are part of a cold start.
+
+    Linux: /proc/self/stat field 22 (start time in clock ticks after boot) against /proc/uptime, both to
+    10 ms (/proc/stat's boot time is whole seconds, too coarse). Elsewhere, or if /proc is unreadable: now.
+    """
+    try:
+        with open("/proc/self/stat") as stat:
+            after_name = stat.read().rsplit(")", 1)[1].split()
+        started_after_boot = int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22, counted from 1
+        with open("/proc/uptime") as uptime:
+            now_after_boot = float(uptime.read().split()[0])
+        now = time.time_ns()
+    except (OSError, ValueError, IndexError):
+        return time.time_ns()
+    return now - int(max(0.0, now_after_boot - started_after_boot) * 1e9)
+
+
+class ColdStart:
+    """The init record of one process. ``ready_ns`` is set when every model is ready."""
+
+    def __init__(self) -> None:
+        self.process_start_ns = process_start_ns()
+        self.phases: list[Phase] = []
+        self.ready_ns: int | None = None
+        self.first_response_pending = True
+
+    def begin(self, name: str, **attributes: Any) -> Phase:
+        phase = Phase(name, time.time_ns(), attributes=attributes)
+        self.phases.append(phase)
+        return phase
+
+    @staticmethod
+    def end(phase: Phase, **attributes: Any) -> None:
+        phase.end_ns = time.time_ns()
+        phase.attributes.update(attributes)
+
+    @property
+    def init_seconds(self) -> float | None:
+        if self.ready_ns is None:
+            return None
+        return (self.ready_ns - self.process_start_ns) / 1e9
+
+    def elapsed_seconds(self) -> float:
+        return (time.time_ns() - self.process_start_ns) / 1e9
+
+    def server_timing(self) -> str:
+        """``init;dur=…, fetch;dur=…, session;dur=…, warmup;dur=…`` (milliseconds), summed per phase name."""
+        parts = []
+        if self.init_seconds is not None:
+            parts.append(f"init;dur={self.init_seconds * 1000:.1f}")
+        totals: dict[str, float] = {}
+        for phase in self.phases:
+            if phase.end_ns:
+                totals[phase.name] = totals.get(phase.name, 0.0) + phase.seconds
+        parts.extend(f"{name};dur={seconds * 1000:.1f}" for name, seconds in totals.items())
+        return ", ".join(parts)

@@ -1,0 +1,284 @@
+"""The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` and ``grpc.health.v1.Health``
+on a ``grpc.aio`` server, thin over the same data plane as REST.
+
+Needs the ``grpc`` extra; nothing imports this module unless gRPC is enabled (``--protocol grpc|both``,
+``--enable_grpc`` or ``--grpc_port``). With REST it runs in the REST server's event loop, started and
+stopped by the app's lifespan (``app.py``); alone (``--protocol grpc``) ``serve_grpc`` runs it.
+
+Errors carry the status that ``STATUS_CODES`` gives the server error's HTTP status: the one mapping
+from the error tree (``errors.py``) to gRPC codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import signal
+import sys
+import threading
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+try:
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+except ModuleNotFoundError as exc:  # only a missing package; an error inside one propagates as is
+    if (exc.name or "").partition(".")[0] not in ("grpc", "grpc_health", "google"):
+        raise
+    raise ImportError(f"serving gRPC needs the '{exc.name}' package: pip install 'zeroserve[grpc]'") from exc
+
+from zeroserve.runtime import grpc_codec
+from zeroserve.runtime._proto import open_inference_grpc_pb2 as pb
+from zeroserve.runtime._proto import open_inference_grpc_pb2_grpc as pb_grpc
+from zeroserve.runtime.config import RuntimeConfig
+from zeroserve.runtime.dataplane import DataPlane
+from zeroserve.runtime.errors import ModelLoadError, ModelNotReady, ServerError
+from zeroserve.runtime.repository import ModelRepository, State
+
+logger = logging.getLogger("zeroserve.runtime")
+
+SERVICE = "inference.GRPCInferenceService"
+
+STATUS_CODES: dict[HTTPStatus, grpc.StatusCode] = {
+    HTTPStatus.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
+    # Over a size bound: what gRPC itself answers for a message over the receive limit.
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    HTTPStatus.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    # Loading, or failed to load: the clients' retry policies (kserve's) retry UNAVAILABLE.
+    HTTPStatus.SERVICE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    HTTPStatus.INTERNAL_SERVER_ERROR: grpc.StatusCode.INTERNAL,
+}
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+
+def _rpc(
+    method: Callable[[Any, Request, Context], Awaitable[Response]],
+) -> Callable[[Any, Request, Context], Awaitable[Response]]:
+    """Turn the server errors an RPC raises into its gRPC status, in one place."""
+
+    @functools.wraps(method)
+    async def call(self: Any, request: Request, context: Context) -> Response:
+        try:
+            return await method(self, request, context)
+        except ServerError as exc:
+            error = exc
+        except Exception:
+            logger.exception("unexpected error in %s", method.__name__)
+            error = ServerError("internal server error")
+        if isinstance(error, ModelNotReady):
+            context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(error.retry_after)))),))
+        await context.abort(STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL), error.message)
+
+    return call
+
+
+class InferenceServicer:
+    """``inference.GRPCInferenceService``: each RPC is one data-plane call and its message conversion."""
+
+    def __init__(self, dataplane: DataPlane, config: RuntimeConfig) -> None:
+        self.dataplane = dataplane
+        self.limits = config.limits
+
+    @_rpc
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @_rpc
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.dataplane.ready())
+
+    @_rpc
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        try:
+            ready = self.dataplane.model_ready(request.name, request.version or None)
+        except (ModelNotReady, ModelLoadError):
+            ready = False  # REST answers these 503, its "not ready"; here that is ready=false
+        return pb.ModelReadyResponse(ready=ready)
+
+    @_rpc
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
+        return grpc_codec.server_metadata(self.dataplane.server_metadata())
+
+    @_rpc
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
+        return grpc_codec.model_metadata(self.dataplane.model_metadata(request.name, request.version or None))
+
+    @_rpc
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        decoded, raw_outputs = grpc_codec.decode_request(request, self.limits)
+        result = await self.dataplane.infer(request.model_name, request.model_version or None, decoded)
+        return grpc_codec.encode_result(result, raw_outputs)
+
+
+class HealthServicer(health.aio.HealthServicer):
+    """``grpc.health.v1.Health`` for "" (the server) and the inference service: SERVING exactly when
+    the server is ready (``ServerReady``), NOT_SERVING while loading, after a failed load and once
+    stopping. Kubernetes gRPC probes call Check; Watch streams see the change when loading ends."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        super().__init__()
+        self.dataplane = dataplane
+        self._serving: bool | None = None
+
+    async def refresh(self) -> None:
+        serving = self.dataplane.ready()
+        if serving != self._serving:
+            self._serving = serving
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            for service in ("", SERVICE):
+                await self.set(service, status)
+
+    async def Check(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse],
+    ) -> health_pb2.HealthCheckResponse:
+        await self.refresh()
+        return await super().Check(request, context)
+
+    async def follow_loading(self, repository: ModelRepository, interval: float = 0.1) -> None:
+        """Refresh until loading has ended one way or the other (bounded by the load itself)."""
+        while repository.discovering or any(entry.state is State.LOADING for entry in repository.entries()):
+            await asyncio.sleep(interval)
+        await self.refresh()
+
+
+class GrpcServer:
+    """The gRPC listener over a data plane: ``start()`` binds and serves; ``stop()`` refuses new calls and
+    lets running ones finish for up to ``config.shutdown_timeout`` seconds. Idempotent; it also begins on
+    SIGTERM/SIGINT when ``stop_on_signals()`` is used, at the moment uvicorn stops accepting REST."""
+
+    def __init__(self, dataplane: DataPlane, config: RuntimeConfig) -> None:
+        self.dataplane = dataplane
+        self.config = config
+        self.port = config.grpc_port
+        self._server: grpc.aio.Server | None = None
+        self._health = HealthServicer(dataplane)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping: asyncio.Task[None] | None = None
+        self._restore_signals: dict[int, Any] = {}
+
+    async def start(self) -> None:
+        config = self.config
+        options = [
+            ("grpc.max_receive_message_length", config.grpc_max_receive_message_length),
+            ("grpc.max_send_message_length", config.grpc_max_send_message_length),
+            # Several --workers share the port through SO_REUSEPORT; one process must fail on a busy port.
+            ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
+        ]
+        server = grpc.aio.server(options=options)
+        servicer = InferenceServicer(self.dataplane, config)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        address = f"[{config.host}]:{self.port}" if ":" in config.host else f"{config.host}:{self.port}"
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpcio raises where older versions returned 0
+            raise ServerError(f"cannot listen for gRPC on {address}: {exc}") from None
+        if not bound:
+            raise ServerError(f"cannot listen for gRPC on {address} (is the port in use?)")
+        self.port = bound
+        await self._health.refresh()
+        await server.start()
+        self._server = server
+        self._tasks.append(asyncio.create_task(self._health.follow_loading(self.dataplane.repository)))
+        logger.info("gRPC (inference.GRPCInferenceService, grpc.health.v1.Health) on %s", address)
+
+    def stop_on_signals(self) -> None:
+        """Begin stopping as soon as the process gets SIGTERM or SIGINT, and pass the signal on to the
+        handler already installed (uvicorn's, which stops the REST listener). Main thread only."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(sig)
+
+            def handler(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
+                loop.call_soon_threadsafe(self._begin_stop)
+                if callable(previous):
+                    previous(signum, frame)
+
+            self._restore_signals[sig] = previous
+            signal.signal(sig, handler)
+
+    def _begin_stop(self) -> None:
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop())
+
+    async def stop(self) -> None:
+        self._begin_stop()
+        assert self._stopping is not None
+        await asyncio.shield(self._stopping)
+        for sig, previous in self._restore_signals.items():
+            signal.signal(sig, previous)
+        self._restore_signals.clear()
+
+    async def _stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            # New calls are refused at once; running ones get the grace period, then are cancelled.
+            await self._server.stop(self.config.shutdown_timeout)
+
+
+def serve_grpc(config: RuntimeConfig) -> int:
+    """Serve gRPC alone (``--protocol grpc``) until SIGTERM/SIGINT; returns the process exit code."""
+    try:
+        import uvloop
+    except ModuleNotFoundError:
+        return asyncio.run(_serve_grpc(config))
+    return uvloop.run(_serve_grpc(config))
+
+
+async def _serve_grpc(config: RuntimeConfig) -> int:
+    from zeroserve.runtime.loader import load_in_background
+
+    repository = ModelRepository()
+    dataplane = DataPlane(
+        repository, config.inference_threads, config.inline_run_ms / 1000,
+        batching=config.batching, max_queue=config.max_queue_size,
+    )
+    server = GrpcServer(dataplane, config)
+    stop = asyncio.Event()
+    failed: list[ServerError] = []
+
+    def on_load_failure(exc: ServerError) -> None:
+        if config.exit_on_error:
+            failed.append(exc)
+            stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except ServerError as exc:
+        print(f"zeroserve: {exc.message}", file=sys.stderr)
+        dataplane.close()
+        return 1
+    loading = asyncio.create_task(load_in_background(config, repository, on_load_failure), name="zeroserve-load")
+    try:
+        await stop.wait()
+        logger.info("stopping: draining gRPC calls for up to %g s", config.shutdown_timeout)
+    finally:
+        await server.stop()
+        loading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loading
+        dataplane.close()
+    if failed:
+        print(f"zeroserve: {failed[0].message}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,127 @@
+"""Prometheus metrics for ``GET /metrics``, in the text exposition format.
+
+Hand-rolled on purpose: a few counters and histograms per model do not need a client library on the
+cold-start path, and recording one request costs a handful of dict and list operations.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator
+
+# Seconds: from 100 us (a tiny model's run) to 10 s (a large image batch on CPU).
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+Labels = tuple[tuple[str, str], ...]
+
+
+class Histogram:
+    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.help, self.buckets = name, help_text, buckets
+        self._series: dict[Labels, list[float]] = {}  # bucket counts..., then sum, then count
+
+    def observe(self, labels: Labels, value: float) -> None:
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = [0.0] * (len(self.buckets) + 2)
+        index = bisect.bisect_left(self.buckets, value)  # first bucket whose bound is >= value
+        if index < len(self.buckets):
+            series[index] += 1
+        series[-2] += value
+        series[-1] += 1
+
+    def render(self) -> Iterator[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} histogram"
+        for labels, series in self._series.items():
+            cumulative = 0.0
+            for bound, count in zip(self.buckets, series):
+                cumulative += count
+                yield f"{self.name}_bucket{_format(labels, ('le', _number(bound)))} {_number(cumulative)}"
+            yield f"{self.name}_bucket{_format(labels, ('le', '+Inf'))} {_number(series[-1])}"
+            yield f"{self.name}_sum{_format(labels)} {series[-2]!r}"
+            yield f"{self.name}_count{_format(labels)} {_number(series[-1])}"
+
+
+class Counter:
+    def __init__(self, name: str, help_text: str) -> None:
+        self.name, self.help = name, help_text
+        self._values: dict[Labels, float] = {}
+
+    def inc(self, labels: Labels, amount: float = 1.0) -> None:
+        self._values[labels] = self._values.get(labels, 0.0) + amount
+
+    def render(self) -> Iterator[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} counter"
+        for labels, value in self._values.items():
+            yield f"{self.name}{_format(labels)} {_number(value)}"
+
+
+class Gauge:
+    """A gauge read at scrape time from a callback returning {labels: value}."""
+
+    def __init__(self, name: str, help_text: str, read: Callable[[], dict[Labels, float]]) -> None:
+        self.name, self.help, self.read = name, help_text, read
+
+    def render(self) -> Iterator[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} gauge"
+        for labels, value in self.read().items():
+            yield f"{self.name}{_format(labels)} {_number(value)}"
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.requests = Counter("zeroserve_inference_requests_total", "Inference requests answered, by outcome")
+        self.request_seconds = Histogram(
+            "zeroserve_inference_request_duration_seconds", "Time from request received to answer", LATENCY_BUCKETS
+        )
+        self.queue_seconds = Histogram(
+            "zeroserve_inference_queue_duration_seconds", "Time waiting for a batch and a thread", LATENCY_BUCKETS
+        )
+        self.compute_seconds = Histogram(
+            "zeroserve_inference_compute_duration_seconds", "Time in session.run", LATENCY_BUCKETS
+        )
+        self.batch_size = Histogram("zeroserve_batch_size", "Rows per session.run that served a request", BATCH_BUCKETS)
+        self._gauges: list[Gauge] = []
+
+    def add_gauge(self, gauge: Gauge) -> None:
+        self._gauges.append(gauge)
+
+    def observe(self, model: str, version: str, status: int, seconds: float) -> None:
+        labels = (("model", model), ("version", version))
+        outcome = "success" if status < 400 else "failure"
+        self.requests.inc((*labels, ("outcome", outcome)))
+        self.request_seconds.observe(labels, seconds)
+
+    def observe_run(self, model: str, version: str, queue: float, compute: float, batch_size: int) -> None:
+        labels = (("model", model), ("version", version))
+        self.queue_seconds.observe(labels, queue)
+        self.compute_seconds.observe(labels, compute)
+        self.batch_size.observe(labels, batch_size)
+
+    def render(self) -> str:
+        families: list[Counter | Histogram | Gauge] = [
+            self.requests, self.request_seconds, self.queue_seconds, self.compute_seconds, self.batch_size,
+            *self._gauges,
+        ]
+        lines = [line for family in families for line in family.render()]
+        return "\n".join(lines) + "\n"
+
+
+def _format(labels: Labels, *extra: tuple[str, str]) -> str:
+    pairs = [*labels, *extra]
+    if not pairs:
+        return ""
+    inner = ",".join(f'{key}="{_escape(value)}"' for key, value in pairs)
+    return "{" + inner + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))

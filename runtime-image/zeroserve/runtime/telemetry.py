@@ -1,0 +1,172 @@
+"""OpenTelemetry for the server: cold-start spans and metrics, and a SERVER span per inference.
+
+The SDK is set up only from the standard ``OTEL_*`` environment, in the entrypoint (``from_environment``);
+without it every hook here is a no-op that costs one attribute check, and the SDK is never imported.
+
+What is emitted (semantic conventions for FaaS and HTTP, which are Development-stability for FaaS):
+
+- ``zeroserve.init``: a span from process start to "every model ready", with one child per phase
+  (``fetch`` with bytes and cache hit, ``session`` with the execution providers, ``warmup``);
+- a SERVER span per inference, continuing the caller's W3C trace context, with ``faas.trigger=http`` and
+  ``faas.coldstart=true`` on the first inference this process answers;
+- metrics ``faas.init_duration`` (histogram, s) and ``faas.coldstarts`` (counter).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from zeroserve.runtime.coldstart import ColdStart
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import Span, TracerProvider
+
+logger = logging.getLogger("zeroserve.runtime")
+
+INFER_ROUTE = "/v2/models/{model_name}/infer"
+VERSIONED_INFER_ROUTE = "/v2/models/{model_name}/versions/{model_version}/infer"
+
+
+class Telemetry:
+    """Hooks the server calls; inert unless built with providers."""
+
+    def __init__(self, tracer_provider: TracerProvider | None = None, meter_provider: MeterProvider | None = None):
+        self.enabled = tracer_provider is not None
+        self._tracer_provider = tracer_provider
+        self._meter_provider = meter_provider
+        if tracer_provider is not None:
+            from zeroserve.runtime import version
+
+            self._tracer = tracer_provider.get_tracer("zeroserve.runtime", version())
+        if meter_provider is not None:
+            meter = meter_provider.get_meter("zeroserve.runtime")
+            self._init_duration = meter.create_histogram(
+                "faas.init_duration", unit="s", description="Time from process start until every model was ready"
+            )
+            self._coldstarts = meter.create_counter("faas.coldstarts", description="Cold starts of this server")
+
+    def record_init(self, coldstart: ColdStart) -> None:
+        """Emit the init span tree and metrics once every model is ready (the phases' times are known)."""
+        if coldstart.ready_ns is None:
+            return
+        if self._meter_provider is not None and coldstart.init_seconds is not None:
+            self._init_duration.record(coldstart.init_seconds)
+            self._coldstarts.add(1)
+        if not self.enabled:
+            return
+        from opentelemetry import trace
+
+        root = self._tracer.start_span(
+            "zeroserve.init", start_time=coldstart.process_start_ns, attributes={"faas.coldstart": True}
+        )
+        parent = trace.set_span_in_context(root)
+        for phase in coldstart.phases:
+            if phase.end_ns:
+                child = self._tracer.start_span(
+                    phase.name, context=parent, start_time=phase.start_ns, attributes=phase.attributes
+                )
+                child.end(end_time=phase.end_ns)
+        root.end(end_time=coldstart.ready_ns)
+
+    @contextmanager
+    def infer_span(
+        self, headers: Sequence[tuple[bytes, bytes]], path: str, versioned: bool
+    ) -> Iterator[Span | None]:
+        """A SERVER span around one inference, child of the caller's ``traceparent`` if any."""
+        if not self.enabled:
+            yield None
+            return
+        from opentelemetry import propagate, trace
+
+        carrier = {key.decode("latin-1"): value.decode("latin-1") for key, value in headers}
+        route = VERSIONED_INFER_ROUTE if versioned else INFER_ROUTE
+        with self._tracer.start_as_current_span(
+            f"POST {route}",
+            context=propagate.extract(carrier),
+            kind=trace.SpanKind.SERVER,
+            attributes={"http.request.method": "POST", "http.route": route, "url.path": path, "faas.trigger": "http"},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            yield span
+
+    def shutdown(self) -> None:
+        """Flush and stop the exporters (called once, at the end of the lifespan)."""
+        for provider in (self._tracer_provider, self._meter_provider):
+            shutdown = getattr(provider, "shutdown", None)
+            if shutdown is not None:
+                try:
+                    shutdown()
+                except Exception:  # an unreachable collector must not turn a clean exit into a crash
+                    logger.warning("telemetry shutdown failed", exc_info=True)
+
+
+def set_result(span: Span | None, status: int, coldstart: bool, request_id: str | None) -> None:
+    if span is None:
+        return
+    span.set_attribute("http.response.status_code", status)
+    span.set_attribute("faas.coldstart", coldstart)
+    if request_id is not None:
+        span.set_attribute("faas.invocation_id", request_id)
+    if status >= 500:
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_attribute("error.type", str(status))
+        span.set_status(Status(StatusCode.ERROR))
+
+
+def from_environment(environ: Mapping[str, str]) -> Telemetry:
+    """Telemetry configured the standard way: ``OTEL_TRACES_EXPORTER`` (otlp, console or none),
+    ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``, ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
+    ``OTEL_METRICS_EXPORTER``, ``OTEL_SDK_DISABLED``. Nothing set: tracing off, no SDK import."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return Telemetry()
+    traces = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    endpoint = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if traces in ("", "none") and not (endpoint and traces == ""):
+        return Telemetry()
+    try:
+        from opentelemetry import metrics, trace
+        from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    except ImportError as exc:
+        logger.warning("OTEL_* is set but the OpenTelemetry SDK is missing (%s): pip install 'zeroserve[runtime]'", exc)
+        return Telemetry()
+    resource = Resource.create(_faas_resource(environ))
+    tracer_provider = SdkTracerProvider(resource=resource)
+    exporter: Any
+    if traces == "console":
+        exporter = ConsoleSpanExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter()
+    tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(tracer_provider)
+    meter_provider = None
+    if environ.get("OTEL_METRICS_EXPORTER", "otlp").strip().lower() == "otlp" and traces != "console":
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        reader = PeriodicExportingMetricReader(OTLPMetricExporter())
+        meter_provider = SdkMeterProvider(resource=resource, metric_readers=[reader])
+        metrics.set_meter_provider(meter_provider)
+    logger.info("OpenTelemetry on: traces to %s", "the console" if traces == "console" else endpoint or "OTLP default")
+    return Telemetry(tracer_provider, meter_provider)
+
+
+def _faas_resource(environ: Mapping[str, str]) -> dict[str, str]:
+    """Knative's K_SERVICE / K_REVISION and the pod name as FaaS resource attributes."""
+    attributes = {}
+    if "OTEL_SERVICE_NAME" not in environ:
+        attributes["service.name"] = environ.get("K_SERVICE", "zeroserve")
+    for key, env in (("faas.name", "K_SERVICE"), ("faas.version", "K_REVISION"), ("faas.instance", "HOSTNAME")):
+        if environ.get(env):
+            attributes[key] = environ[env]
+    return attributes

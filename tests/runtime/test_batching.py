@@ -1,0 +1,159 @@
+"""Adaptive batching with real clients on a real server: merged runs give the same answers as separate ones,
+in order, errors stay with the request that caused them, and a full queue answers 503 with Retry-After."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import ServerProcess, start_server
+
+
+@pytest.fixture(scope="module")
+def batching_server(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    log = tmp_path_factory.mktemp("batching") / "server.log"
+    # A long delay makes merging certain under test load; production defaults are far shorter.
+    server = start_server(
+        ["--model_dir", str(model_repository), "--max_batch_size", "16", "--max_queue_delay_us", "50000"], log
+    )
+    yield server
+    server.stop()
+
+
+def batch_sizes(server: ServerProcess, model: str) -> dict[str, float]:
+    """The batch-size histogram of ``model``, parsed by prometheus_client's own parser."""
+    text = httpx.get(f"{server.url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        if family.name == "zeroserve_batch_size":
+            return {
+                sample.name.rsplit("_", 1)[1] + (sample.labels.get("le", "")): sample.value
+                for sample in family.samples
+                if sample.labels.get("model") == model
+            }
+    return {}
+
+
+def add_inputs(seed: int, rows: int, binary: bool) -> tuple[list[triton.InferInput], np.ndarray]:
+    a = np.full((rows, 4), seed, np.float32)
+    b = np.arange(rows * 4, dtype=np.float32).reshape(rows, 4)
+    inputs = [triton.InferInput("a", [rows, 4], "FP32"), triton.InferInput("b", [rows, 4], "FP32")]
+    inputs[0].set_data_from_numpy(a, binary_data=binary)
+    inputs[1].set_data_from_numpy(b, binary_data=binary)
+    return inputs, a + b
+
+
+def test_concurrent_requests_are_merged_and_answered_in_order(batching_server: ServerProcess) -> None:
+    before = batch_sizes(batching_server, "add").get("count", 0.0)
+    client = triton.InferenceServerClient(batching_server.address, concurrency=24)
+    calls = []
+    for seed in range(24):  # JSON and binary requests, 1 to 3 rows each, all in flight at once
+        inputs, expected = add_inputs(seed, rows=1 + seed % 3, binary=seed % 2 == 0)
+        outputs = [triton.InferRequestedOutput("sum", binary_data=seed % 4 == 0)]
+        calls.append((client.async_infer("add", inputs, outputs=outputs, model_version="1", request_id=str(seed)),
+                      expected, seed))
+    for call, expected, seed in calls:
+        result = call.get_result()
+        assert result.get_response()["id"] == str(seed)
+        np.testing.assert_array_equal(result.as_numpy("sum"), expected)
+    sizes = batch_sizes(batching_server, "add")
+    assert sizes["count"] - before == 24
+    assert sizes["bucket1"] < sizes["count"], f"no request shared a run: {sizes}"
+
+
+def test_an_invalid_request_fails_alone(batching_server: ServerProcess) -> None:
+    url = f"{batching_server.url}/v2/models/add/versions/1/infer"
+    good = {"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]},
+                       {"name": "b", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}]}
+    bad = {"inputs": [{"name": "a", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3]},
+                      {"name": "b", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}]}
+    results: dict[int, httpx.Response] = {}
+
+    def post(index: int) -> None:
+        results[index] = httpx.post(url, json=bad if index == 3 else good, timeout=30)
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results[3].status_code == 400
+    assert all(results[i].json()["outputs"][0]["data"] == [2, 3, 4, 5] for i in results if i != 3)
+
+
+def test_a_failing_run_is_split_so_only_the_culprit_fails(batching_server: ServerProcess) -> None:
+    url = f"{batching_server.url}/v2/models/lookup/infer"
+    results: dict[int, httpx.Response] = {}
+
+    def post(index: int) -> None:
+        picks = [99] if index == 5 else [index % 8, (index + 1) % 8]  # 99 is out of the table's range
+        body = {"inputs": [{"name": "index", "shape": [len(picks)], "datatype": "INT64", "data": picks}]}
+        results[index] = httpx.post(url, json=body, timeout=30)
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results[5].status_code == 400
+    assert "rejected the input" in results[5].json()["error"]
+    for index, response in results.items():
+        if index != 5:
+            assert response.json()["outputs"][0]["data"] == [index % 8 * 10, (index + 1) % 8 * 10]
+
+
+def test_a_model_without_a_batch_dimension_is_never_batched(batching_server: ServerProcess) -> None:
+    url = f"{batching_server.url}/v2/models/gather/infer"
+
+    def post(index: int) -> None:
+        body = {"inputs": [{"name": "index", "shape": [1], "datatype": "INT64", "data": [index % 8]}]}
+        assert httpx.post(url, json=body, timeout=30).status_code == 200
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert batch_sizes(batching_server, "gather") == {} or batch_sizes(batching_server, "gather")["bucket1"] == 6
+
+
+def test_a_full_queue_answers_503_with_retry_after(model_repository: Path, tmp_path: Path) -> None:
+    server = start_server(
+        ["--model_dir", str(model_repository), "--max_batch_size", "64", "--max_queue_delay_us", "1500000",
+         "--max_queue_size", "1"],
+        tmp_path / "log",
+    )
+    try:
+        url = f"{server.url}/v2/models/lookup/infer"
+        body = {"inputs": [{"name": "index", "shape": [1], "datatype": "INT64", "data": [1]}]}
+        first: list[httpx.Response] = []
+        waiting = threading.Thread(target=lambda: first.append(httpx.post(url, json=body, timeout=30)))
+        waiting.start()  # waits 1.5 s in the batch queue for company
+        for _ in range(100):
+            if "zeroserve_inference_in_flight 1" in httpx.get(f"{server.url}/metrics").text:
+                break
+            threading.Event().wait(0.01)
+        refused = httpx.post(url, json=body, timeout=30)
+        assert refused.status_code == 503
+        assert int(refused.headers["retry-after"]) >= 1
+        assert "limit of 1 queued" in refused.json()["error"]
+        waiting.join(30)
+        assert first[0].status_code == 200
+    finally:
+        server.stop()
+
+
+def test_metrics_exposition_is_valid(batching_server: ServerProcess) -> None:
+    text = httpx.get(f"{batching_server.url}/metrics").text
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    assert {"zeroserve_inference_requests", "zeroserve_inference_request_duration_seconds",
+            "zeroserve_inference_queue_duration_seconds", "zeroserve_inference_compute_duration_seconds",
+            "zeroserve_batch_size", "zeroserve_queue_depth", "zeroserve_inference_in_flight"} <= set(families)
+    outcomes = {(s.labels["model"], s.labels["outcome"]) for s in families["zeroserve_inference_requests"].samples}
+    assert ("add", "success") in outcomes
