@@ -1,0 +1,259 @@
+"""What RemoteModel and AsyncRemoteModel share: configuration, paths, building and classifying requests,
+decoding answers, and the sans-I/O flows they drive (``zeroserve._flow``)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from collections.abc import Generator, Mapping, Sequence
+from http.cookiejar import CookieJar
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import httpx
+
+from zeroserve import _flow
+from zeroserve._flow import CallReport, Kind, Outcome, Probe, Send, Sleep, WakeReport, WakeResult
+from zeroserve._gate import Flight, TaskGate, ThreadGate
+from zeroserve._state import EndpointState
+from zeroserve.errors import ProtocolError, RemoteModelError, RequestRejected, Unavailable
+from zeroserve.policy import CircuitPolicy, ColdStartPolicy, RetryPolicy
+from zeroserve.protocol import types as v2
+from zeroserve.protocol.binary import HEADER_LENGTH
+from zeroserve.tracing import Telemetry
+
+if TYPE_CHECKING:
+    import numpy as np
+    from opentelemetry.trace import TracerProvider
+
+    from zeroserve._types import Headers, Inputs
+
+Step = Send | Sleep | _flow.Wake
+_VERSIONED = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?")
+
+
+class _BaseRemoteModel:
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        *,
+        version: str | None = None,
+        binary: bool = True,
+        retry: RetryPolicy | None = None,
+        cold_start: ColdStartPolicy | None = None,
+        circuit: CircuitPolicy | None = None,
+        headers: Headers | None = None,
+        auth: httpx.Auth | tuple[str, str] | None = None,
+        provider: str = "knative",
+        invoked_name: str | None = None,
+        tracer_provider: TracerProvider | None = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        base = httpx.URL(url)
+        if base.scheme not in ("http", "https") or not base.host:
+            raise ValueError(f"url must be an http:// or https:// URL of the model service, got {url!r}")
+        if not model:
+            raise ValueError("model must be the name the model is served under")
+        self.url = str(base).rstrip("/")
+        self.model = model
+        self.version = version
+        self.binary = binary
+        self.retry = retry or RetryPolicy()
+        self.cold_start = cold_start or ColdStartPolicy()
+        self.circuit = circuit or CircuitPolicy()
+        self.state = EndpointState(self.circuit)
+        self._headers = dict(headers or {})
+        self._auth = auth
+        # Errors and spans name the endpoint without any credentials the URL may hold.
+        self._public_url = str(base.copy_with(username=None, password=None)).rstrip("/")
+        model_path = f"/v2/models/{quote(model, safe='')}"
+        if version is not None:
+            model_path += f"/versions/{quote(version, safe='')}"
+        self._metadata_path = model_path
+        self._ready_path = model_path + "/ready"
+        self._infer_path = model_path + "/infer"
+        self._invoked_name = invoked_name or model
+        self._provider = provider
+        self._tracer_provider = tracer_provider
+        self._telemetry: Telemetry | None = None
+        self._gate: ThreadGate[WakeReport] | TaskGate[WakeReport]
+        self._templates: dict[str, str] = {}
+        self._datatypes: dict[str, str] | None = None
+        self._init_io(transport)
+
+    def _init_io(self, transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._public_url!r}, model={self.model!r})"
+
+    @property
+    def waking(self) -> bool:
+        """Whether a wake-up of the service is running now."""
+        return self._gate.running
+
+    # --- shared pieces of the drivers ---
+
+    @property
+    def _spans(self) -> Telemetry:
+        if self._telemetry is None:  # created on first use: it looks up the package version
+            base = httpx.URL(self._public_url)
+            self._telemetry = Telemetry(
+                model=self.model, invoked_name=self._invoked_name, provider=self._provider, address=base.host,
+                port=base.port or (443 if base.scheme == "https" else 80), tracer_provider=self._tracer_provider,
+            )
+        return self._telemetry
+
+    def _call_flow(
+        self,
+        method: str,
+        path: str,
+        report: CallReport,
+        idempotent: bool | None,
+        timeout: float | None,
+        cold_wait: float | None,
+    ) -> Generator[Step, Outcome | WakeResult | None, CallReport]:
+        if idempotent is None and method in ("GET", "HEAD"):
+            idempotent = True
+        return _flow.call_flow(
+            endpoint=self._public_url + path, state=self.state, retry=self.retry, cold=self.cold_start,
+            now=time.monotonic, random=random.random, idempotent=idempotent, deadline=timeout,
+            cold_wait=cold_wait, report=report,
+        )
+
+    def _wake_flow(self) -> Generator[Probe | Sleep, Outcome | None, WakeReport]:
+        return _flow.wake_flow(
+            endpoint=self._public_url + self._ready_path, state=self.state, cold=self.cold_start,
+            now=time.monotonic, random=random.random,
+        )
+
+    def _request_headers(self, headers: Headers | None, carrier: dict[str, str]) -> dict[str, str]:
+        merged = dict(headers) if headers else {}
+        merged.update(carrier)
+        return merged
+
+    @staticmethod
+    def _timeout(seconds: float, connect: float) -> httpx.Timeout:
+        return httpx.Timeout(seconds, connect=min(connect, seconds))
+
+    @staticmethod
+    def _wake_result(finished: bool, value: WakeReport | None, error: BaseException | None) -> WakeResult:
+        if not finished:
+            return WakeResult(ready=False)
+        if error is None:
+            return WakeResult(ready=True, report=value)
+        if isinstance(error, RemoteModelError):
+            return WakeResult(ready=False, error=error)
+        raise error
+
+    def _template(self, path: str) -> str:
+        template = self._templates.get(path)
+        if template is None:
+            template = _VERSIONED.sub(
+                lambda match: "/v2/models/{model}" + ("/versions/{version}" if match.group(1) else ""), path, 1
+            )
+            if len(self._templates) < 64:
+                self._templates[path] = template
+        return template
+
+    def _outputs(self, response: httpx.Response, report: CallReport) -> dict[str, np.ndarray]:
+        endpoint = self._public_url + self._infer_path
+        if response.status_code != 200:
+            raise RequestRejected(
+                _flow.error_message(response.content) or f"status {response.status_code}",
+                endpoint=endpoint, attempts=report.attempts, last_status=response.status_code,
+            )
+        try:
+            decoded = v2.decode_response(response.content, response.headers.get(HEADER_LENGTH))
+        except ValueError as exc:
+            raise ProtocolError(str(exc), endpoint=endpoint, attempts=report.attempts,
+                                last_status=response.status_code) from None
+        return decoded.outputs
+
+    def _metadata_answer(self, response: httpx.Response, report: CallReport) -> dict[str, Any]:
+        endpoint = self._public_url + self._metadata_path
+        if response.status_code != 200:
+            raise RequestRejected(
+                _flow.error_message(response.content) or f"status {response.status_code}",
+                endpoint=endpoint, attempts=report.attempts, last_status=response.status_code,
+            )
+        try:
+            metadata = response.json()
+        except ValueError:
+            metadata = None
+        if not isinstance(metadata, dict):
+            raise ProtocolError("model metadata is not a JSON object", endpoint=endpoint,
+                                attempts=report.attempts, last_status=response.status_code)
+        self._datatypes = v2.input_datatypes(metadata)
+        return metadata
+
+    def _encode(self, inputs: Inputs, datatypes: Mapping[str, str] | None, outputs: Sequence[str] | None,
+                parameters: Mapping[str, Any] | None, request_id: str | None,
+                headers: Headers | None) -> tuple[bytes, dict[str, str]]:
+        body, content_headers = v2.encode_request(inputs, binary_data=self.binary, datatypes=datatypes,
+                                                  outputs=outputs, parameters=parameters, request_id=request_id)
+        if headers:
+            content_headers.update(headers)
+        return body, content_headers
+
+    def _readiness(self, outcome: Outcome) -> bool:
+        if outcome.kind is Kind.SUCCESS:
+            self.state.answered(time.monotonic())
+        elif outcome.cold:
+            self.state.cold = True
+        return outcome.kind is Kind.SUCCESS
+
+    @staticmethod
+    def _check_path(path: str) -> None:
+        if not path.startswith("/v2/"):
+            raise ValueError(f"path must be a V2 path starting with /v2/, got {path!r}")
+
+    @classmethod
+    def _flight_result(cls, flight: Flight[WakeReport] | None) -> WakeResult:
+        if flight is None:
+            return cls._wake_result(False, None, None)
+        return cls._wake_result(True, flight.value, flight.error)
+
+    def _task_result(self, task: asyncio.Task[WakeReport] | None) -> WakeResult:
+        if task is None:
+            return self._wake_result(False, None, None)
+        if task.cancelled():  # the client is closing
+            closing = Unavailable("the wake-up was cancelled: the client is closing",
+                                  endpoint=self._public_url + self._ready_path)
+            return self._wake_result(True, None, closing)
+        failure = task.exception()
+        return self._wake_result(True, None if failure else task.result(), failure)
+
+
+def classify(response: httpx.Response) -> Outcome:
+    return _flow.classify_response(response.status_code, response.headers.get("retry-after"), response.content)
+
+
+def outcome_of_error(exc: Exception, timeout: float) -> Outcome:
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return Outcome(Kind.NOT_SENT, cold=True, reason=f"could not connect ({detail})")
+    if isinstance(exc, httpx.PoolTimeout):
+        return Outcome(Kind.NOT_SENT, reason="no free connection in the client's pool")
+    if isinstance(exc, (httpx.WriteError, httpx.WriteTimeout)):
+        # The body did not all leave, and a V2 server reads the whole body before it runs anything.
+        return Outcome(Kind.NOT_SENT, reason=f"the request could not be written ({detail})")
+    if isinstance(exc, httpx.ReadTimeout):
+        return Outcome(Kind.MAYBE, reason=f"no answer within {timeout:.1f} s")
+    if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
+        return Outcome(Kind.MAYBE, reason=f"the connection broke before an answer ({detail})")
+    return Outcome(Kind.MAYBE, reason=f"{type(exc).__name__}: {detail}")
+
+
+class NoCookies(CookieJar):
+    """Keeps no cookies. The client is shared by every user of a host app, so a cookie the model
+    service sets must never come back on someone else's request."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+    def set_cookie(self, cookie: Any) -> None:
+        pass

@@ -1,0 +1,490 @@
+"""RemoteModel and AsyncRemoteModel: a model served over the V2 protocol, called like a local function.
+
+Both share ``_BaseRemoteModel`` (configuration, request building, classification, spans) and drive the
+same sans-I/O flows from ``zeroserve._flow``: the sync one with ``httpx.Client`` and ``time.sleep``,
+the async one with ``httpx.AsyncClient`` and ``asyncio.sleep``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from opentelemetry import context as otel_context
+
+from zeroserve._flow import CallReport, Outcome, Probe, Send, Sleep, WakeReport, WakeResult
+from zeroserve._gate import TaskGate, ThreadGate
+from zeroserve._model import NoCookies, _BaseRemoteModel, classify, outcome_of_error
+from zeroserve.errors import ColdStartTimeout
+from zeroserve.protocol import types as v2
+from zeroserve.tracing import Telemetry
+
+if TYPE_CHECKING:
+    import numpy as np
+    from opentelemetry.context import Context
+
+    from zeroserve._types import Headers, Inputs
+
+__all__ = ["AsyncRemoteModel", "RemoteModel"]
+
+
+class RemoteModel(_BaseRemoteModel):
+    """A remote V2 model, called synchronously (httpx.Client). Thread-safe; one instance per model.
+
+    Args:
+        url: the model service, e.g. ``https://mlp.default.example.com`` (a Knative Service URL).
+        model: the name the model is served under.
+        version: a model version; the server's newest when None.
+        binary: send and receive tensors with the binary extension (default) or as JSON.
+        retry, cold_start, circuit: the policies (``zeroserve.policy``).
+        headers: sent with every request, e.g. an ``Authorization`` for the model service or the
+            ``Host`` a Knative ingress routes on.
+        auth: httpx authentication for the model service.
+        provider: ``faas.invoked_provider`` on spans.
+        invoked_name: ``faas.invoked_name`` on spans (the model name by default).
+        tracer_provider: an OpenTelemetry tracer provider; the global one when None.
+        transport: an httpx transport (``httpx.WSGITransport``, a mock, or one with custom TLS).
+    """
+
+    _gate: ThreadGate[WakeReport]
+
+    def _init_io(self, transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None) -> None:
+        if transport is not None and not isinstance(transport, httpx.BaseTransport):
+            raise TypeError("RemoteModel needs a sync transport (httpx.BaseTransport, e.g. httpx.WSGITransport)")
+        self._transport = transport
+        self._http: httpx.Client | None = None
+        self._lock = threading.Lock()
+        self._gate = ThreadGate()
+
+    def __enter__(self) -> RemoteModel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        with self._lock:
+            client, self._http = self._http, None
+        if client is not None:
+            client.close()
+
+    @property
+    def http(self) -> httpx.Client:
+        """The underlying httpx client (created on first use)."""
+        client = self._http
+        if client is None:
+            with self._lock:
+                client = self._http
+                if client is None:
+                    client = self._http = httpx.Client(
+                        transport=self._transport, headers=self._headers, auth=self._auth, cookies=NoCookies()
+                    )
+        return client
+
+    def infer(
+        self,
+        inputs: Inputs,
+        *,
+        outputs: Sequence[str] | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        request_id: str | None = None,
+        headers: Headers | None = None,
+        timeout: float | None = None,
+        cold_wait: float | None = None,
+        context: Context | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run the model: input name -> array (or nested list) in, output name -> numpy array out.
+
+        Lists and scalars take the input's datatype from the model's metadata (fetched once).
+
+        Args:
+            outputs: only these outputs (all when None).
+            parameters: V2 request parameters.
+            request_id: the request's ``id``.
+            headers: extra headers for this call.
+            timeout: this call's deadline in seconds (``retry.deadline`` when None).
+            cold_wait: the longest to wait for a cold start before raising ``Unavailable`` (None: up to
+                the cold-start deadline).
+            context: the OpenTelemetry context to parent this call's spans (the current one when None).
+        """
+        datatypes = self._input_datatypes(cold_wait, context) if v2.has_plain_values(inputs) else None
+        body, content_headers = self._encode(inputs, datatypes, outputs, parameters, request_id, headers)
+        response, report = self._call("POST", self._infer_path, body, content_headers, None, timeout, cold_wait,
+                                      context, "infer")
+        return self._outputs(response, report)
+
+    def metadata(self, *, cold_wait: float | None = None, context: Context | None = None) -> dict[str, Any]:
+        """The model's metadata (name, versions, inputs and outputs with datatypes and shapes)."""
+        response, report = self._call("GET", self._metadata_path, None, None, None, None, cold_wait, context,
+                                      "metadata")
+        return self._metadata_answer(response, report)
+
+    def ready(self, timeout: float = 5.0) -> bool:
+        """Whether the model answers ready now: one GET, no retries, no waiting for a cold start."""
+        span, context = self._spans.start_call("ready", None)
+        try:
+            _, outcome = self._send("GET", self._ready_path, None, None, 0, timeout, context)
+        finally:
+            Telemetry.end_call(span, CallReport(attempts=1), None, None)
+        return self._readiness(outcome)
+
+    def wake(self, *, background: bool = False) -> None:
+        """Make the service ready: one readiness probe shared by every caller, within the cold-start deadline.
+
+        Args:
+            background: start the wake-up and return at once (e.g. on app start-up).
+        """
+        flight = self._gate.join(self._wake_work, 0.0 if background else self.cold_start.deadline + 5.0)
+        if background:
+            return
+        if flight is None:
+            raise ColdStartTimeout("the wake-up did not finish", endpoint=self._public_url + self._ready_path)
+        if flight.error is not None:
+            raise flight.error
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        headers: Headers | None = None,
+        idempotent: bool | None = None,
+        timeout: float | None = None,
+        cold_wait: float | None = None,
+        context: Context | None = None,
+    ) -> httpx.Response:
+        """Send any V2 request of the service (``path`` starts with ``/v2/``) with the retry and cold-start
+        handling of ``infer``; returns the final answer whatever its status (mounted routes proxy it).
+
+        Args:
+            idempotent: resend after failures past sending (GET and HEAD always may).
+            timeout: this call's deadline in seconds.
+            cold_wait: the longest to wait for a cold start before raising ``Unavailable``.
+            context: the OpenTelemetry context to parent this call's spans (the current one when None).
+        """
+        self._check_path(path)
+        response, _ = self._call(method, path, content, headers, idempotent, timeout, cold_wait, context, "request")
+        return response
+
+    # --- the driver ---
+
+    def _input_datatypes(self, cold_wait: float | None, context: Context | None) -> dict[str, str]:
+        if self._datatypes is None:
+            self.metadata(cold_wait=cold_wait, context=context)
+        return self._datatypes or {}
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        content: bytes | None,
+        headers: Headers | None,
+        idempotent: bool | None,
+        timeout: float | None,
+        cold_wait: float | None,
+        parent: Context | None,
+        operation: str,
+    ) -> tuple[httpx.Response, CallReport]:
+        telemetry = self._spans
+        span, context = telemetry.start_call(operation, parent)
+        token = otel_context.attach(context)  # a wake-up started here parents its spans to this call
+        report = CallReport()
+        flow = self._call_flow(method, path, report, idempotent, timeout, cold_wait)
+        response: httpx.Response | None = None
+        error: BaseException | None = None
+        try:
+            step = next(flow)
+            while True:
+                reply: Outcome | WakeResult | None
+                if isinstance(step, Send):
+                    response, reply = self._send(method, path, content, headers, step.resend_count, step.timeout,
+                                                 context)
+                elif isinstance(step, Sleep):
+                    time.sleep(step.seconds)
+                    reply = None
+                else:
+                    flight = self._gate.join(self._wake_work, step.timeout)
+                    reply = self._flight_result(flight)
+                step = flow.send(reply)
+        except StopIteration:
+            pass
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            flow.close()
+            otel_context.detach(token)
+            timing = response.headers.get("server-timing") if response is not None else None
+            telemetry.end_call(span, report, error, timing)
+        assert response is not None
+        return response, report
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        content: bytes | None,
+        headers: Headers | None,
+        resend_count: int,
+        timeout: float,
+        context: Context,
+    ) -> tuple[httpx.Response | None, Outcome]:
+        url = self._public_url + path
+        span, carrier = self._spans.start_attempt(method, url, self._template(path), resend_count, context)
+        response: httpx.Response | None = None
+        error: Exception | None = None
+        try:
+            response = self.http.request(
+                method, self.url + path, content=content, headers=self._request_headers(headers, carrier),
+                timeout=self._timeout(timeout, self.retry.connect_timeout),
+            )
+            outcome = classify(response)
+        except httpx.RequestError as exc:
+            error = exc
+            outcome = outcome_of_error(exc, timeout)
+        except BaseException:
+            span.end()
+            raise
+        Telemetry.end_attempt(span, outcome, error, response.headers.get("server-timing") if response else None)
+        return response, outcome
+
+    def _wake_work(self) -> WakeReport:
+        telemetry = self._spans
+        span, context = telemetry.start_call("wake", None)
+        flow = self._wake_flow()
+        report: WakeReport | None = None
+        error: BaseException | None = None
+        try:
+            step = next(flow)
+            while True:
+                reply: Outcome | None = None
+                if isinstance(step, Probe):
+                    _, reply = self._send("GET", self._ready_path, None, None, step.number, step.timeout, context)
+                else:
+                    time.sleep(step.seconds)
+                step = flow.send(reply)
+        except StopIteration as done:
+            report = done.value
+            return done.value  # type: ignore[no-any-return]
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            flow.close()
+            telemetry.end_wake(span, report, error)
+
+
+class AsyncRemoteModel(_BaseRemoteModel):
+    """A remote V2 model, called from asyncio code (httpx.AsyncClient). Same arguments as ``RemoteModel``;
+    ``transport`` is an ``httpx.AsyncBaseTransport`` (e.g. ``httpx.ASGITransport``)."""
+
+    _gate: TaskGate[WakeReport]
+
+    def _init_io(self, transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None) -> None:
+        if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
+            raise TypeError("AsyncRemoteModel needs an async transport (httpx.AsyncBaseTransport, "
+                            "e.g. httpx.ASGITransport)")
+        self._async_transport = transport
+        self._http: httpx.AsyncClient | None = None
+        self._http_loop: asyncio.AbstractEventLoop | None = None
+        self._gate = TaskGate()
+
+    async def __aenter__(self) -> AsyncRemoteModel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop a running wake-up and close the connection pool."""
+        await self._gate.aclose()
+        client, self._http = self._http, None
+        if client is not None and self._http_loop is asyncio.get_running_loop():
+            await client.aclose()
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The underlying httpx client, created on first use in the running event loop."""
+        loop = asyncio.get_running_loop()
+        if self._http is None or self._http_loop is not loop:
+            # A pool belongs to the loop it was made in; a new loop (a test, a restarted app) gets its own.
+            self._http = httpx.AsyncClient(
+                transport=self._async_transport, headers=self._headers, auth=self._auth, cookies=NoCookies()
+            )
+            self._http_loop = loop
+        return self._http
+
+    async def infer(
+        self,
+        inputs: Inputs,
+        *,
+        outputs: Sequence[str] | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        request_id: str | None = None,
+        headers: Headers | None = None,
+        timeout: float | None = None,
+        cold_wait: float | None = None,
+        context: Context | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run the model; see ``RemoteModel.infer``."""
+        datatypes = await self._input_datatypes(cold_wait, context) if v2.has_plain_values(inputs) else None
+        body, content_headers = self._encode(inputs, datatypes, outputs, parameters, request_id, headers)
+        response, report = await self._call("POST", self._infer_path, body, content_headers, None, timeout,
+                                            cold_wait, context, "infer")
+        return self._outputs(response, report)
+
+    async def metadata(self, *, cold_wait: float | None = None, context: Context | None = None) -> dict[str, Any]:
+        """The model's metadata; see ``RemoteModel.metadata``."""
+        response, report = await self._call("GET", self._metadata_path, None, None, None, None, cold_wait, context,
+                                            "metadata")
+        return self._metadata_answer(response, report)
+
+    async def ready(self, timeout: float = 5.0) -> bool:
+        """Whether the model answers ready now; see ``RemoteModel.ready``."""
+        span, context = self._spans.start_call("ready", None)
+        try:
+            _, outcome = await self._send("GET", self._ready_path, None, None, 0, timeout, context)
+        finally:
+            Telemetry.end_call(span, CallReport(attempts=1), None, None)
+        return self._readiness(outcome)
+
+    async def wake(self, *, background: bool = False) -> None:
+        """Make the service ready; see ``RemoteModel.wake``."""
+        if background:
+            self._gate.start(self._wake_work)
+            return
+        task = await self._gate.join(self._wake_work, self.cold_start.deadline + 5.0)
+        if task is None:
+            raise ColdStartTimeout("the wake-up did not finish", endpoint=self._public_url + self._ready_path)
+        task.result()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        headers: Headers | None = None,
+        idempotent: bool | None = None,
+        timeout: float | None = None,
+        cold_wait: float | None = None,
+        context: Context | None = None,
+    ) -> httpx.Response:
+        """Send any V2 request of the service; see ``RemoteModel.request``."""
+        self._check_path(path)
+        response, _ = await self._call(method, path, content, headers, idempotent, timeout, cold_wait, context,
+                                       "request")
+        return response
+
+    # --- the driver ---
+
+    async def _input_datatypes(self, cold_wait: float | None, context: Context | None) -> dict[str, str]:
+        if self._datatypes is None:
+            await self.metadata(cold_wait=cold_wait, context=context)
+        return self._datatypes or {}
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        content: bytes | None,
+        headers: Headers | None,
+        idempotent: bool | None,
+        timeout: float | None,
+        cold_wait: float | None,
+        parent: Context | None,
+        operation: str,
+    ) -> tuple[httpx.Response, CallReport]:
+        telemetry = self._spans
+        span, context = telemetry.start_call(operation, parent)
+        token = otel_context.attach(context)
+        report = CallReport()
+        flow = self._call_flow(method, path, report, idempotent, timeout, cold_wait)
+        response: httpx.Response | None = None
+        error: BaseException | None = None
+        try:
+            step = next(flow)
+            while True:
+                reply: Outcome | WakeResult | None
+                if isinstance(step, Send):
+                    response, reply = await self._send(method, path, content, headers, step.resend_count,
+                                                       step.timeout, context)
+                elif isinstance(step, Sleep):
+                    await asyncio.sleep(step.seconds)
+                    reply = None
+                else:
+                    reply = self._task_result(await self._gate.join(self._wake_work, step.timeout))
+                step = flow.send(reply)
+        except StopIteration:
+            pass
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            flow.close()
+            otel_context.detach(token)
+            timing = response.headers.get("server-timing") if response is not None else None
+            telemetry.end_call(span, report, error, timing)
+        assert response is not None
+        return response, report
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        content: bytes | None,
+        headers: Headers | None,
+        resend_count: int,
+        timeout: float,
+        context: Context,
+    ) -> tuple[httpx.Response | None, Outcome]:
+        url = self._public_url + path
+        span, carrier = self._spans.start_attempt(method, url, self._template(path), resend_count, context)
+        response: httpx.Response | None = None
+        error: Exception | None = None
+        try:
+            response = await self.http.request(
+                method, self.url + path, content=content, headers=self._request_headers(headers, carrier),
+                timeout=self._timeout(timeout, self.retry.connect_timeout),
+            )
+            outcome = classify(response)
+        except httpx.RequestError as exc:
+            error = exc
+            outcome = outcome_of_error(exc, timeout)
+        except BaseException:
+            span.end()
+            raise
+        Telemetry.end_attempt(span, outcome, error, response.headers.get("server-timing") if response else None)
+        return response, outcome
+
+    async def _wake_work(self) -> WakeReport:
+        telemetry = self._spans
+        span, context = telemetry.start_call("wake", None)
+        flow = self._wake_flow()
+        report: WakeReport | None = None
+        error: BaseException | None = None
+        try:
+            step = next(flow)
+            while True:
+                reply: Outcome | None = None
+                if isinstance(step, Probe):
+                    _, reply = await self._send("GET", self._ready_path, None, None, step.number, step.timeout,
+                                                context)
+                else:
+                    await asyncio.sleep(step.seconds)
+                step = flow.send(reply)
+        except StopIteration as done:
+            report = done.value
+            return done.value  # type: ignore[no-any-return]
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            flow.close()
+            telemetry.end_wake(span, report, error)
