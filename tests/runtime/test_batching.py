@@ -157,3 +157,42 @@ def test_metrics_exposition_is_valid(batching_server: ServerProcess) -> None:
             "zeroserve_batch_size", "zeroserve_queue_depth", "zeroserve_inference_in_flight"} <= set(families)
     outcomes = {(s.labels["model"], s.labels["outcome"]) for s in families["zeroserve_inference_requests"].samples}
     assert ("add", "success") in outcomes
+
+
+def test_grpc_raw_requests_are_batched_like_rest(model_repository: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    from conftest import unused_port
+
+    grpc_port = unused_port()
+    server = start_server(
+        ["--model_dir", str(model_repository), "--max_batch_size", "16", "--max_queue_delay_us", "50000",
+         "--enable_grpc", "--grpc_port", str(grpc_port)],
+        tmp_path / "log",
+    )
+
+    async def burst() -> list[tuple[np.ndarray, np.ndarray]]:
+        client = InferenceGRPCClient(f"127.0.0.1:{grpc_port}", timeout=30)
+        try:
+            requests = []
+            for seed in range(12):
+                a = np.full((1 + seed % 2, 4), seed, np.float32)
+                b = np.ones_like(a)
+                tensors = [InferInput("a", list(a.shape), "FP32"), InferInput("b", list(b.shape), "FP32")]
+                tensors[0].set_data_from_numpy(a, binary_data=True)  # raw_input_contents
+                tensors[1].set_data_from_numpy(b, binary_data=True)
+                requests.append((InferRequest("add", tensors, model_version="1", request_id=str(seed)), a + b))
+            responses = await asyncio.gather(*(client.infer(request) for request, _ in requests))
+            return [(response.outputs[0].as_numpy(), expected) for response, (_, expected) in zip(responses, requests)]
+        finally:
+            await client.close()
+
+    try:
+        for actual, expected in asyncio.run(burst()):
+            np.testing.assert_array_equal(actual, expected)
+        sizes = batch_sizes(server, "add")
+        assert sizes["count"] == 12 and sizes["bucket1"] < 12, sizes
+    finally:
+        server.stop()
