@@ -1,6 +1,6 @@
 """Raw onnxruntime baseline: what ``session.run`` alone does on the benchmark models.
 
-Usage: python bench/baseline.py MODELS_DIR [--duration S] [--json OUT] [--expected DIR]
+Usage: python bench/baseline.py MODELS_DIR [--duration S] [--json OUT] [--expected DIR] [--only MODEL] [--latency-only]
 
 Run as its own process by ``run.py`` (while no server runs), so the numbers share the machine
 state of the server runs they are compared with. Sessions use onnxruntime's defaults (intra-op
@@ -9,6 +9,10 @@ threads = physical cores), as a server does unless told otherwise.
 - ``tiny``: per-call latency of ``run`` at batch 1, in microseconds (p50, p99, mean).
 - ``image``: throughput ceiling in inferences/s with 1 thread calling ``run`` in a loop, and with
   2 threads sharing one session (``run`` releases the GIL), plus per-call latency.
+
+``--only MODEL --latency-only`` measures one model's per-call latency and nothing else: ``run.py`` uses it right
+before a server's single-call run, so that "server p50 / session.run p50" compares numbers taken moments apart
+on a machine whose load drifts.
 
 ``--expected DIR`` also writes each model's output for the request tensor of ``payloads.py`` to
 ``DIR/<model>.npy``, which ``run.py`` compares every server's answers with.
@@ -81,9 +85,15 @@ def throughput(session: ort.InferenceSession, feeds: dict[str, np.ndarray], thre
     return sum(counts) / (time.perf_counter() - start)
 
 
-def measure(models_dir: Path, duration: float, expected_dir: Path | None) -> dict[str, object]:
+def measure(
+    models_dir: Path,
+    duration: float,
+    expected_dir: Path | None,
+    only: Sequence[str] = ("tiny", "image"),
+    latency_only: bool = False,
+) -> dict[str, object]:
     results: dict[str, object] = {"onnxruntime": ort.__version__, "duration_s": duration}
-    for model in ("tiny", "image"):
+    for model in only:
         if not (models_dir / model / "model.onnx").exists():
             continue
         session = _session(models_dir, model)
@@ -93,7 +103,7 @@ def measure(models_dir: Path, duration: float, expected_dir: Path | None) -> dic
             expected_dir.mkdir(parents=True, exist_ok=True)
             np.save(expected_dir / f"{model}.npy", session.run(None, feeds)[0])
         entry: dict[str, object] = {"latency": call_latency(session, feeds, duration)}
-        if model == "image":
+        if model == "image" and not latency_only:
             entry["throughput_1thread_per_s"] = throughput(session, feeds, 1, duration)
             entry["throughput_2threads_per_s"] = throughput(session, feeds, 2, duration)
         results[model] = entry
@@ -106,8 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--json", type=Path, help="write results here (default: stdout)")
     parser.add_argument("--expected", type=Path, help="write expected outputs <model>.npy here")
+    parser.add_argument("--only", action="append", choices=sorted(MODELS), help="measure this model only")
+    parser.add_argument("--latency-only", action="store_true", help="per-call latency only, no throughput")
     args = parser.parse_args(argv)
-    results = measure(args.models_dir, args.duration, args.expected)
+    results = measure(args.models_dir, args.duration, args.expected, args.only or ("tiny", "image"), args.latency_only)
     text = json.dumps(results, indent=2)
     if args.json:
         args.json.write_text(text + "\n")

@@ -1,4 +1,4 @@
-"""Load generation with wrk: one scenario run, its numbers parsed from the Lua report line."""
+"""Load generation: one wrk run (REST), its numbers parsed from the Lua report line; one grpc_load.py run (gRPC)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 WRK_DIR = Path(__file__).resolve().parent / "wrk"
 REPORT_PREFIX = "WRK_JSON "
+GRPC_REPORT_PREFIX = "GRPC_JSON "  # grpc_load.py's report line
 
 
 class LoadError(RuntimeError):
@@ -82,4 +83,29 @@ def run(scenario: Scenario, url: str, duration_s: float, wrk: str = "wrk", timeo
         has_errors=failed > 0,
         wrk_text=done.stdout.replace(lines[-1], "").strip(),
     )
+    return report
+
+
+def run_grpc(
+    address: str, request_file: Path, concurrency: int, duration_s: float, python: str, warmup_s: float = 0.0
+) -> dict[str, Any]:
+    """Run ``grpc_load.py`` once (its own process, as wrk is); returns its report."""
+    argv = [
+        python,
+        str(Path(__file__).resolve().parent / "grpc_load.py"),
+        address,
+        str(request_file),
+        f"--concurrency={concurrency}",
+        f"--duration={duration_s}",
+        f"--warmup={warmup_s}",
+    ]
+    limit = duration_s + warmup_s + 60
+    try:
+        done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired as exc:
+        raise LoadError(f"grpc_load did not finish within {limit:.0f} s") from exc
+    lines = [line for line in done.stdout.splitlines() if line.startswith(GRPC_REPORT_PREFIX)]
+    if done.returncode != 0 or not lines:
+        raise LoadError(f"grpc_load exited {done.returncode} without a report:\n{done.stdout}\n{done.stderr}")
+    report: dict[str, Any] = json.loads(lines[-1][len(GRPC_REPORT_PREFIX) :])
     return report

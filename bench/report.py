@@ -16,6 +16,10 @@ SCENARIOS = {
     "tiny_json_c1": "tiny, REST JSON, 1 connection",
     "image_binary_c16": "image, REST binary, 16 connections",
     "image_json_c16": "image, REST JSON, 16 connections",
+    "tiny_grpc_c1": "tiny, gRPC, 1 call in flight",
+    "tiny_grpc_c16": "tiny, gRPC, 16 calls in flight",
+    "image_grpc_c1": "image, gRPC, 1 call in flight",
+    "image_grpc_c16": "image, gRPC, 16 calls in flight",
 }
 
 
@@ -54,6 +58,16 @@ def per_server(result: Result, server: str) -> dict[str, float | None]:
     numbers["tiny_c1_overhead_us"] = c1_p50 - raw_tiny_p50 if c1_p50 is not None and raw_tiny_p50 else None
     numbers["tiny_c1_vs_raw_p50"] = _ratio(c1_p50, raw_tiny_p50)
     numbers["image_binary_fraction_of_raw_ceiling"] = _ratio(numbers["image_binary_c16_per_s"], image_ceiling(result))
+    # gRPC: the same two against raw onnxruntime; the image one is the goal "within 2x of session.run".
+    grpc_p50 = numbers["tiny_grpc_c1_p50_us"]
+    numbers["tiny_grpc_c1_overhead_us"] = grpc_p50 - raw_tiny_p50 if grpc_p50 is not None and raw_tiny_p50 else None
+    # Against session.run measured just before the run (the load drifts within a run), else the start baseline.
+    raw_image_p50 = _get(load, "image_grpc_c1", "raw_p50_us_adjacent") or _get(
+        result, "baseline", "image", "latency", "p50_us"
+    )
+    numbers["image_grpc_c1_raw_p50_us"] = raw_image_p50
+    numbers["image_grpc_c1_vs_raw_p50"] = _ratio(numbers["image_grpc_c1_p50_us"], raw_image_p50)
+    numbers["image_grpc_c16_fraction_of_raw_ceiling"] = _ratio(numbers["image_grpc_c16_per_s"], image_ceiling(result))
     return numbers
 
 
@@ -125,6 +139,29 @@ def markdown(result: Result) -> str:
     row("image binary c16 server CPU per request (ms)", "image_binary_c16_cpu_ms_per_request", digits=2)
     if any(_get(result, "servers", n, "load", "image_json_c16") for n in names):
         row("image JSON c16 throughput (req/s)", "image_json_c16_per_s")
+    if any(_get(result, "servers", n, "load", "tiny_grpc_c1") for n in names):
+        row("tiny gRPC c1 throughput (calls/s)", "tiny_grpc_c1_per_s", tiny_rate)
+        row("tiny gRPC c1 latency p50 (µs)", "tiny_grpc_c1_p50_us", _fmt(base("tiny", "latency", "p50_us")), digits=0)
+        row("tiny gRPC c1 latency p99 (µs)", "tiny_grpc_c1_p99_us", _fmt(base("tiny", "latency", "p99_us")), digits=0)
+        row("tiny gRPC c1 overhead over session.run p50 (µs)", "tiny_grpc_c1_overhead_us", digits=0)
+        row("tiny gRPC c16 throughput (calls/s)", "tiny_grpc_c16_per_s")
+        row("tiny gRPC c16 server CPU per call (ms)", "tiny_grpc_c16_cpu_ms_per_request", digits=3)
+    if any(_get(result, "servers", n, "load", "image_grpc_c1") for n in names):
+        row("image gRPC c1 throughput (calls/s)", "image_grpc_c1_per_s")
+        row(
+            "image gRPC c1 latency p50 (ms)",
+            "image_grpc_c1_p50_us",
+            f"{_fmt(image_p50, 1e-3, 2)} (1 call)",
+            scale=1e-3,
+            digits=2,
+        )
+        row(
+            "image session.run p50 just before that run (ms)", "image_grpc_c1_raw_p50_us", scale=1e-3, digits=2
+        )
+        row("image gRPC c1 p50 / that session.run p50 (goal < 2)", "image_grpc_c1_vs_raw_p50", digits=2)
+        row("image gRPC c16 throughput (calls/s)", "image_grpc_c16_per_s", f"{_fmt(ceiling)} (ceiling)")
+        row("image gRPC c16 % of raw ceiling", "image_grpc_c16_fraction_of_raw_ceiling", scale=100)
+        row("image gRPC c16 server CPU per call (ms)", "image_grpc_c16_cpu_ms_per_request", digits=2)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
 

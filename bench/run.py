@@ -1,17 +1,20 @@
 """One benchmark run: cold start, throughput and latency of each server, and raw onnxruntime.
 
-Usage: .venv/bin/python bench/run.py [--servers zeroserve,kserve] [--quick] [--duration S]
+Usage: .venv/bin/python bench/run.py [--servers zeroserve,kserve] [--protocols rest,grpc] [--quick] [--duration S]
 
 All numbers come from the same run on the same machine, because on a shared machine only
-ratios measured together mean anything. Servers run one at a time, each on a free 127.0.0.1 port,
-and are stopped by PID. Writes ``bench/results/<stamp>/results.json`` (raw numbers, ratios,
-machine facts, flags) and ``report.md``, and prints the markdown table. Exits 1 when any request
-failed or any answer was wrong (see "FLAGS"), 0 otherwise; a skipped server is not a failure.
+ratios measured together mean anything. Servers run one at a time (gRPC: up together, loaded one at
+a time in alternating rounds), each on free 127.0.0.1 ports, and are stopped by PID. Writes
+``bench/results/<stamp>/results.json`` (raw numbers, ratios, machine facts, flags) and ``report.md``,
+and prints the markdown table. Exits 1 when any request failed or any answer was wrong (see "FLAGS"),
+0 otherwise; a skipped server is not a failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import importlib.metadata
@@ -25,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc_load
 import load
 import numpy as np
 import payloads
@@ -38,11 +42,15 @@ RESULTS_DIR = BENCH_DIR / "results"
 
 # One load scenario: (name, body name, connections, wrk threads).
 Plan = tuple[str, str, int, int]
+# One gRPC load scenario: (name, calls in flight).
+GrpcPlan = tuple[str, int]
+PROTOCOLS = ("rest", "grpc")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     servers: tuple[str, ...]
+    protocols: tuple[str, ...]
     python: str
     duration_s: float
     warmup_s: float
@@ -50,11 +58,13 @@ class Settings:
     cold_starts: int
     image_json: bool
     quick: bool
+    grpc_rounds: int
 
 
 def parse_args(argv: Sequence[str] | None) -> Settings:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", default="zeroserve,kserve", help=f"comma-separated: {','.join(servers.KINDS)}")
+    parser.add_argument("--protocols", default="rest,grpc", help="comma-separated: rest,grpc (default both)")
     parser.add_argument("--quick", action="store_true", help="short durations (smoke run; noisier numbers)")
     parser.add_argument("--duration", type=float, help="seconds per wrk measurement (default 10, quick 3)")
     parser.add_argument("--cold-starts", type=int, help="launches per server, median reported (default 5, quick 3)")
@@ -64,14 +74,21 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         help="also load the image model with JSON bodies (default: on, off with --quick)",
     )
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs the servers")
+    parser.add_argument(
+        "--grpc-rounds", type=int, help="alternating rounds the gRPC --duration is split into (default 3, quick 2)"
+    )
     args = parser.parse_args(argv)
     kinds = tuple(k for k in args.servers.split(",") if k)
     unknown = sorted(set(kinds) - set(servers.KINDS))
     if unknown or not kinds:
         parser.error(f"--servers: unknown {unknown}; choose from {sorted(servers.KINDS)}")
+    protocols = tuple(p for p in args.protocols.split(",") if p)
+    if not protocols or set(protocols) - set(PROTOCOLS):
+        parser.error(f"--protocols: choose from {','.join(PROTOCOLS)}")
     duration = args.duration or (3.0 if args.quick else 10.0)
     return Settings(
         servers=kinds,
+        protocols=protocols,
         python=args.python,
         duration_s=duration,
         warmup_s=1.0 if args.quick else 3.0,
@@ -79,6 +96,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         cold_starts=args.cold_starts or (3 if args.quick else 5),
         image_json=(not args.quick) if args.image_json is None else args.image_json,
         quick=args.quick,
+        grpc_rounds=max(1, args.grpc_rounds or (2 if args.quick else 3)),
     )
 
 
@@ -127,6 +145,7 @@ class Run:
         self.expected: dict[str, np.ndarray] = {}
         self.bodies: dict[str, payloads.Body] = {}
         self.body_files: dict[str, Path] = {}
+        self.grpc_requests: dict[str, Path] = {}  # model -> serialized ModelInferRequest
 
     def flag(self, message: str) -> None:
         print(f"FLAG: {message}", file=sys.stderr)
@@ -150,6 +169,10 @@ class Run:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(body.data)
             self.bodies[name], self.body_files[name] = body, path
+        for model, (input_name, _, _) in payloads.MODELS.items():
+            path = self.out_dir / "bodies" / f"{model}_grpc.bin"
+            path.write_bytes(grpc_load.request_bytes(model, input_name, payloads.model_input(model)))
+            self.grpc_requests[model] = path
 
     def baseline(self, when: str = "start") -> None:
         """Raw onnxruntime numbers. Run at the start (the reference, and the expected outputs) and
@@ -183,6 +206,18 @@ class Run:
             got = payloads.decode_response(data, headers)
         except (ValueError, KeyError, TypeError) as exc:
             return f"undecodable response ({exc}): {data[:300]!r}"
+        return payloads.check_outputs(model, got, self.expected[model]) or "ok"
+
+    def check_grpc_answer(self, server: servers.Server, model: str) -> str:
+        """One ModelInfer call, its answer compared with raw onnxruntime's; 'ok' or what is wrong."""
+        payload = self.grpc_requests[model].read_bytes()
+        code, answer, details = asyncio.run(grpc_load.call_once(server.grpc_address, payload))
+        if answer is None:
+            return f"gRPC {code}: {details[:300]}"
+        try:
+            got = grpc_load.decode_answer(answer)
+        except (ValueError, KeyError) as exc:
+            return f"undecodable answer ({exc})"
         return payloads.check_outputs(model, got, self.expected[model]) or "ok"
 
     def cold_start_once(self, kind: str, label: str) -> float:
@@ -253,6 +288,98 @@ class Run:
         self.log(f"  {server.kind} {name}: {stats['ok_requests_per_s']:.1f} req/s, p50 {p50_ms:.2f} ms")
         return stats
 
+    def raw_p50_us(self, model: str, seconds: float) -> float | None:
+        """Raw session.run p50 of ``model`` now (a short run in its own process), for a ratio with a
+        server's single-call run measured right after it: the machine's load drifts within a run."""
+        out = self.out_dir / f"raw-{model}-{dt.datetime.now():%H%M%S%f}.json"
+        argv = [
+            *(self.settings.python, str(BENCH_DIR / "baseline.py"), str(self.models_dir)),
+            *("--only", model, "--latency-only", "--duration", str(seconds), "--json", str(out)),
+        ]
+        subprocess.run(argv, check=True, timeout=120 + 10 * seconds)
+        p50: float | None = json.loads(out.read_text()).get(model, {}).get("latency", {}).get("p50_us")
+        return p50
+
+    def grpc_window(self, server: servers.Server, model: str, concurrency: int, seconds: float) -> dict[str, Any]:
+        """One measured grpc_load.py run against an idle server, with the server's CPU time."""
+        drained_s = server.wait_idle()
+        cpu_before = server.cpu_seconds()
+        request, python = self.grpc_requests[model], self.settings.python
+        stats = load.run_grpc(server.grpc_address, request, concurrency, seconds, python)
+        cpu_after = server.cpu_seconds()
+        stats["drain_before_s"] = drained_s
+        stats["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+        if cpu_before is not None and cpu_after is not None:
+            stats["server_cpu_s"] = cpu_after - cpu_before
+        return stats
+
+    def grpc_scenario(self, running: dict[str, servers.Server], name: str, model: str, concurrency: int) -> None:
+        """Every server under the same gRPC load, in ``grpc_rounds`` rounds of alternating order, so that
+        drift in the shared machine's load falls on all of them alike. A single-call scenario also measures
+        raw session.run in each round, just before the servers (``raw_p50_us_adjacent``)."""
+        rounds = self.settings.grpc_rounds
+        seconds = self.settings.duration_s / rounds
+        for server in running.values():  # discarded warm-up
+            load.run_grpc(server.grpc_address, self.grpc_requests[model], concurrency, self.settings.warmup_s,
+                          self.settings.python)
+        windows: dict[str, list[dict[str, Any]]] = {kind: [] for kind in running}
+        raw: list[float] = []
+        for round_ in range(rounds):
+            if concurrency == 1:
+                p50 = self.raw_p50_us(model, seconds)
+                if p50 is not None:
+                    raw.append(p50)
+            order = list(running) if round_ % 2 == 0 else list(reversed(running))
+            for kind in order:
+                windows[kind].append(self.grpc_window(running[kind], model, concurrency, seconds))
+        for kind, parts in windows.items():
+            stats = _combine(parts)
+            if raw:
+                stats["raw_p50_us_adjacent"] = statistics.median(raw)
+                stats["raw_p50_us_rounds"] = raw
+            self.result["servers"][kind].setdefault("load", {})[name] = stats
+            if stats["has_errors"]:
+                self.flag(f"{kind} {name}: failed calls {stats['failures']} of {stats['requests']}")
+            if not stats["ok_requests"]:
+                self.flag(f"{kind} {name}: no call completed in {self.settings.duration_s:g} s")
+            p50 = stats["latency_us"]["percentiles"]["50"]
+            p50_text = "–" if p50 is None else f"{p50 / 1e3:.2f} ms"
+            self.log(f"  {kind} {name}: {stats['ok_requests_per_s']:.1f} calls/s, p50 {p50_text}")
+
+    def grpc_phase(self, kinds: Sequence[str], model: str, scenarios: Sequence[GrpcPlan]) -> None:
+        """Every server serving one model with gRPC on, all up at once (an idle one uses no CPU; measured:
+        under 0.01 core), each answer checked, then the scenarios with the servers interleaved."""
+        self.log(f"{', '.join(kinds)}: {model} model over gRPC, interleaved in {self.settings.grpc_rounds} rounds")
+        with contextlib.ExitStack() as stack:
+            running: dict[str, servers.Server] = {}
+            for kind in kinds:
+                log_path = self.out_dir / "logs" / f"{kind}-{model}-grpc.log"
+                running[kind] = stack.enter_context(
+                    servers.running(kind, self.settings.python, model, self.models_dir / model, log_path, grpc=True)
+                )
+            for kind, server in running.items():
+                check = f"{model}_grpc"
+                checks = self.result["servers"][kind].setdefault("checks", {})
+                checks[check] = self.check_grpc_answer(server, model)
+                if checks[check] != "ok":
+                    self.flag(f"{kind} {check}: wrong answer: {checks[check]}")
+            for name, concurrency in scenarios:
+                self.grpc_scenario(running, name, model, concurrency)
+
+    def measure_grpc(self, kinds: Sequence[str]) -> None:
+        phases: list[tuple[str, list[GrpcPlan]]] = [
+            ("tiny", [("tiny_grpc_c1", 1), ("tiny_grpc_c16", 16)]),
+            ("image", [("image_grpc_c1", 1), ("image_grpc_c16", 16)]),
+        ]
+        for model, scenarios in phases:
+            try:
+                self.grpc_phase(kinds, model, scenarios)
+            except (servers.ServerError, load.LoadError, OSError, subprocess.SubprocessError) as exc:
+                for kind in kinds:
+                    self.result["servers"][kind].setdefault("errors", []).append(str(exc))
+                self.flag(f"{model} gRPC: aborted: {str(exc).splitlines()[0]} (logs: {self.out_dir / 'logs'})")
+                print(exc, file=sys.stderr)
+
     def model_phase(self, kind: str, model: str, check_bodies: Sequence[str], scenarios: Sequence[Plan]) -> None:
         """One server serving one model: check its answers, run the load scenarios, stop it."""
         data = self.result["servers"][kind]
@@ -298,14 +425,52 @@ class Run:
             else:
                 available.append(kind)
         self.baseline()
-        if available:
+        if available and "rest" in self.settings.protocols:
             self.cold_starts(available)
-        for kind in available:
-            self.measure_server(kind)
+            for kind in available:
+                self.measure_server(kind)
+        if available and "grpc" in self.settings.protocols:
+            self.measure_grpc(available)
         self.baseline("end")
         self.result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
         self.result["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self.result["ratios"] = report.ratios(self.result)
+
+
+def _combine(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One scenario's numbers from its rounds: totals for counts and CPU, medians of the rounds' percentiles."""
+    duration = sum(part["duration_s"] for part in parts)
+    requests = sum(part["requests"] for part in parts)
+    ok = sum(part["ok_requests"] for part in parts)
+    failures: dict[str, int] = {}
+    for part in parts:
+        for code, count in part["failures"].items():
+            failures[code] = failures.get(code, 0) + count
+
+    def median_of(key: str) -> float | None:
+        values = [part["latency_us"]["percentiles"][key] for part in parts]
+        known = [v for v in values if v is not None]
+        return statistics.median(known) if known else None
+
+    cpu = [part.get("server_cpu_s") for part in parts]
+    stats: dict[str, Any] = {
+        "concurrency": parts[0]["concurrency"],
+        "duration_s": duration,
+        "requests": requests,
+        "ok_requests": ok,
+        "ok_requests_per_s": ok / duration if duration else 0.0,
+        "failures": failures,
+        "has_errors": bool(failures),
+        "latency_us": {"percentiles": {key: median_of(key) for key in ("50", "90", "99")}},
+        "client_cpu_s": sum(part["client_cpu_s"] for part in parts),
+        "rounds": [
+            {k: part[k] for k in ("ok_requests_per_s", "latency_us", "loadavg_after", "drain_before_s")}
+            for part in parts
+        ],
+    }
+    if requests and all(c is not None for c in cpu):
+        stats["server_cpu_ms_per_request"] = sum(c for c in cpu if c is not None) * 1e3 / requests
+    return stats
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """The servers under test: how to launch each, wait for it, talk to it, and stop it.
 
 Every server is a child process on a free 127.0.0.1 port, with its output in a log file; it is
-stopped by its PID (SIGTERM, then SIGKILL after a bounded wait). Nothing here runs two servers
-at once: callers use ``running()`` one server at a time.
+stopped by its PID (SIGTERM, then SIGKILL after a bounded wait). Callers load one server at a time;
+the gRPC phase keeps every server up (idle ones use no CPU) to alternate between them.
 """
 
 from __future__ import annotations
@@ -35,14 +35,16 @@ class ServerKind:
     name: str
     argv_prefix: tuple[str, ...]  # after the interpreter
     extra_args: tuple[str, ...] = ()  # after the KServe-style flags
+    # KServe serves gRPC whatever it is asked (it needs a free --grpc_port every time); zeroserve serves it
+    # when given --grpc_port, so its REST measurements run without gRPC, as its REST-only users do.
+    grpc_always_on: bool = False
 
-    def command(self, python: str, model_name: str, model_dir: Path, http_port: int, grpc_port: int) -> list[str]:
-        flags = {
-            "--model_name": model_name,
-            "--model_dir": str(model_dir),
-            "--http_port": str(http_port),
-            "--grpc_port": str(grpc_port),
-        }
+    def command(
+        self, python: str, model_name: str, model_dir: Path, http_port: int, grpc_port: int, grpc: bool = False
+    ) -> list[str]:
+        flags = {"--model_name": model_name, "--model_dir": str(model_dir), "--http_port": str(http_port)}
+        if grpc or self.grpc_always_on:
+            flags["--grpc_port"] = str(grpc_port)
         return [
             python,
             *self.argv_prefix,
@@ -54,7 +56,7 @@ class ServerKind:
 KINDS: dict[str, ServerKind] = {
     # KServe always listens on 0.0.0.0; zeroserve can be kept to loopback, which changes nothing else.
     "zeroserve": ServerKind("zeroserve", ("-m", "zeroserve.runtime"), ("--host", HOST)),
-    "kserve": ServerKind("kserve", (str(BENCH_DIR / "peers" / "kserve_onnx.py"),)),
+    "kserve": ServerKind("kserve", (str(BENCH_DIR / "peers" / "kserve_onnx.py"),), grpc_always_on=True),
 }
 
 _PROBE_ZEROSERVE = """
@@ -114,6 +116,12 @@ class Server:
     process: subprocess.Popen[bytes]
     log_path: Path
     started_at: float  # perf_counter just before launch
+    grpc_port: int | None = None  # None: launched without gRPC
+
+    @property
+    def grpc_address(self) -> str:
+        assert self.grpc_port is not None, f"{self.kind} was launched without gRPC"
+        return f"{HOST}:{self.grpc_port}"
 
     @property
     def infer_path(self) -> str:
@@ -216,10 +224,10 @@ class Server:
         return proc.returncode
 
 
-def launch(kind: str, python: str, model_name: str, model_dir: Path, log_path: Path) -> Server:
-    """Start ``kind`` serving ``model_dir`` on free ports; does not wait."""
+def launch(kind: str, python: str, model_name: str, model_dir: Path, log_path: Path, grpc: bool = False) -> Server:
+    """Start ``kind`` serving ``model_dir`` on free ports (gRPC too when ``grpc``); does not wait."""
     port, grpc_port = free_port(), free_port()
-    argv = KINDS[kind].command(python, model_name, model_dir, port, grpc_port)
+    argv = KINDS[kind].command(python, model_name, model_dir, port, grpc_port, grpc)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         log.write(f"$ {' '.join(argv)}\n".encode())
@@ -228,15 +236,21 @@ def launch(kind: str, python: str, model_name: str, model_dir: Path, log_path: P
         process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    return Server(kind, model_name, port, process, log_path, started)
+    return Server(kind, model_name, port, process, log_path, started, grpc_port if grpc else None)
 
 
 @contextlib.contextmanager
 def running(
-    kind: str, python: str, model_name: str, model_dir: Path, log_path: Path, ready_deadline_s: float = 60.0
+    kind: str,
+    python: str,
+    model_name: str,
+    model_dir: Path,
+    log_path: Path,
+    ready_deadline_s: float = 60.0,
+    grpc: bool = False,
 ) -> Iterator[Server]:
     """A ready server for the duration of the block; always stopped afterwards."""
-    server = launch(kind, python, model_name, model_dir, log_path)
+    server = launch(kind, python, model_name, model_dir, log_path, grpc)
     try:
         server.wait_ready(ready_deadline_s)
         yield server

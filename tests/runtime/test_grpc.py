@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
-import httpx
 import numpy as np
 import onnx
 import pytest
@@ -650,7 +649,7 @@ def test_unavailable_while_loading_then_serving(gated_model: tuple[str, threadin
         server.stop()
 
 
-def slow_model(path: Path, size: int = 384, steps: int = 240) -> Path:
+def slow_model(path: Path, size: int = 384, steps: int = 400) -> Path:
     """``y = x @ x @ ... @ x``: long enough per run (about a second here) to be in flight at SIGTERM."""
     nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", "x"], [f"h{i + 1}"]) for i in range(steps)]
     nodes.append(helper.make_node("Identity", [f"h{steps}"], ["y"]))
@@ -669,7 +668,7 @@ def slow_model(path: Path, size: int = 384, steps: int = 240) -> Path:
 @pytest.mark.slow
 def test_sigterm_stops_both_listeners_at_once_and_drains_both(tmp_path: Path) -> None:
     """SIGTERM: gRPC refuses new calls at the moment REST stops accepting, not after REST has drained;
-    the calls in flight on both finish."""
+    the gRPC call and the REST request in flight both finish."""
     slow_model(tmp_path / "model.onnx")
     port = unused_port()
     server = start_server(
@@ -686,15 +685,7 @@ def test_sigterm_stops_both_listeners_at_once_and_drains_both(tmp_path: Path) ->
     )
     binary_input = {"name": "x", "shape": [384, 384], "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
     header = json.dumps({"inputs": [binary_input], "parameters": {"binary_data_output": True}}).encode()
-    rest_status: list[int] = []
-    rest_client = httpx.Client(timeout=60)
-
-    def rest_call() -> None:  # one run queued behind the gRPC one (one inference thread)
-        response = rest_client.post(
-            f"{server.url}/v2/models/model/infer", content=header + x.tobytes(),
-            headers={"inference-header-content-length": str(len(header))},
-        )
-        rest_status.append(response.status_code)
+    body = header + x.tobytes()
 
     def grpc_refuses() -> bool:
         with grpc.insecure_channel(address) as fresh:
@@ -704,27 +695,34 @@ def test_sigterm_stops_both_listeners_at_once_and_drains_both(tmp_path: Path) ->
             except grpc.RpcError as exc:
                 return exc.code() == grpc.StatusCode.UNAVAILABLE
 
-    rest = threading.Thread(target=rest_call)
     try:
-        with grpc.insecure_channel(address) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            call = stub.ModelInfer.future(request, timeout=60)
-            rest.start()
-            time.sleep(0.5)
+        with grpc.insecure_channel(address) as channel, socket.create_connection(("127.0.0.1", server.port)) as rest:
+            call = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(request, timeout=60)
+            # A REST request whose body is still arriving: in flight until the test sends the rest.
+            rest.sendall(
+                b"POST /v2/models/model/infer HTTP/1.1\r\nHost: t\r\n"
+                + f"Content-Length: {len(body)}\r\nInference-Header-Content-Length: {len(header)}\r\n\r\n".encode()
+                + body[:1000]
+            )
+            time.sleep(0.2)
             server.process.send_signal(signal.SIGTERM)
-            assert not call.done()
+            assert not call.done()  # the gRPC call is in flight too
+            # Without the early stop, gRPC would accept calls until REST had drained, i.e. forever here.
             wait_for(grpc_refuses, timeout=10)
-            assert rest.is_alive(), "gRPC kept accepting until REST had drained"
+            rest.sendall(body[1000:])
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = rest.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
             response = call.result(timeout=60)
-        rest.join(60)
-        assert rest_status == [200]
         np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], "<f4").reshape(384, 384), x)
         # uvicorn re-raises the SIGTERM it handled once the drain is done
         assert server.process.wait(30) in (0, -signal.SIGTERM)
     finally:
         server.stop()
-        rest.join(60)
-        rest_client.close()
 
 
 def test_grpc_port_in_use_fails_the_start(model_repository: Path, tmp_path: Path) -> None:
