@@ -72,3 +72,18 @@ def test_bad_configuration_is_explained(
         RuntimeConfig.from_args(argv, env)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_warmup_shapes_flag_and_tensorrt_default() -> None:
+    assert RuntimeConfig.from_args([], {}).warmup_shapes == ()
+    assert RuntimeConfig.from_args(["--warmup_shapes", "input:8x16,mask:8"], {}).warmup_shapes == (
+        ("input", (8, 16)), ("mask", (8,)),
+    )
+    trt = ["--trt_profile_min_shapes", "x:1x3", "--trt_profile_opt_shapes", "x:4x3", "--trt_profile_max_shapes", "x:8x3"]
+    assert RuntimeConfig.from_args(trt, {}).warmup_shapes == (("x", (4, 3)),)  # the engine TensorRT will use
+
+
+def test_bad_warmup_shapes_are_explained(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        RuntimeConfig.from_args(["--warmup_shapes", "input=8x16"], {})
+    assert "--warmup_shapes" in capsys.readouterr().err

@@ -191,3 +191,16 @@ def test_workers_stop_when_a_model_cannot_load(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert "does not exist" in server.log()
+
+
+def test_warmup_profile_shapes_the_warmup_run(tmp_path: Path) -> None:
+    test_models.mlp_model(tmp_path / "model.onnx")
+    good = start_server(["--model_dir", str(tmp_path), "--warmup_shapes", "input:32x16"], tmp_path / "good.log")
+    good.stop()
+    bad = start_server(["--model_dir", str(tmp_path), "--warmup_shapes", "input:32x15"], tmp_path / "bad.log",
+                       wait_ready=False)
+    try:
+        assert bad.process.wait(60) == 1
+    finally:
+        bad.stop()
+    assert "warmup shape [32, 15] for input 'input' does not fit the model's [-1, 16]" in bad.log()

@@ -70,6 +70,7 @@ class RuntimeConfig:
     batching: BatchSettings = field(default_factory=BatchSettings)
     max_queue_size: int = 512  # inferences admitted at once; more get 503 + Retry-After (0: no bound)
     warmup: bool = True
+    warmup_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # input name -> shape for the warmup run
     exit_on_error: bool = True
     shutdown_timeout: float = 30.0
     timeout_keep_alive: int = 65  # outlive the idle timeout of proxies in front (Envoy: 60 s)
@@ -139,6 +140,7 @@ class RuntimeConfig:
             batching=_batching(ns, parser),
             max_queue_size=ns.max_queue_size,
             warmup=ns.warmup,
+            warmup_shapes=_warmup_shapes(ns, provider_settings, parser),
             exit_on_error=ns.exit_on_error,
             shutdown_timeout=ns.shutdown_timeout,
             timeout_keep_alive=ns.timeout_keep_alive,
@@ -170,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--warmup", action=argparse.BooleanOptionalAction, default=True,
         help="run one synthetic inference per model before reporting ready (default on)",
+    )
+    model.add_argument(
+        "--warmup_shapes",
+        help="shapes for the warmup run, e.g. 'input:8x3x224x224' (dynamic dimensions otherwise run as 1; "
+        "default: --trt_profile_opt_shapes when given, so TensorRT builds its engine before readiness)",
     )
     model.add_argument(
         "--exit_on_error", action=argparse.BooleanOptionalAction, default=True,
@@ -260,6 +267,18 @@ def _message_length(value: int | None, limits: Limits, parser: argparse.Argument
     if not 0 < value <= _GRPC_MAX_MESSAGE:
         parser.error(f"gRPC message lengths must be between 1 and {_GRPC_MAX_MESSAGE} bytes, got {value}")
     return value
+
+
+def _warmup_shapes(
+    ns: argparse.Namespace, provider_settings: ProviderSettings, parser: argparse.ArgumentParser
+) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    text = ns.warmup_shapes or provider_settings.trt_profile_opt_shapes
+    if not text:
+        return ()
+    try:
+        return tuple(providers.parse_shapes("--warmup_shapes", text))
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def _batching(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> BatchSettings:

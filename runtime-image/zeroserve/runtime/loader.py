@@ -58,7 +58,7 @@ async def load_models(config: RuntimeConfig, repository: ModelRepository) -> Non
     failure: ServerError | None = None
     for entry in entries:
         try:
-            await anyio.to_thread.run_sync(_load_one, entry, config.warmup, coldstart)
+            await anyio.to_thread.run_sync(_load_one, entry, config, coldstart)
         except ServerError as exc:
             entry.state, entry.error = State.FAILED, exc.message
             logger.error("model '%s' version %s failed to load: %s", entry.model.name, entry.model.version, exc.message)
@@ -87,7 +87,7 @@ async def load_in_background(
             on_failure(ServerError(f"model loading crashed: {exc}"))
 
 
-def _load_one(entry: Entry, warmup: bool, coldstart: ColdStart) -> None:
+def _load_one(entry: Entry, config: RuntimeConfig, coldstart: ColdStart) -> None:
     model = entry.model
     labels = {"zeroserve.model.name": model.name, "zeroserve.model.version": model.version}
     started = time.perf_counter()
@@ -95,10 +95,10 @@ def _load_one(entry: Entry, warmup: bool, coldstart: ColdStart) -> None:
     model.load()
     coldstart.end(phase, **{"zeroserve.execution_providers": model.execution_providers})
     loaded = time.perf_counter()
-    if warmup:
+    if config.warmup:
         phase = coldstart.begin("warmup", **labels)
         try:
-            model.warmup()
+            model.warmup(dict(config.warmup_shapes))
         except InvalidInput as exc:
             # Zeros are not valid input for every model (a shape tensor, an index); serving still works.
             logger.warning("model '%s': warmup on zeros was rejected, serving without it: %s", model.name, exc)

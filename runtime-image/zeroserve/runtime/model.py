@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -153,10 +154,12 @@ class OnnxModel:
         self.run_seconds = elapsed if previous == float("inf") else 0.8 * previous + 0.2 * elapsed
         return outputs
 
-    def warmup(self) -> float:
-        """Run inference on zeros shaped from the metadata (dynamic dims as 1); returns seconds.
+    def warmup(self, shapes: Mapping[str, Sequence[int]] | None = None) -> float:
+        """Run inference on zeros shaped from the metadata; returns seconds.
 
-        Twice: the first run pays ONNX Runtime's one-time costs, the second gives a fair run time."""
+        Dynamic dimensions come from ``shapes`` (the warmup profile, e.g. the batch size traffic will use)
+        where it names the input, else 1. Twice: the first run pays ONNX Runtime's one-time costs, the
+        second gives a fair run time."""
         import numpy as np
 
         feeds: dict[str, np.ndarray] = {}
@@ -164,6 +167,12 @@ class OnnxModel:
             if spec.datatype not in dtypes.DATATYPES:
                 raise ModelLoadError(f"input '{spec.name}' has datatype {spec.datatype}, which cannot be served")
             shape = [dim if dim >= 0 else 1 for dim in spec.shape]
+            if shapes and spec.name in shapes:
+                shape = list(shapes[spec.name])
+                if not _shape_matches(shape, spec.shape):
+                    raise ModelLoadError(
+                        f"warmup shape {shape} for input '{spec.name}' does not fit the model's {spec.shape}"
+                    )
             if spec.datatype == "BYTES":
                 feeds[spec.name] = np.full(shape, "", dtype=object)
             else:

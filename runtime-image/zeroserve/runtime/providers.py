@@ -85,7 +85,7 @@ class ProviderSettings:
         _check_profiles(self.trt_profile_min_shapes, self.trt_profile_opt_shapes, self.trt_profile_max_shapes)
 
 
-def _parse_profile(flag: str, text: str) -> list[tuple[str, tuple[int, ...]]]:
+def parse_shapes(flag: str, text: str) -> list[tuple[str, tuple[int, ...]]]:
     # Parsed the way ORT's TensorRT EP does: split at ',', then at the *first* ':', then at 'x'.
     # A name may repeat: its second shape belongs to a second optimization profile.
     shapes = []
@@ -113,7 +113,7 @@ def _check_profiles(low: str | None, opt: str | None, high: str | None) -> None:
         )
     assert low is not None and opt is not None and high is not None
     mins, opts, maxs = (
-        _parse_profile(f"--trt_profile_{k}_shapes", t) for k, t in (("min", low), ("opt", opt), ("max", high))
+        parse_shapes(f"--trt_profile_{k}_shapes", t) for k, t in (("min", low), ("opt", opt), ("max", high))
     )
     if not [n for n, _ in mins] == [n for n, _ in opts] == [n for n, _ in maxs]:
         raise ValueError("the TensorRT profile flags must list the same inputs in the same order")
