@@ -79,7 +79,8 @@ def test_warmup_shapes_flag_and_tensorrt_default() -> None:
     assert RuntimeConfig.from_args(["--warmup_shapes", "input:8x16,mask:8"], {}).warmup_shapes == (
         ("input", (8, 16)), ("mask", (8,)),
     )
-    trt = ["--trt_profile_min_shapes", "x:1x3", "--trt_profile_opt_shapes", "x:4x3", "--trt_profile_max_shapes", "x:8x3"]
+    trt = ["--trt_profile_min_shapes", "x:1x3", "--trt_profile_opt_shapes", "x:4x3",
+           "--trt_profile_max_shapes", "x:8x3"]
     assert RuntimeConfig.from_args(trt, {}).warmup_shapes == (("x", (4, 3)),)  # the engine TensorRT will use
 
 
