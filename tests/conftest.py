@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -114,3 +116,31 @@ def server(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     process = start_server(["--model_dir", str(model_repository)], log_path)
     yield process
     process.stop()
+
+
+@pytest.fixture
+def gated_model_server(tmp_path: Path) -> Iterator[tuple[str, threading.Event]]:
+    """A loopback HTTP server whose model download blocks until the test opens the gate: a model server
+    started on its URL stays in its loading state (503 with Retry-After) until then."""
+    test_models.mlp_model(tmp_path / "gated" / "model.onnx")
+    gate = threading.Event()
+    root = str(tmp_path / "gated")
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, directory=root, **kwargs)
+
+        def do_GET(self) -> None:
+            gate.wait(30)
+            super().do_GET()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/model.onnx", gate
+    gate.set()
+    httpd.shutdown()
+    httpd.server_close()

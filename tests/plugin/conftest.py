@@ -368,39 +368,6 @@ def dev_front(tmp_path: Path) -> Iterator[Callable[..., DevFront]]:
                 front.process.wait(10)
 
 
-@pytest.fixture
-def gated_model_url(tmp_path: Path) -> Iterator[tuple[str, threading.Event]]:
-    """A loopback HTTP server for a model file whose download waits until the test opens the gate
-    (a model server started on it stays in its loading state: 503 with Retry-After)."""
-    import http.server
-
-    import models as test_models
-
-    test_models.mlp_model(tmp_path / "gated" / "model.onnx")
-    gate = threading.Event()
-    root = str(tmp_path / "gated")
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, directory=root, **kwargs)
-
-        def do_GET(self) -> None:
-            gate.wait(30)
-            super().do_GET()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/model.onnx", gate
-    gate.set()
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(10)
-
-
 class Activator:
     """Scale from zero, as Knative's activator does it: the first request starts the model server process,
     and every request is held until the server is ready, then forwarded. ``proxy`` counts what arrived."""

@@ -173,11 +173,11 @@ def test_connection_refused_until_the_server_starts(add_repository: Path, tmp_pa
             server.stop()
 
 
-def test_a_slow_start_answering_503_while_loading_is_waited_out(gated_model_url: tuple[str, threading.Event],
+def test_a_slow_start_answering_503_while_loading_is_waited_out(gated_model_server: tuple[str, threading.Event],
                                                                 tmp_path: Path, fault_proxy: MakeProxy) -> None:
     from conftest import start_server
 
-    uri, gate = gated_model_url
+    uri, gate = gated_model_server
     server = start_server(["--model_name", "mlp", "--model_dir", uri, "--cache_dir", str(tmp_path / "cache")],
                           tmp_path / "slow.log", wait_ready=False)
     try:

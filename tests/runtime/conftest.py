@@ -1,15 +1,12 @@
-"""Shared runtime fixtures: a real S3-compatible server (moto, in its own process) on 127.0.0.1, and a
-loopback HTTP server whose model download waits for the test (to hold a server in its loading state)."""
+"""Shared runtime fixtures: a real S3-compatible server (moto, in its own process) on 127.0.0.1."""
 
 from __future__ import annotations
 
-import http.server
 import os
 import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -19,8 +16,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-
-import models as test_models
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _REQUEST_LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/[\d.]+" (\d{3})')
@@ -166,30 +161,3 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
         monkeypatch.delenv(name, raising=False)
     return s3_server
-
-
-@pytest.fixture
-def gated_model_server(tmp_path: Path) -> Iterator[tuple[str, threading.Event]]:
-    """A loopback HTTP server whose model download blocks until the test opens the gate."""
-    test_models.mlp_model(tmp_path / "model.onnx")
-    gate = threading.Event()
-    root = str(tmp_path)
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-            super().__init__(*args, directory=root, **kwargs)
-
-        def do_GET(self) -> None:
-            gate.wait(30)
-            super().do_GET()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/model.onnx", gate
-    gate.set()
-    httpd.shutdown()
-    httpd.server_close()

@@ -581,37 +581,10 @@ def kserve_add_request() -> InferRequest:
     return InferRequest("add", tensors, model_version="1")
 
 
-@pytest.fixture
-def gated_model(tmp_path: Path) -> Iterator[tuple[str, threading.Event]]:
-    """A loopback HTTP server whose model download waits until the test opens the gate."""
-    import http.server
-
-    test_models.mlp_model(tmp_path / "model.onnx")
-    gate = threading.Event()
-    root = str(tmp_path)
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-            super().__init__(*args, directory=root, **kwargs)
-
-        def do_GET(self) -> None:
-            gate.wait(30)
-            super().do_GET()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/model.onnx", gate
-    gate.set()
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def test_unavailable_while_loading_then_serving(gated_model: tuple[str, threading.Event], tmp_path: Path) -> None:
-    uri, gate = gated_model
+def test_unavailable_while_loading_then_serving(
+    gated_model_server: tuple[str, threading.Event], tmp_path: Path
+) -> None:
+    uri, gate = gated_model_server
     port = unused_port()
     server = start_server(
         ["--model_name", "mlp", "--model_dir", uri, "--cache_dir", str(tmp_path / "cache"), "--protocol", "grpc",
