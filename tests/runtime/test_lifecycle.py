@@ -174,10 +174,11 @@ def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
     test_models.mlp_model(tmp_path / "model.onnx")
     server = start_server(["--model_dir", str(tmp_path), "--workers", "2"], tmp_path / "log")
     try:
+        # Readiness is per process: the first worker ready is not the second (which answers 503 until then).
+        wait_for(lambda: server.log().count("all models ready") == 2)
         for _ in range(20):
             with httpx.Client() as client:  # a new connection each time, spread over the workers
                 assert client.post(f"{server.url}/v2/models/model/infer", content=MLP_BODY).status_code == 200
-        wait_for(lambda: server.log().count("Application startup complete") == 2)
     finally:
         assert server.stop() in (0, -signal.SIGTERM)
     assert "Stopping parent process" in server.log()

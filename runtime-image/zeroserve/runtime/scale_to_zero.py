@@ -120,6 +120,8 @@ class Scaler:
         try:
             await self._wait_ready(backend)
         except StartFailed as exc:
+            if backend not in self.backends:  # stop_all() took it during shutdown: not a failure
+                return
             self.backends.remove(backend)
             self.start_failure = str(exc)
             logger.error("%s", exc)
