@@ -48,10 +48,7 @@ def create_app(
     default) receives the init spans once models are ready, and wraps each inference in a span."""
     telemetry = telemetry or Telemetry()
     repository = ModelRepository()
-    dataplane = DataPlane(
-        repository, config.inference_threads, config.inline_run_ms / 1000,
-        batching=config.batching, max_queue=config.max_queue_size,
-    )
+    dataplane = DataPlane.from_config(repository, config)
     infer = InferEndpoint(dataplane, config.limits, telemetry)
     api = RestApi(dataplane, infer.route)
     grpc_server = None

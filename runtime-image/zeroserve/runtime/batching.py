@@ -80,7 +80,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         if rows is None or rows == 0 or rows >= self.settings.max_batch_size:
             arrays, started, finished = await loop.run_in_executor(
-                self._executor, _timed, self.model.run, feeds, output_names
+                self._executor, timed_run, self.model.run, feeds, output_names
             )
             return arrays, started, finished, rows or 1
         key = (
@@ -145,7 +145,7 @@ class Batcher:
         try:
             if len(batch) == 1:
                 arrays, started, finished = await loop.run_in_executor(
-                    self._executor, _timed, self.model.run, batch[0].feeds, batch[0].output_names
+                    self._executor, timed_run, self.model.run, batch[0].feeds, batch[0].output_names
                 )
                 _resolve(batch[0], (arrays, started, finished, batch[0].rows))
                 return
@@ -170,7 +170,7 @@ class Batcher:
         for pending in batch:
             try:
                 arrays, started, finished = await loop.run_in_executor(
-                    self._executor, _timed, self.model.run, pending.feeds, pending.output_names
+                    self._executor, timed_run, self.model.run, pending.feeds, pending.output_names
                 )
             except Exception as exc:
                 if not pending.future.done():
@@ -190,14 +190,14 @@ def _run_merged(model: OnnxModel, batch: list[_Pending]) -> RunResult:
 
     names = batch[0].feeds.keys()
     merged = {name: np.concatenate([p.feeds[name] for p in batch]) for name in names}
-    arrays, started, finished = _timed(model.run, merged, batch[0].output_names)
+    arrays, started, finished = timed_run(model.run, merged, batch[0].output_names)
     total = sum(p.rows for p in batch)
     if any(array.ndim == 0 or array.shape[0] != total for array in arrays):
         raise ValueError("an output does not keep the batch dimension")
     return arrays, started, finished
 
 
-def _timed(run: Callable[..., list[Any]], feeds: dict[str, Any], output_names: list[str] | None) -> RunResult:
+def timed_run(run: Callable[..., list[Any]], feeds: dict[str, Any], output_names: list[str] | None) -> RunResult:
     started = time.perf_counter()
     arrays = run(feeds, output_names)
     return arrays, started, time.perf_counter()

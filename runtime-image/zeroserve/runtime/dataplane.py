@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from zeroserve.runtime.batching import Batcher, BatchSettings, batchable
+from zeroserve.runtime.batching import Batcher, BatchSettings, batchable, timed_run
 from zeroserve.runtime.errors import InvalidInput, ServerBusy
 from zeroserve.runtime.messages import InferRequest, InferResult, OutputTensor
 from zeroserve.runtime.metrics import Gauge, Labels, ServerMetrics
 from zeroserve.runtime.model import OnnxModel
 from zeroserve.runtime.repository import ModelRepository, State
+
+if TYPE_CHECKING:
+    from zeroserve.runtime.config import RuntimeConfig
 
 SERVER_NAME = "zeroserve"
 EXTENSIONS = ["binary_tensor_data"]
@@ -48,6 +51,14 @@ class DataPlane:
         # session.run releases the GIL; a bounded pool keeps ORT's own threads from being oversubscribed.
         self._executor = ThreadPoolExecutor(max_workers=inference_threads, thread_name_prefix="zeroserve-infer")
         self._batchers: dict[OnnxModel, Batcher | None] = {}
+
+    @classmethod
+    def from_config(cls, repository: ModelRepository, config: RuntimeConfig) -> DataPlane:
+        """The data plane the REST and gRPC servers share, sized and bounded by the server configuration."""
+        return cls(
+            repository, config.inference_threads, config.inline_run_ms / 1000,
+            batching=config.batching, max_queue=config.max_queue_size,
+        )
 
     def close(self) -> None:
         for batcher in self._batchers.values():
@@ -107,11 +118,11 @@ class DataPlane:
             if batcher is not None:
                 arrays, started, finished, batch_size = await batcher.run(feeds, output_names)
             elif model.run_seconds < self.inline_seconds and _input_bytes(feeds) <= INLINE_MAX_INPUT_BYTES:
-                arrays, started, finished = _timed_run(model, feeds, output_names)
+                arrays, started, finished = timed_run(model.run, feeds, output_names)
             else:
                 loop = asyncio.get_running_loop()
                 arrays, started, finished = await loop.run_in_executor(
-                    self._executor, _timed_run, model, feeds, output_names
+                    self._executor, timed_run, model.run, feeds, output_names
                 )
         finally:
             self.in_flight -= 1
@@ -129,14 +140,6 @@ class DataPlane:
             model.name, model.version, outputs, request.id,
             queue_seconds=started - submitted, compute_seconds=finished - started, coldstart=first,
         )
-
-
-def _timed_run(
-    model: OnnxModel, feeds: dict[str, Any], output_names: list[str] | None
-) -> tuple[list[Any], float, float]:
-    started = time.perf_counter()
-    arrays = model.run(feeds, output_names)
-    return arrays, started, time.perf_counter()
 
 
 def _input_bytes(feeds: dict[str, Any]) -> int:

@@ -246,10 +246,7 @@ async def _serve_grpc(config: RuntimeConfig) -> int:
     from zeroserve.runtime.loader import load_in_background
 
     repository = ModelRepository()
-    dataplane = DataPlane(
-        repository, config.inference_threads, config.inline_run_ms / 1000,
-        batching=config.batching, max_queue=config.max_queue_size,
-    )
+    dataplane = DataPlane.from_config(repository, config)
     server = GrpcServer(dataplane, config)
     stop = asyncio.Event()
     failed: list[ServerError] = []
