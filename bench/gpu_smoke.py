@@ -10,6 +10,8 @@ It prints, and exits 1 when something is wrong:
 3. TensorRT through ``--cache_uri`` twice, as two starts of a server would: the first builds the engine
    (a miss, published after warmup), the second must be a hit whose engine load is much faster. For each,
    the providers really in use (``session.get_providers()``), the timings and the files in the entry.
+4. ``--trt_build background`` without a cache: ready on CUDA (time to first answer), then ``upgrade()``
+   builds TensorRT and swaps it in while the model keeps answering; the answers must agree.
 
 ``--providers cpu`` runs the same steps on the CPU (the CPU artifact instead of engines), to check the
 script itself on a machine without a GPU. Models: ``image`` from ``bench/models.py`` (dynamic batch; a
@@ -23,6 +25,7 @@ import logging
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +65,32 @@ def start(label: str, path: Path, settings: ProviderSettings, store: ArtifactSto
     if lookup is not None:
         print(f"  key {lookup.key[:16]} fields {dict(lookup.fields)}")
     return model
+
+
+def background_build(path: Path, settings: ProviderSettings) -> list[str]:
+    """``--trt_build background``: first answer on CUDA, then the switch to TensorRT; returns problems."""
+    feed = {"input": np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    t0 = time.perf_counter()
+    try:
+        model = start("background build: interim session", path, settings, None)
+    except Exception as exc:
+        return [f"--trt_build background: interim session failed: {exc}"]
+    on_cuda = model.run(feed, None)[0]
+    print(f"  ready and answering on {model.execution_providers} after {time.perf_counter() - t0:.3f} s")
+    if model.execution_providers[:1] != ["CUDAExecutionProvider"] or not model.upgrade_pending:
+        return [f"--trt_build background: interim session runs on {model.execution_providers}"]
+    try:
+        seconds = model.upgrade()
+    except Exception as exc:
+        return [f"--trt_build background: upgrade failed: {exc}"]
+    on_trt = model.run(feed, None)[0]
+    print(f"  switched to {model.execution_providers} after {seconds:.3f} s of building")
+    problems = []
+    if model.execution_providers[:1] != ["TensorrtExecutionProvider"]:
+        problems.append(f"--trt_build background: after upgrade on {model.execution_providers}")
+    if not np.allclose(on_cuda, on_trt, rtol=1e-2, atol=1e-2):
+        problems.append("--trt_build background: CUDA and TensorRT answers differ")
+    return problems
 
 
 def entry_files(store_dir: Path) -> list[str]:
@@ -123,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                 problems.append("the second start was not a cache hit")
             print(f"start to warm: first {timings[0]:.3f} s, second {timings[1]:.3f} s "
                   f"({timings[1] / timings[0]:.2f}x)")  # fmt: skip
+        if args.providers == "tensorrt":
+            problems += background_build(path, replace(settings, trt_build="background"))
     for problem in problems:
         print("PROBLEM:", problem)
     print("OK" if not problems else "FAILED")

@@ -23,6 +23,7 @@ from zeroserve.runtime.providers import (
     add_arguments,
     cpu_quota,
     create_session,
+    interim_providers,
     select_providers,
     session_options,
     settings_from_args,
@@ -475,3 +476,39 @@ def test_import_loads_no_onnxruntime_or_numpy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# -- --trt_build background ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("choice", "trt_build", "available", "expected"),
+    [
+        ("auto", "background", GPU_BUILD, ("auto", [CUDA, CPU])),
+        ("tensorrt", "background", GPU_BUILD, ("cuda", [CUDA, CPU])),  # never the CPU for a named provider
+        ("auto", "blocking", GPU_BUILD, None),
+        ("cuda", "background", GPU_BUILD, None),  # TensorRT is not first: nothing to wait for
+        ("cpu", "background", GPU_BUILD, None),
+        ("auto", "background", CPU_BUILD, None),
+        ("auto", "background", [TRT, CPU], None),  # no CUDA to serve on meanwhile
+    ],
+)
+def test_interim_providers_without_gpu(
+    choice: str, trt_build: str, available: list[str], expected: tuple[str, list[str]] | None
+) -> None:
+    settings = ProviderSettings(choice=choice, trt_build=trt_build)  # type: ignore[arg-type]
+    interim = interim_providers(settings, available)
+    if expected is None:
+        assert interim is None
+    else:
+        assert interim is not None and (interim[0].choice, interim[1]) == expected
+        assert interim[0].trt_build == "background" and interim[0].device_id == settings.device_id
+
+
+def test_trt_build_flag() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert settings_from_args(parser.parse_args(["--trt_build", "background"]), {}).trt_build == "background"
+    assert settings_from_args(parser.parse_args([]), {}).trt_build == "blocking"
+    with pytest.raises(ValueError, match="--trt_build"):
+        ProviderSettings(trt_build="later")  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ Blocking steps run in worker threads, never on the event loop.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,3 +111,22 @@ def _load_one(entry: Entry, config: RuntimeConfig, coldstart: ColdStart) -> None
         model.name, model.version, ",".join(model.execution_providers),
         loaded - started, time.perf_counter() - loaded,
     )
+    if model.upgrade_pending:
+        name = f"zeroserve-tensorrt-{model.name}"
+        threading.Thread(target=_upgrade, args=(model, dict(config.warmup_shapes)), name=name, daemon=True).start()
+
+
+def _upgrade(model: OnnxModel, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Build TensorRT's engines while the model serves on CUDA, then switch (``--trt_build background``)."""
+    logger.warning("model '%s' version %s: building TensorRT engines in the background", model.name, model.version)
+    try:
+        seconds = model.upgrade(shapes)
+    except ServerError as exc:
+        logger.error("model '%s': TensorRT build failed, staying on %s: %s",
+                     model.name, ",".join(model.execution_providers), exc.message)
+    except Exception:
+        logger.exception("model '%s': TensorRT build crashed, staying on %s",
+                         model.name, ",".join(model.execution_providers))
+    else:
+        logger.warning("model '%s' version %s switched to %s after %.1f s of engine building",
+                       model.name, model.version, ",".join(model.execution_providers), seconds)

@@ -8,13 +8,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from zeroserve.protocol import dtypes
 from zeroserve.runtime.errors import InferenceError, InvalidInput, ModelLoadError
 from zeroserve.runtime.messages import InputTensor, TensorSpec
-from zeroserve.runtime.providers import ProviderSettings, create_session
+from zeroserve.runtime.providers import TRT, ProviderSettings, create_session, interim_providers
 
 if TYPE_CHECKING:
     import numpy as np
@@ -76,23 +77,66 @@ class OnnxModel:
         self._output_names: frozenset[str] = frozenset()
         # Moving average of session.run wall time; decides whether a run may stay on the event loop.
         self.run_seconds = float("inf")
+        # Serving on CUDA while TensorRT is still to be built (--trt_build background): upgrade() does it.
+        self.upgrade_pending = False
 
     def __repr__(self) -> str:
         return f"OnnxModel(name={self.name!r}, version={self.version!r}, path='{self.path}')"
 
     def load(self) -> None:
-        if self.artifacts is not None:
-            from zeroserve.runtime.session_artifacts import SessionArtifacts
+        import onnxruntime as ort
 
-            self.session_artifacts = SessionArtifacts(self.artifacts, self.path)
-        session, self.execution_providers = create_session(
-            self.path, self.settings, artifacts=self.session_artifacts
-        )
+        interim = interim_providers(self.settings, ort.get_available_providers())
+        if interim is not None:
+            settings, available = interim
+            logger.warning(
+                "model '%s': serving on %s until TensorRT has built its engines (--trt_build background)",
+                self.name, available[0],
+            )  # fmt: skip
+            session, self.execution_providers = create_session(self.path, settings, available=available)
+            self.upgrade_pending = True
+        else:
+            session, self.execution_providers = create_session(
+                self.path, self.settings, artifacts=self._artifacts_for_session()
+            )
+        self._use(session)
+
+    def upgrade(self, shapes: Mapping[str, Sequence[int]] | None = None) -> float:
+        """Build the TensorRT session, warm it up (dynamic-shape engines are built on the first run), then
+        swap it in; runs already under way finish on the session they started on. Returns seconds taken.
+        Blocking and slow (minutes for a large model): call it from a thread of its own once serving.
+        Raises ModelLoadError when TensorRT cannot be used; the model keeps serving as it was."""
+        started = time.perf_counter()
+        settings = replace(self.settings, choice="tensorrt", trt_build="blocking")
+        session, providers = create_session(self.path, settings, artifacts=self._artifacts_for_session())
+        if providers[:1] != [TRT]:  # create_session refuses this already; never swap in something slower
+            raise ModelLoadError(f"model '{self.name}': TensorRT session runs on {', '.join(providers)}")
+        feeds = self._warmup_feeds(shapes)
+        for _ in range(2):
+            session.run(None, feeds)
+        if self.session_artifacts is not None:
+            self.session_artifacts.publish()
+        self._use(session)
+        self.execution_providers = providers
+        self.upgrade_pending = False
+        self.run_seconds = float("inf")  # measured again on the new session
+        return time.perf_counter() - started
+
+    def _artifacts_for_session(self) -> SessionArtifacts | None:
+        if self.artifacts is None:
+            return None
+        from zeroserve.runtime.session_artifacts import SessionArtifacts
+
+        self.session_artifacts = SessionArtifacts(self.artifacts, self.path)
+        return self.session_artifacts
+
+    def _use(self, session: onnxruntime.InferenceSession) -> None:
+        # On a swap (upgrade) the specs come out the same: it is the same graph.
         self.inputs = [_spec(node) for node in session.get_inputs()]
         self.outputs = [_spec(node) for node in session.get_outputs()]
         self._inputs_by_name = {spec.name: spec for spec in self.inputs}
         self._output_names = frozenset(spec.name for spec in self.outputs)
-        self._session = session
+        self._session = session  # one reference assignment: a run reads it once, so a swap is safe
 
     def metadata(self, versions: list[str]) -> dict[str, Any]:
         return {
@@ -160,6 +204,18 @@ class OnnxModel:
         Dynamic dimensions come from ``shapes`` (the warmup profile, e.g. the batch size traffic will use)
         where it names the input, else 1. Twice: the first run pays ONNX Runtime's one-time costs, the
         second gives a fair run time."""
+        feeds = self._warmup_feeds(shapes)
+        started = time.perf_counter()
+        self.run(feeds, None)
+        self.run_seconds = float("inf")
+        self.run(feeds, None)
+        elapsed = time.perf_counter() - started
+        if self.session_artifacts is not None:
+            # TensorRT builds engines for dynamic shapes on the first run: store them only now.
+            self.session_artifacts.publish()
+        return elapsed
+
+    def _warmup_feeds(self, shapes: Mapping[str, Sequence[int]] | None) -> dict[str, np.ndarray]:
         import numpy as np
 
         feeds: dict[str, np.ndarray] = {}
@@ -177,15 +233,7 @@ class OnnxModel:
                 feeds[spec.name] = np.full(shape, "", dtype=object)
             else:
                 feeds[spec.name] = np.zeros(shape, dtype=dtypes.to_numpy(spec.datatype))
-        started = time.perf_counter()
-        self.run(feeds, None)
-        self.run_seconds = float("inf")
-        self.run(feeds, None)
-        elapsed = time.perf_counter() - started
-        if self.session_artifacts is not None:
-            # TensorRT builds engines for dynamic shapes on the first run: store them only now.
-            self.session_artifacts.publish()
-        return elapsed
+        return feeds
 
 
 def _shape_matches(shape: list[int], expected: list[int]) -> bool:

@@ -14,7 +14,7 @@ import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -29,10 +29,12 @@ logger = logging.getLogger(__name__)
 
 ProviderChoice = Literal["auto", "tensorrt", "cuda", "cpu"]
 ConvAlgoSearch = Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
+TrtBuild = Literal["blocking", "background"]
 
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 _CHOICES: tuple[ProviderChoice, ...] = ("auto", "tensorrt", "cuda", "cpu")
 _CONV_SEARCH: tuple[ConvAlgoSearch, ...] = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+_TRT_BUILDS: tuple[TrtBuild, ...] = ("blocking", "background")
 _EXPLICIT = {"tensorrt": (TRT, CUDA), "cuda": (CUDA,), "cpu": ()}  # GPU providers before the CPU
 _TRT_PLAIN = (
     "trt_max_workspace_size",
@@ -58,6 +60,8 @@ class ProviderSettings:
     trt_profile_min_shapes: str | None = None  # "in:1x3x224x224,in2:..."; all three or none
     trt_profile_opt_shapes: str | None = None
     trt_profile_max_shapes: str | None = None
+    # background: serve on CUDA at once and switch to TensorRT once its engines are built (see interim_providers).
+    trt_build: TrtBuild = "blocking"
     cuda_mem_limit: int | None = None  # bytes, caps the CUDA arena only
     # ORT's default EXHAUSTIVE benchmarks every new input shape, which makes first requests slow.
     cudnn_conv_algo_search: ConvAlgoSearch = "HEURISTIC"
@@ -80,6 +84,8 @@ class ProviderSettings:
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
+        if self.trt_build not in _TRT_BUILDS:
+            raise ValueError(f"--trt_build must be one of {', '.join(_TRT_BUILDS)}, got {self.trt_build!r}")
         if self.cudnn_conv_algo_search not in _CONV_SEARCH:
             raise ValueError(f"--cudnn_conv_algo_search must be one of {', '.join(_CONV_SEARCH)}")
         _check_profiles(self.trt_profile_min_shapes, self.trt_profile_opt_shapes, self.trt_profile_max_shapes)
@@ -143,6 +149,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--trt_builder_optimization_level", type=int, help="0..5: lower builds faster (ORT default 3)")
     for kind in ("min", "opt", "max"):
         add(f"--trt_profile_{kind}_shapes", help=f"{kind} input shapes, 'in:1x3x224x224,in2:...' (all three)")
+    add(
+        "--trt_build", choices=_TRT_BUILDS, default="blocking",
+        help="background: become ready on CUDA at once and switch to TensorRT when its engines are built "
+        "(both sessions hold GPU memory until then); blocking (default): ready once TensorRT is",
+    )  # fmt: skip
     add("--cuda_mem_limit", type=int, help="cap on the CUDA memory arena, bytes")
     add("--cudnn_conv_algo_search", choices=_CONV_SEARCH, default="HEURISTIC", help="(default HEURISTIC)")
     add("--intra_op_threads", type=int, help="threads inside one operator (default: the CPU quota)")
@@ -184,6 +195,25 @@ def select_providers(
             )
         gpu = [name for name in wanted if name in available]
     return [(name, _options(name, settings)) for name in [*gpu, CPU]]
+
+
+def interim_providers(
+    settings: ProviderSettings, available: Sequence[str]
+) -> tuple[ProviderSettings, list[str]] | None:
+    """With ``--trt_build background``, what to serve on while TensorRT builds its engines: the settings and
+    the ORT build's providers without TensorRT (so CUDA first). None when TensorRT would not come first
+    anyway, or when there is no CUDA to serve on meanwhile.
+
+    Building a TensorRT engine takes seconds to many minutes; a scale-from-zero request should not wait
+    for it when CUDA can answer now. ``OnnxModel.upgrade`` later builds the TensorRT session and swaps it in.
+    """
+    if settings.trt_build != "background" or settings.choice not in ("auto", "tensorrt") or TRT not in available:
+        return None
+    rest = [name for name in available if name != TRT]
+    if CUDA not in rest:
+        return None
+    # An explicit --providers tensorrt must not end on the CPU: the interim session is CUDA or nothing.
+    return replace(settings, choice="cuda" if settings.choice == "tensorrt" else "auto"), rest
 
 
 def _options(name: str, s: ProviderSettings) -> dict[str, str]:
