@@ -10,6 +10,7 @@ It prints, and exits 1 when something is wrong:
 3. TensorRT through ``--cache_uri`` twice, as two starts of a server would: the first builds the engine
    (a miss, published after warmup), the second must be a hit whose engine load is much faster. For each,
    the providers really in use (``session.get_providers()``), the timings and the files in the entry.
+   With ``--trt_ep_context`` the entry must hold ``model_ctx.onnx`` and the second start loads it.
 4. ``--trt_build background`` without a cache: ready on CUDA (time to first answer), then ``upgrade()``
    builds TensorRT and swaps it in while the model keeps answering; the answers must agree.
 
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--providers", choices=["tensorrt", "cpu"], default="tensorrt")
     parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--trt_ep_context", action="store_true", help="cache the EP-context model (step 3)")
     parser.add_argument("--cache_uri", help="artifact cache (default: a temporary folder)")
     parser.add_argument("--device_id", type=int, default=0)
     args = parser.parse_args(argv)
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = ProviderSettings(
             choice=choice, device_id=args.device_id, trt_fp16=args.fp16,
             trt_profile_min_shapes=PROFILE["min"], trt_profile_opt_shapes=PROFILE["opt"],
-            trt_profile_max_shapes=PROFILE["max"],
+            trt_profile_max_shapes=PROFILE["max"], trt_ep_context=args.trt_ep_context,
         )  # fmt: skip
         if args.providers == "tensorrt":
             try:
@@ -150,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             hit = model.session_artifacts is not None and model.session_artifacts.lookup is not None
             if not hit or model.session_artifacts.lookup.source == "miss":  # type: ignore[union-attr]
                 problems.append("the second start was not a cache hit")
+            context_models = [name for name in entry_files(store_dir) if "_ctx.onnx" in name]
+            if args.providers == "tensorrt" and args.trt_ep_context and not context_models:
+                problems.append("--trt_ep_context: the entry holds no EP-context model")
             print(f"start to warm: first {timings[0]:.3f} s, second {timings[1]:.3f} s "
                   f"({timings[1] / timings[0]:.2f}x)")  # fmt: skip
         if args.providers == "tensorrt":

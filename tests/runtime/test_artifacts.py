@@ -199,6 +199,74 @@ def test_tensorrt_session_points_engine_and_timing_caches_at_the_entry_without_g
     assert prepared.options["trt_fp16_enable"] == "True" and prepared.model_path == model_path
 
 
+def test_ep_context_entries_are_keyed_apart_without_gpu() -> None:
+    settings = ProviderSettings(choice="tensorrt")
+    engines, contexts = trt_fields(settings), trt_fields(settings, trt_ep_context=True)
+    assert engines is not None and contexts is not None
+    assert "artifact" not in engines and contexts["artifact"] == "ep-context"
+    assert artifact_key(engines) != artifact_key(contexts)
+
+
+def prepare_trt(model_path: Path, store: ArtifactStore, **settings: Any) -> tuple[SessionArtifacts, Any, Any]:
+    import onnxruntime as ort
+
+    names_options = select_providers(ProviderSettings(choice="tensorrt", **settings), ALL_PROVIDERS)
+    cache = SessionArtifacts(store, model_path, gpu=H100, trt_ep_context=True)
+    so = ort.SessionOptions()
+    prepared = cache.prepare([n for n, _ in names_options], names_options[0][1], so)
+    assert prepared is not None and cache.lookup is not None
+    return cache, prepared, so
+
+
+def test_ep_context_miss_asks_tensorrt_for_the_context_model_without_gpu(model_path: Path, tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path / "store"), tmp_path / "cache")
+    cache, prepared, _ = prepare_trt(model_path, store, trt_fp16=True)
+    assert cache.lookup is not None and not cache.lookup.hit
+    folder = str(cache.lookup.files)
+    assert prepared.model_path == model_path
+    assert prepared.options["trt_dump_ep_context_model"] == "True"
+    assert prepared.options["trt_ep_context_file_path"] == prepared.options["trt_engine_cache_path"] == folder
+    assert prepared.options["trt_ep_context_embed_mode"] == "0"  # the engine beside it, named relatively
+
+
+def test_ep_context_hit_loads_the_context_model_without_gpu(model_path: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    store = ArtifactStore(str(tmp_path / "store"), tmp_path / "cache")
+    first, _, _ = prepare_trt(model_path, store)
+    assert first.lookup is not None
+    # What the TensorRT EP writes into the build folder (no GPU here: stand-in bytes, same names).
+    context_name = f"{model_path.stem}_ctx.onnx"
+    (first.lookup.files / context_name).write_bytes(b"EPContext model")
+    (first.lookup.files / "TensorrtExecutionProvider_TRTKernel_graph_main_1_0_0_sm90.engine").write_bytes(b"plan")
+    first.created([TRT, CUDA, CPU])
+    first.publish()
+    assert first.published
+
+    second, prepared, so = prepare_trt(model_path, store)
+    assert second.lookup is not None and second.lookup.hit
+    assert prepared.model_path == second.lookup.files / context_name
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert "trt_dump_ep_context_model" not in prepared.options  # never writes into a verified entry's model
+
+
+def test_ep_context_entry_without_context_model_serves_as_engine_cache_without_gpu(
+    model_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = ArtifactStore(str(tmp_path / "store"), tmp_path / "cache")
+    first, _, _ = prepare_trt(model_path, store)
+    assert first.lookup is not None
+    (first.lookup.files / "TensorrtExecutionProvider_TRTKernel_graph_main_1_0_0_sm90.engine").write_bytes(b"plan")
+    first.created([TRT, CUDA, CPU])
+    first.publish()
+    assert "wrote no EP-context model" in caplog.text
+
+    second, prepared, _ = prepare_trt(model_path, store)
+    assert second.lookup is not None and second.lookup.hit
+    assert prepared.model_path == model_path
+    assert prepared.options["trt_engine_cache_path"] == str(second.lookup.files)
+
+
 @pytest.mark.parametrize("providers", [[CUDA, CPU], [TRT, CUDA, CPU]])
 def test_gpu_sessions_get_no_cpu_graph_without_gpu(model_path: Path, tmp_path: Path, providers: list[str]) -> None:
     # An optimized graph is only valid for the providers it was made with; TensorRT without GPU facts is not keyed.

@@ -505,10 +505,12 @@ def test_interim_providers_without_gpu(
         assert interim[0].trt_build == "background" and interim[0].device_id == settings.device_id
 
 
-def test_trt_build_flag() -> None:
+def test_trt_build_and_ep_context_flags() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert settings_from_args(parser.parse_args(["--trt_build", "background"]), {}).trt_build == "background"
     assert settings_from_args(parser.parse_args([]), {}).trt_build == "blocking"
+    assert settings_from_args(parser.parse_args(["--trt_ep_context"]), {}).trt_ep_context is True
+    assert settings_from_args(parser.parse_args([]), {}).trt_ep_context is False
     with pytest.raises(ValueError, match="--trt_build"):
         ProviderSettings(trt_build="later")  # type: ignore[arg-type]

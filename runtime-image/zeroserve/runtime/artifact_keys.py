@@ -10,6 +10,8 @@ Two kinds of artifact:
 - ``tensorrt`` (GPU): the TensorRT EP's engine and timing cache folder. ORT names engines by the model's
   *file name* and graph, not its weights, GPU model or builder options, so its own cache can serve a
   stale engine; the key here covers all of them, and the file name too (it changes ORT's engine name).
+  With ``--trt_ep_context`` the folder also holds the EP-context model (``<model>_ctx.onnx``, a one-node
+  graph naming the engine), keyed apart (``artifact: ep-context``) since its entries hold other files.
 
 The CUDA EP has no artifact to keep: its first-run costs are autotuning, which warmup pays.
 """
@@ -100,6 +102,7 @@ def key_fields(
     gpu: GpuFacts | None = None,
     cpu_level: CpuLevel = CPU_LEVEL,
     cpu_flags: list[str] | None = None,
+    trt_ep_context: bool = False,
 ) -> dict[str, Any] | None:
     """The fields an artifact for ``provider`` with ``options`` is keyed on; None when nothing is cached.
 
@@ -120,7 +123,9 @@ def key_fields(
         return fields
     if provider == _TRT and gpu is not None:
         kept = {k: str(v) for k, v in sorted(options.items()) if k not in _TRT_PLACEMENT}
-        return base | {
+        # Only added when set, so the keys of engine-cache entries stay what they were.
+        extra = {"artifact": "ep-context"} if trt_ep_context else {}
+        return base | extra | {
             "kind": "tensorrt",
             "provider": provider,
             "options": kept,

@@ -127,7 +127,9 @@ class OnnxModel:
             return None
         from zeroserve.runtime.session_artifacts import SessionArtifacts
 
-        self.session_artifacts = SessionArtifacts(self.artifacts, self.path)
+        self.session_artifacts = SessionArtifacts(
+            self.artifacts, self.path, trt_ep_context=self.settings.trt_ep_context
+        )
         return self.session_artifacts
 
     def _use(self, session: onnxruntime.InferenceSession) -> None:

@@ -62,6 +62,8 @@ class ProviderSettings:
     trt_profile_max_shapes: str | None = None
     # background: serve on CUDA at once and switch to TensorRT once its engines are built (see interim_providers).
     trt_build: TrtBuild = "blocking"
+    # With --cache_uri: cache TensorRT's EP-context model, which loads without TensorRT's parser and builder.
+    trt_ep_context: bool = False
     cuda_mem_limit: int | None = None  # bytes, caps the CUDA arena only
     # ORT's default EXHAUSTIVE benchmarks every new input shape, which makes first requests slow.
     cudnn_conv_algo_search: ConvAlgoSearch = "HEURISTIC"
@@ -149,6 +151,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--trt_builder_optimization_level", type=int, help="0..5: lower builds faster (ORT default 3)")
     for kind in ("min", "opt", "max"):
         add(f"--trt_profile_{kind}_shapes", help=f"{kind} input shapes, 'in:1x3x224x224,in2:...' (all three)")
+    add(
+        "--trt_ep_context", action="store_true",
+        help="with --cache_uri, cache TensorRT's EP-context model (the engine in a one-node ONNX graph): "
+        "a hit loads it without TensorRT's parser and builder",
+    )  # fmt: skip
     add(
         "--trt_build", choices=_TRT_BUILDS, default="blocking",
         help="background: become ready on CUDA at once and switch to TensorRT when its engines are built "

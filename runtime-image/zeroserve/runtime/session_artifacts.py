@@ -5,6 +5,11 @@ kind (only the CPU, or TensorRT first) gets one lookup. On a hit ORT loads the c
 optimizations off, or finds its engines in the cached folder; on a miss ORT writes them into a private
 build folder, which ``publish`` turns into the entry. CPU graphs are complete once the session exists;
 TensorRT may build engines on the first run, so its entry is published after warmup.
+
+With ``trt_ep_context`` a TensorRT miss also asks the EP to write its EP-context model into the build folder
+(embed mode 0: a one-node graph naming the engine file beside it), and a hit loads that model with graph
+optimizations off, which skips TensorRT's ONNX parser and builder (ORT's fastest load). An entry without
+the context model (TensorRT did not write one) still serves as an engine cache.
 """
 
 from __future__ import annotations
@@ -42,12 +47,19 @@ class SessionArtifacts:
     """The artifact cache as seen by one model; ``gpu`` overrides detection (tests, benchmarks)."""
 
     def __init__(
-        self, store: ArtifactStore, model_path: Path, *, gpu: GpuFacts | None = None, cpu_level: CpuLevel = CPU_LEVEL
+        self,
+        store: ArtifactStore,
+        model_path: Path,
+        *,
+        gpu: GpuFacts | None = None,
+        cpu_level: CpuLevel = CPU_LEVEL,
+        trt_ep_context: bool = False,
     ) -> None:
         self.store = store
         self.model_path = model_path
         self._gpu = gpu
         self.cpu_level = cpu_level
+        self.trt_ep_context = trt_ep_context
         self.lookup: Lookup | None = None  # set by prepare()
         self.in_use = False  # the session runs on the provider the lookup was for
         self.published = False
@@ -74,7 +86,7 @@ class SessionArtifacts:
             return None
         fields = key_fields(
             first, options, model_sha256=digest, model_file=self.model_path.name,
-            ort_version=ort.__version__, gpu=gpu, cpu_level=self.cpu_level,
+            ort_version=ort.__version__, gpu=gpu, cpu_level=self.cpu_level, trt_ep_context=self.trt_ep_context,
         )  # fmt: skip
         if fields is None:
             logger.warning("artifact cache: no GPU facts, so TensorRT engines are not cached")
@@ -99,7 +111,21 @@ class SessionArtifacts:
         }  # fmt: skip
         if options.get("trt_engine_cache_path") not in (None, folder):
             logger.info("--cache_uri is set: TensorRT engines go to %s, not --trt_engine_cache_path", folder)
+        if self.trt_ep_context:
+            context_model = self.context_model_path(found.files)
+            if found.hit and context_model.is_file():
+                so.graph_optimization_level = Level.ORT_DISABLE_ALL
+                return Prepared(context_model, options | cached, so)
+            if not found.hit:
+                cached |= {
+                    "trt_dump_ep_context_model": "True", "trt_ep_context_file_path": folder,
+                    "trt_ep_context_embed_mode": "0",
+                }  # fmt: skip
         return Prepared(self.model_path, options | cached, so)
+
+    def context_model_path(self, folder: Path) -> Path:
+        """Where the TensorRT EP writes the EP-context model when given a folder: ``<model stem>_ctx.onnx``."""
+        return folder / f"{self.model_path.stem}_ctx.onnx"
 
     def discard(self) -> None:
         """The session could not be built with the artifact: use and publish nothing."""
@@ -117,4 +143,9 @@ class SessionArtifacts:
         if self.lookup is None or self.lookup.hit or self.published or not self.in_use:
             return
         self.published = True
+        if self.trt_ep_context and not self.context_model_path(self.lookup.files).is_file():
+            logger.warning(
+                "artifact cache: TensorRT wrote no EP-context model for %s; the entry keeps only its engines",
+                self.model_path,
+            )
         self.store.publish(self.lookup, keep_build=self.lookup.fields["kind"] == "tensorrt")
