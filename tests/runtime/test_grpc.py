@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import onnx
 import pytest
@@ -24,6 +25,7 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from kserve.protocol.infer_type import RequestedOutput
 from onnx import TensorProto, helper
+from prometheus_client.parser import text_string_to_metric_families
 from triton_grpc_process import TritonProcess
 
 from zeroserve.runtime.config import RuntimeConfig
@@ -150,6 +152,26 @@ def test_protocol_flags(
     ],
 )
 def test_protocol_flag_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        RuntimeConfig.from_args(argv, {})
+    assert message in capsys.readouterr().err
+
+
+def test_metrics_port_is_for_grpc_only(caplog: pytest.LogCaptureFixture) -> None:
+    assert RuntimeConfig.from_args(["--protocol", "grpc", "--metrics_port", "9100"], {}).metrics_port == 9100
+    assert RuntimeConfig.from_args(["--protocol", "grpc"], {}).metrics_port is None  # off by default
+    assert RuntimeConfig.from_args(["--metrics_port", "9100"], {}).metrics_port is None  # REST has /metrics
+    assert "ignoring --metrics_port" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--protocol", "grpc", "--grpc_port", "9100", "--metrics_port", "9100"], "cannot share port 9100"),
+        (["--protocol", "grpc", "--metrics_port", "70000"], "--metrics_port must be a port number"),
+    ],
+)
+def test_metrics_port_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         RuntimeConfig.from_args(argv, {})
     assert message in capsys.readouterr().err
@@ -541,6 +563,53 @@ def test_onnx_runtime_rejects_the_data(stub: pb_grpc.GRPCInferenceServiceStub) -
         raw_input_contents=[np.array([99], np.int64).tobytes()],
     )
     assert_error(stub, request, grpc.StatusCode.INVALID_ARGUMENT, "model 'gather' rejected the input")
+
+
+# -- observability: the same request metrics as REST, Server-Timing as trailing metadata -------------------
+
+
+def request_counts(metrics_url: str) -> dict[tuple[str, str, str], float]:
+    """``zeroserve_inference_requests_total`` by (model, protocol, outcome) and the request-duration histogram's
+    counts by ("duration", protocol, model), summed over versions, read with prometheus_client's parser."""
+    families = {family.name: family for family in text_string_to_metric_families(httpx.get(metrics_url).text)}
+    counts: dict[tuple[str, str, str], float] = {}
+    for sample in families["zeroserve_inference_requests"].samples:
+        key = (sample.labels["model"], sample.labels["protocol"], sample.labels["outcome"])
+        counts[key] = counts.get(key, 0.0) + sample.value
+    for sample in families["zeroserve_inference_request_duration_seconds"].samples:
+        if sample.name.endswith("_count"):
+            key = ("duration", sample.labels["protocol"], sample.labels["model"])
+            counts[key] = counts.get(key, 0.0) + sample.value
+    return counts
+
+
+def test_grpc_calls_are_counted_like_rest(grpc_server: tuple[ServerProcess, str]) -> None:
+    server, address = grpc_server
+    metrics_url = f"{server.url}/metrics"
+    before = request_counts(metrics_url)
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        response, call = stub.ModelInfer.with_call(add_request(), timeout=10)
+        assert np.frombuffer(response.raw_output_contents[0], "<f4").tolist() == [2, 3, 4, 5]
+        timing = dict(call.trailing_metadata())["server-timing"]
+        assert {"queue", "infer"} <= {part.split(";")[0].strip() for part in timing.split(",")}
+        assert_error(stub, add_request(model_name="nope"), grpc.StatusCode.NOT_FOUND)
+        bad = add_request()
+        bad.raw_input_contents[0] = b"\0" * 12
+        assert_error(stub, bad, grpc.StatusCode.INVALID_ARGUMENT)
+    rest = {"inputs": [{"name": name, "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]} for name in "ab"]}
+    assert httpx.post(f"{server.url}/v2/models/add/versions/1/infer", json=rest).status_code == 200
+    after = request_counts(metrics_url)
+    moved = {key: after[key] - before.get(key, 0.0) for key in after if after[key] != before.get(key, 0.0)}
+    assert moved == {
+        ("add", "grpc", "success"): 1,
+        ("add", "grpc", "failure"): 1,  # INVALID_ARGUMENT: counted as REST counts its 400
+        ("", "grpc", "failure"): 1,  # NOT_FOUND: an unknown model mints no series of its own
+        ("add", "rest", "success"): 1,
+        ("duration", "grpc", "add"): 2,
+        ("duration", "grpc", ""): 1,
+        ("duration", "rest", "add"): 1,
+    }
 
 
 # -- deployments: loading, gRPC only on PORT, message limits, SIGTERM ----------------------------------------

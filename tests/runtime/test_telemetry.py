@@ -1,5 +1,6 @@
 """Cold-start telemetry with the real OpenTelemetry SDK: an in-memory exporter in-process, and OTLP over
-HTTP from a real server process to a receiver on 127.0.0.1. Plus the Server-Timing header."""
+HTTP from a real server process to a receiver on 127.0.0.1. Plus the Server-Timing header, and the same
+for gRPC: SERVER spans per ModelInfer, ``server-timing`` trailing metadata, the gRPC-only server."""
 
 from __future__ import annotations
 
@@ -10,27 +11,46 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
+import numpy as np
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
+from opentelemetry.proto.trace.v1.trace_pb2 import Status as OtlpStatus
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client.parser import text_string_to_metric_families
 
+from zeroserve.runtime._proto import open_inference_grpc_pb2 as pb
+from zeroserve.runtime._proto import open_inference_grpc_pb2_grpc as pb_grpc
 from zeroserve.runtime.app import create_app
 from zeroserve.runtime.config import RuntimeConfig
-from zeroserve.runtime.telemetry import Telemetry, from_environment
+from zeroserve.runtime.telemetry import Telemetry, from_environment, rpc_conventions
 
 import models as test_models
-from conftest import start_server
+from conftest import start_server, unused_port
 
 BODY = {"id": "req-7", "inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
+
+
+GRPC_SPAN = "inference.GRPCInferenceService/ModelInfer"
+
+
+def mlp_request(request_id: str = "", model: str = "mlp", shape: tuple[int, ...] = (1, 16)) -> pb.ModelInferRequest:
+    return pb.ModelInferRequest(
+        model_name=model,
+        id=request_id,
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=list(shape))],
+        raw_input_contents=[np.full(shape, 0.5, np.float32).tobytes()],
+    )
 
 
 def timings(header: str) -> dict[str, float]:
@@ -133,7 +153,7 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
-    def spans(self) -> list[object]:
+    def spans(self) -> list[OtlpSpan]:
         return [
             span
             for request in self.traces
@@ -188,3 +208,149 @@ def test_otlp_over_http_from_a_server_process(receiver: Receiver, tmp_path: Path
         for metric in scope.metrics
     }
     assert {"faas.init_duration", "faas.coldstarts"} <= metric_names
+
+
+def otlp_attributes(span: OtlpSpan) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for attribute in span.attributes:
+        kind = attribute.value.WhichOneof("value")
+        values[attribute.key] = getattr(attribute.value, kind)
+    return values
+
+
+def test_grpc_only_server_traces_times_and_counts_calls(receiver: Receiver, tmp_path: Path) -> None:
+    """``--protocol grpc``: OTel from the environment, the init span tree, a SERVER span per ModelInfer
+    continuing the caller's trace, ``server-timing`` trailing metadata, and /metrics on --metrics_port."""
+    test_models.mlp_model(tmp_path / "model.onnx")
+    port, metrics_port = unused_port(), unused_port()
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    server = start_server(
+        ["--model_name", "mlp", "--model_dir", str(tmp_path), "--protocol", "grpc", "--grpc_port", str(port),
+         "--metrics_port", str(metrics_port)],
+        tmp_path / "log", env=env, wait_ready=False,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if stub.ServerReady(pb.ServerReadyRequest(), timeout=2).ready:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline and server.process.poll() is None, server.log()
+                time.sleep(0.05)
+            caller = (("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"), ("tracestate", "vendor=7"))
+            _, first = stub.ModelInfer.with_call(mlp_request("grpc-1"), metadata=caller, timeout=10)
+            _, second = stub.ModelInfer.with_call(mlp_request("grpc-2"), timeout=10)
+            failures = {}
+            for request in (mlp_request("grpc-3", model="nope"), mlp_request("grpc-4", shape=(1, 15))):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.ModelInfer(request, timeout=10)
+                failures[request.id] = info.value.code()
+                assert "server-timing" not in dict(info.value.trailing_metadata() or ())
+        assert failures == {"grpc-3": grpc.StatusCode.NOT_FOUND, "grpc-4": grpc.StatusCode.INVALID_ARGUMENT}
+
+        # The first answer tells where the cold start went; every answer its queue and compute time.
+        first_timing = timings(dict(first.trailing_metadata())["server-timing"])
+        assert {"init", "fetch", "session", "warmup", "queue", "infer"} <= set(first_timing)
+        assert set(timings(dict(second.trailing_metadata())["server-timing"])) == {"queue", "infer"}
+
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+        families = {family.name: family for family in text_string_to_metric_families(metrics.text)}
+        counts = {
+            (sample.labels["model"], sample.labels["protocol"], sample.labels["outcome"]): sample.value
+            for sample in families["zeroserve_inference_requests"].samples
+        }
+        assert counts == {("mlp", "grpc", "success"): 2, ("mlp", "grpc", "failure"): 1, ("", "grpc", "failure"): 1}
+        head = httpx.head(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert head.status_code == 200 and int(head.headers["content-length"]) > 0 and not head.content
+        assert httpx.post(f"http://127.0.0.1:{metrics_port}/metrics").status_code == 405
+        assert httpx.get(f"http://127.0.0.1:{metrics_port}/v2/health/ready").status_code == 404
+    finally:
+        assert server.stop() == 0  # SIGTERM: the exporters are flushed on the way out
+
+    deadline = time.monotonic() + 10
+    while not ({"zeroserve.init", "fetch", "session", "warmup"} <= {s.name for s in receiver.spans()}
+               and sum(s.name == GRPC_SPAN for s in receiver.spans()) == 4):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    spans = receiver.spans()
+    init = next(span for span in spans if span.name == "zeroserve.init")
+    for phase in ("fetch", "session", "warmup"):
+        assert next(span for span in spans if span.name == phase).parent_span_id == init.span_id
+    calls = {otlp_attributes(span)["faas.invocation_id"]: span for span in spans if span.name == GRPC_SPAN}
+    assert set(calls) == {"grpc-1", "grpc-2", "grpc-3", "grpc-4"}
+    cold = calls["grpc-1"]
+    assert cold.kind == OtlpSpan.SPAN_KIND_SERVER
+    assert cold.trace_id.hex() == TRACE_ID and cold.parent_span_id.hex() == PARENT_ID  # the caller's trace
+    assert cold.trace_state == "vendor=7"
+    assert otlp_attributes(cold) == {
+        "rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService", "rpc.method": "ModelInfer",
+        "rpc.grpc.status_code": 0, "faas.trigger": "http", "faas.coldstart": True, "faas.invocation_id": "grpc-1",
+    }
+    assert calls["grpc-2"].trace_id.hex() != TRACE_ID and not calls["grpc-2"].parent_span_id
+    assert [otlp_attributes(calls[i])["faas.coldstart"] for i in ("grpc-2", "grpc-3", "grpc-4")] == [False] * 3
+    assert otlp_attributes(calls["grpc-3"])["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert otlp_attributes(calls["grpc-4"])["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    # A caller's mistake is not the server's failure (the RPC conventions' server-side error list).
+    assert {calls[i].status.code for i in calls} == {OtlpStatus.STATUS_CODE_UNSET}
+
+
+def test_rpc_attribute_names_follow_the_stability_opt_in() -> None:
+    assert rpc_conventions({}) == "old"
+    assert rpc_conventions({"OTEL_SEMCONV_STABILITY_OPT_IN": "http, rpc"}) == "stable"
+    assert rpc_conventions({"OTEL_SEMCONV_STABILITY_OPT_IN": "rpc,rpc/dup"}) == "dup"
+
+
+@pytest.mark.parametrize(
+    ("conventions", "expected"),
+    [
+        ("stable", {"rpc.system.name": "grpc", "rpc.method": GRPC_SPAN, "rpc.response.status_code": "UNAVAILABLE"}),
+        ("dup", {
+            "rpc.system.name": "grpc", "rpc.method": GRPC_SPAN, "rpc.response.status_code": "UNAVAILABLE",
+            "rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService", "rpc.grpc.status_code": 14,
+        }),
+    ],
+)
+def test_grpc_span_in_process_with_new_rpc_names(
+    conventions: str, expected: dict[str, object], gated_model_server: tuple[str, threading.Event], tmp_path: Path
+) -> None:
+    """REST and gRPC in one process (the app's lifespan starts gRPC); a call while the model is still
+    downloading is UNAVAILABLE, which the RPC conventions count as a server-side failure."""
+    uri, gate = gated_model_server
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = Telemetry(tracer_provider, rpc_conventions=conventions)  # type: ignore[arg-type]
+    port = unused_port()
+    config = RuntimeConfig(model_dir=uri, model_name="mlp", cache_dir=tmp_path / "cache", host="127.0.0.1",
+                           grpc_port=port, protocol="both")
+    app = create_app(config, telemetry=telemetry)
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app), grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ModelInfer(mlp_request("early"), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            gate.set()
+            for _ in range(1000):
+                if app.state.repository.all_ready():
+                    break
+                await asyncio.sleep(0.01)
+            await stub.ModelInfer(mlp_request("ready"), timeout=10)
+
+    asyncio.run(scenario())
+    spans = {span.attributes["faas.invocation_id"]: span for span in exporter.get_finished_spans()
+             if span.name == GRPC_SPAN}
+    early, ready = spans["early"], spans["ready"]
+    assert early.kind is SpanKind.SERVER
+    assert {key: early.attributes[key] for key in expected} == expected
+    assert set(early.attributes) - set(expected) == {"faas.trigger", "faas.coldstart", "faas.invocation_id",
+                                                     "error.type"}
+    assert early.status.status_code is StatusCode.ERROR and early.attributes["error.type"] == "UNAVAILABLE"
+    assert ready.status.status_code is StatusCode.UNSET and "error.type" not in ready.attributes
+    assert ready.attributes["rpc.response.status_code"] == "OK" and ready.attributes["faas.coldstart"] is True

@@ -55,7 +55,7 @@ def create_app(
     if config.serves_grpc:  # imported only when asked for: grpc adds to every cold start
         from zeroserve.runtime.grpc import GrpcServer
 
-        grpc_server = GrpcServer(dataplane, config)
+        grpc_server = GrpcServer(dataplane, config, telemetry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

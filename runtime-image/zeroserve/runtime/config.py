@@ -57,6 +57,8 @@ class RuntimeConfig:
     # gRPC's own default receive limit is 4 MiB, which one 3x512x512 FP32 image exceeds; follow the REST body limit.
     grpc_max_receive_message_length: int = 256 * MiB
     grpc_max_send_message_length: int = 256 * MiB
+    # gRPC only: serve GET /metrics on this port (REST serves it on http_port). None: off.
+    metrics_port: int | None = None
     workers: int = 1
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "zeroserve")
     # Built session artifacts (optimized graph, TensorRT engines) on any fsspec URI; None: off (docs/artifact-cache.md).
@@ -117,6 +119,15 @@ class RuntimeConfig:
             parser.error(f"REST and gRPC cannot share port {grpc_port}; give --http_port and --grpc_port apart")
         if protocol == "grpc" and ns.workers > 1:
             parser.error("--workers applies to the REST server; with --protocol grpc run one process per pod")
+        metrics_port = ns.metrics_port
+        if metrics_port is not None:
+            if not 0 < metrics_port < 65536:
+                parser.error(f"--metrics_port must be a port number, got {metrics_port}")
+            if protocol != "grpc":
+                logger.warning("ignoring --metrics_port: /metrics is served on the REST port (--http_port)")
+                metrics_port = None
+            elif metrics_port == grpc_port:
+                parser.error(f"gRPC and /metrics cannot share port {grpc_port}; give --metrics_port another")
         if protocol != "rest":
             missing = [name for name in ("grpc", "grpc_health") if importlib.util.find_spec(name) is None]
             if missing:
@@ -130,6 +141,7 @@ class RuntimeConfig:
             protocol=protocol,
             grpc_max_receive_message_length=_message_length(ns.grpc_max_receive_message_length, limits, parser),
             grpc_max_send_message_length=_message_length(ns.grpc_max_send_message_length, limits, parser),
+            metrics_port=metrics_port,
             workers=ns.workers,
             cache_dir=Path(cache_dir),
             cache_uri=ns.cache_uri or environ.get("ZEROSERVE_CACHE_URI") or None,
@@ -204,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument(
         "--grpc_max_send_message_length", type=int, metavar="BYTES",
         help="largest gRPC response sent (default: --max_request_mib)",
+    )
+    server.add_argument(
+        "--metrics_port", type=int,
+        help="with --protocol grpc: serve Prometheus GET /metrics on this port (default: off; "
+        "REST serves /metrics on --http_port)",
     )
     server.add_argument("--workers", type=int, default=1, help="server processes sharing the port (default 1)")
     server.add_argument(

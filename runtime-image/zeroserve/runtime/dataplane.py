@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from zeroserve.runtime.batching import Batcher, BatchSettings, batchable, timed_run
 from zeroserve.runtime.errors import InvalidInput, ServerBusy
 from zeroserve.runtime.messages import InferRequest, InferResult, OutputTensor
-from zeroserve.runtime.metrics import Gauge, Labels, ServerMetrics
+from zeroserve.runtime.metrics import Gauge, Labels, Protocol, ServerMetrics
 from zeroserve.runtime.model import OnnxModel
 from zeroserve.runtime.repository import ModelRepository, State
 
@@ -98,6 +98,26 @@ class DataPlane:
     def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
         model = self.repository.ready_model(name, version)
         return model.metadata(self.repository.versions(name))
+
+    def observe(
+        self, name: str, version: str | None, result: InferResult | None, status: int, seconds: float,
+        protocol: Protocol,
+    ) -> None:
+        """Count one answered inference request (REST or gRPC) in the request metrics."""
+        if result is not None:
+            self.metrics.observe(result.model_name, result.model_version, status, seconds, protocol)
+            return
+        # Label failures with names the server serves only: a client must not mint new series at will.
+        repository = self.repository
+        known = name in repository.names() and version in (None, *repository.versions(name))
+        self.metrics.observe(name if known else "", (version or "") if known else "", status, seconds, protocol)
+
+    def server_timing(self, result: InferResult) -> str:
+        """The ``Server-Timing`` of an answer: queue and compute; the cold start's phases on the first one."""
+        timing = result.server_timing()
+        if result.coldstart:  # the first answer also tells where the cold start went
+            timing = f"{self.repository.coldstart.server_timing()}, {timing}"
+        return timing
 
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResult:
         model = self.repository.ready_model(name, version)

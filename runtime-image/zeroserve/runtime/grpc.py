@@ -6,7 +6,8 @@ Needs the ``grpc`` extra; nothing imports this module unless gRPC is enabled (``
 stopped by the app's lifespan (``app.py``); alone (``--protocol grpc``) ``serve_grpc`` runs it.
 
 Errors carry the status that ``STATUS_CODES`` gives the server error's HTTP status: the one mapping
-from the error tree (``errors.py``) to gRPC codes.
+from the error tree (``errors.py``) to gRPC codes. ``ModelInfer`` is observed as REST's infer endpoint is
+(request metrics, a SERVER span, Server-Timing as trailing metadata); see docs/grpc.md.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 try:
     import grpc
@@ -38,7 +41,9 @@ from zeroserve.runtime._proto import open_inference_grpc_pb2_grpc as pb_grpc
 from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.dataplane import DataPlane
 from zeroserve.runtime.errors import ModelLoadError, ModelNotReady, ServerError
+from zeroserve.runtime.messages import InferResult
 from zeroserve.runtime.repository import ModelRepository, State
+from zeroserve.runtime.telemetry import Telemetry, from_environment
 
 logger = logging.getLogger("zeroserve.runtime")
 
@@ -59,6 +64,8 @@ Response = TypeVar("Response")
 if TYPE_CHECKING:
     from typing import TypeAlias
 
+    from opentelemetry.trace import Span
+
     Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -76,19 +83,28 @@ def _rpc(
         except Exception:
             logger.exception("unexpected error in %s", method.__name__)
             error = ServerError("internal server error")
-        if isinstance(error, ModelNotReady):
-            context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(error.retry_after)))),))
-        await context.abort(STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL), error.message)
+        await _abort(context, error)
 
     return call
+
+
+async def _abort(context: Context, error: ServerError) -> NoReturn:
+    if isinstance(error, ModelNotReady):
+        context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(error.retry_after)))),))
+    await context.abort(_status_code(error), error.message)
+
+
+def _status_code(error: ServerError) -> grpc.StatusCode:
+    return STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL)
 
 
 class InferenceServicer:
     """``inference.GRPCInferenceService``: each RPC is one data-plane call and its message conversion."""
 
-    def __init__(self, dataplane: DataPlane, config: RuntimeConfig) -> None:
+    def __init__(self, dataplane: DataPlane, config: RuntimeConfig, telemetry: Telemetry | None = None) -> None:
         self.dataplane = dataplane
         self.limits = config.limits
+        self.telemetry = telemetry or Telemetry()
 
     @_rpc
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
@@ -114,11 +130,46 @@ class InferenceServicer:
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         return grpc_codec.model_metadata(self.dataplane.model_metadata(request.name, request.version or None))
 
-    @_rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        decoded, raw_outputs = grpc_codec.decode_request(request, self.limits)
-        result = await self.dataplane.infer(request.model_name, request.model_version or None, decoded)
-        return grpc_codec.encode_result(result, raw_outputs)
+        if not self.telemetry.enabled:
+            return await self._infer(request, context, None)
+        with self.telemetry.rpc_span(context.invocation_metadata(), SERVICE, "ModelInfer") as span:
+            return await self._infer(request, context, span)
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, context: Context, span: Span | None
+    ) -> pb.ModelInferResponse:
+        """ModelInfer, observed as REST's infer endpoint is: request metrics, the span's outcome, and the
+        Server-Timing string as trailing metadata ``server-timing`` on success."""
+        received = time.perf_counter()
+        result: InferResult | None = None
+        try:
+            decoded, raw_outputs = grpc_codec.decode_request(request, self.limits)
+            result = await self.dataplane.infer(request.model_name, request.model_version or None, decoded)
+            response = grpc_codec.encode_result(result, raw_outputs)
+        except ServerError as exc:
+            error = exc
+        except Exception:
+            logger.exception("unexpected error in ModelInfer for model '%s'", request.model_name)
+            error = ServerError("internal server error")
+        else:
+            context.set_trailing_metadata((("server-timing", self.dataplane.server_timing(result)),))
+            if span is not None:
+                self.telemetry.set_rpc_result(span, "OK", 0, result.coldstart, request.id or None)
+            self._observe(request, result, 200, received)
+            return response
+        if span is not None:
+            code = _status_code(error)
+            # The message is parsed already, so even a refused call names its request (REST's JSON may not parse).
+            coldstart = result.coldstart if result else False
+            self.telemetry.set_rpc_result(span, code.name, code.value[0], coldstart, request.id or None)
+        self._observe(request, result, error.status, received)
+        await _abort(context, error)
+
+    def _observe(self, request: pb.ModelInferRequest, result: InferResult | None, status: int, received: float) -> None:
+        self.dataplane.observe(
+            request.model_name, request.model_version or None, result, status, time.perf_counter() - received, "grpc"
+        )
 
 
 class HealthServicer(health.aio.HealthServicer):
@@ -159,9 +210,10 @@ class GrpcServer:
     lets running ones finish for up to ``config.shutdown_timeout`` seconds. Idempotent; it also begins on
     SIGTERM/SIGINT when ``stop_on_signals()`` is used, at the moment uvicorn stops accepting REST."""
 
-    def __init__(self, dataplane: DataPlane, config: RuntimeConfig) -> None:
+    def __init__(self, dataplane: DataPlane, config: RuntimeConfig, telemetry: Telemetry | None = None) -> None:
         self.dataplane = dataplane
         self.config = config
+        self.telemetry = telemetry or Telemetry()
         self.port = config.grpc_port
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer(dataplane)
@@ -178,7 +230,7 @@ class GrpcServer:
             ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
         ]
         server = grpc.aio.server(options=options)
-        servicer = InferenceServicer(self.dataplane, config)
+        servicer = InferenceServicer(self.dataplane, config, self.telemetry)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = f"[{config.host}]:{self.port}" if ":" in config.host else f"{config.host}:{self.port}"
@@ -247,7 +299,13 @@ async def _serve_grpc(config: RuntimeConfig) -> int:
 
     repository = ModelRepository()
     dataplane = DataPlane.from_config(repository, config)
-    server = GrpcServer(dataplane, config)
+    telemetry = from_environment(os.environ)
+    server = GrpcServer(dataplane, config, telemetry)
+    metrics_server = None
+    if config.metrics_port is not None:  # the gRPC-only server's one HTTP endpoint, only when asked for
+        from zeroserve.runtime.metrics_server import MetricsServer
+
+        metrics_server = MetricsServer(dataplane.metrics, config.host, config.metrics_port)
     stop = asyncio.Event()
     failed: list[ServerError] = []
 
@@ -256,25 +314,39 @@ async def _serve_grpc(config: RuntimeConfig) -> int:
             failed.append(exc)
             stop.set()
 
+    async def load() -> None:
+        await load_in_background(config, repository, on_load_failure)
+        telemetry.record_init(repository.coldstart)
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
+        if metrics_server is not None:
+            try:
+                await metrics_server.start()
+            except OSError as exc:
+                raise ServerError(f"cannot serve metrics on port {config.metrics_port}: {exc}") from None
     except ServerError as exc:
         print(f"zeroserve: {exc.message}", file=sys.stderr)
+        await server.stop()
         dataplane.close()
+        await asyncio.to_thread(telemetry.shutdown)
         return 1
-    loading = asyncio.create_task(load_in_background(config, repository, on_load_failure), name="zeroserve-load")
+    loading = asyncio.create_task(load(), name="zeroserve-load")
     try:
         await stop.wait()
         logger.info("stopping: draining gRPC calls for up to %g s", config.shutdown_timeout)
     finally:
         await server.stop()
+        if metrics_server is not None:
+            await metrics_server.stop()
         loading.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loading
         dataplane.close()
+        await asyncio.to_thread(telemetry.shutdown)  # flushes the spans of the calls just drained
     if failed:
         print(f"zeroserve: {failed[0].message}", file=sys.stderr)
         return 1

@@ -70,10 +70,7 @@ class InferEndpoint:
             )
             result = await self.dataplane.infer(name, version, request)
             content, response_headers = codec.encode_result(result, request)
-            timing = result.server_timing()
-            if result.coldstart:  # the first answer also tells where the cold start went
-                timing = f"{self.dataplane.repository.coldstart.server_timing()}, {timing}"
-            response_headers["server-timing"] = timing
+            response_headers["server-timing"] = self.dataplane.server_timing(result)
             status = 200
         except ServerError as exc:
             status, response_headers, content = error_body(exc)
@@ -84,20 +81,11 @@ class InferEndpoint:
             status, response_headers, content = error_body(ServerError("internal server error"))
         if span is not None:
             set_result(span, status, result.coldstart if result else False, result.id if result else None)
-        self._observe(name, version, result, status, time.perf_counter() - received)
+        self.dataplane.observe(name, version, result, status, time.perf_counter() - received, "rest")
         raw_headers = [(key.encode(), value.encode()) for key, value in response_headers.items()]
         raw_headers.append((b"content-length", str(len(content)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": content})
-
-    def _observe(self, name: str, version: str | None, result: InferResult | None, status: int, seconds: float) -> None:
-        if result is not None:
-            self.dataplane.metrics.observe(result.model_name, result.model_version, status, seconds)
-            return
-        # Label failures with names the server serves only: a client must not mint new series at will.
-        repository = self.dataplane.repository
-        known = name in repository.names() and version in (None, *repository.versions(name))
-        self.dataplane.metrics.observe(name if known else "", (version or "") if known else "", status, seconds)
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
         limit = self.limits.max_body_bytes

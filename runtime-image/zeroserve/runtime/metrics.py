@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 # Seconds: from 100 us (a tiny model's run) to 10 s (a large image batch on CPU).
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 Labels = tuple[tuple[str, str], ...]
+Protocol = Literal["rest", "grpc"]  # the transport a request came in on: the `protocol` label
 
 
 class Histogram:
@@ -90,8 +92,10 @@ class ServerMetrics:
     def add_gauge(self, gauge: Gauge) -> None:
         self._gauges.append(gauge)
 
-    def observe(self, model: str, version: str, status: int, seconds: float) -> None:
-        labels = (("model", model), ("version", version))
+    def observe(self, model: str, version: str, status: int, seconds: float, protocol: Protocol) -> None:
+        """One answered inference request. ``status`` is the HTTP status, for gRPC that of the error it
+        was answered with (``errors.py``), so both protocols count outcomes alike."""
+        labels = (("model", model), ("version", version), ("protocol", protocol))
         outcome = "success" if status < 400 else "failure"
         self.requests.inc((*labels, ("outcome", outcome)))
         self.request_seconds.observe(labels, seconds)

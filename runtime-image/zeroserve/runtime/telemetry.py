@@ -3,39 +3,57 @@
 The SDK is set up only from the standard ``OTEL_*`` environment, in the entrypoint (``from_environment``);
 without it every hook here is a no-op that costs one attribute check, and the SDK is never imported.
 
-What is emitted (semantic conventions for FaaS and HTTP, which are Development-stability for FaaS):
+What is emitted (semantic conventions for FaaS, HTTP and RPC; FaaS and RPC are not stable yet):
 
 - ``zeroserve.init``: a span from process start to "every model ready", with one child per phase
   (``fetch`` with bytes and cache hit, ``session`` with the execution providers, ``warmup``);
-- a SERVER span per inference, continuing the caller's W3C trace context, with ``faas.trigger=http`` and
-  ``faas.coldstart=true`` on the first inference this process answers;
+- a SERVER span per inference, REST (``POST {route}``) or gRPC (``inference.GRPCInferenceService/ModelInfer``),
+  continuing the caller's W3C trace context, with ``faas.trigger=http``, ``faas.invocation_id`` (the
+  request's id) and ``faas.coldstart=true`` on the first inference this process answers, by either protocol;
 - metrics ``faas.init_duration`` (histogram, s) and ``faas.coldstarts`` (counter).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, Literal
 
 from zeroserve.runtime.coldstart import ColdStart
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import Span, TracerProvider
+    from opentelemetry.util.types import Attributes
 
 logger = logging.getLogger("zeroserve.runtime")
 
 INFER_ROUTE = "/v2/models/{model_name}/infer"
 VERSIONED_INFER_ROUTE = "/v2/models/{model_name}/versions/{model_version}/infer"
+# The RPC attribute names to emit: "old" is the v1.37 set (rpc.system, rpc.service, rpc.method = the method
+# alone, rpc.grpc.status_code as a number) that most instrumentations and backends still use; "stable" the
+# renamed set (rpc.system.name, rpc.method = service/method, rpc.response.status_code as a name); "dup" both,
+# where rpc.method, in both sets, takes the new value. See ``rpc_conventions``.
+RpcConventions = Literal["old", "stable", "dup"]
+# gRPC codes that mark a SERVER span as failed (the RPC conventions' list); the rest are the caller's doing.
+RPC_SERVER_ERRORS = frozenset(
+    {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
+)
 
 
 class Telemetry:
     """Hooks the server calls; inert unless built with providers."""
 
-    def __init__(self, tracer_provider: TracerProvider | None = None, meter_provider: MeterProvider | None = None):
+    def __init__(
+        self,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        *,
+        rpc_conventions: RpcConventions = "old",
+    ) -> None:
         self.enabled = tracer_provider is not None
+        self.rpc_conventions = rpc_conventions
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
         if tracer_provider is not None:
@@ -73,26 +91,59 @@ class Telemetry:
         root.end(end_time=coldstart.ready_ns)
 
     @contextmanager
-    def infer_span(
-        self, headers: Sequence[tuple[bytes, bytes]], path: str, versioned: bool
-    ) -> Iterator[Span | None]:
-        """A SERVER span around one inference, child of the caller's ``traceparent`` if any."""
-        if not self.enabled:
-            yield None
-            return
+    def server_span(self, name: str, carrier: Mapping[str, str], attributes: Attributes) -> Iterator[Span]:
+        """The one way a SERVER span starts, whatever the protocol: a child of the caller's W3C context
+        (``traceparent``/``tracestate`` in ``carrier``) if any. Exceptions are not recorded: the handler
+        reports the outcome it answered with (``set_result``, ``set_rpc_result``). Only when enabled."""
         from opentelemetry import propagate, trace
 
-        carrier = {key.decode("latin-1"): value.decode("latin-1") for key, value in headers}
-        route = VERSIONED_INFER_ROUTE if versioned else INFER_ROUTE
         with self._tracer.start_as_current_span(
-            f"POST {route}",
+            name,
             context=propagate.extract(carrier),
             kind=trace.SpanKind.SERVER,
-            attributes={"http.request.method": "POST", "http.route": route, "url.path": path, "faas.trigger": "http"},
+            attributes=attributes,
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
             yield span
+
+    def infer_span(
+        self, headers: Sequence[tuple[bytes, bytes]], path: str, versioned: bool
+    ) -> AbstractContextManager[Span | None]:
+        """A SERVER span around one REST inference (ASGI ``headers``), child of the caller's ``traceparent``."""
+        if not self.enabled:
+            return nullcontext()
+        carrier = {key.decode("latin-1"): value.decode("latin-1") for key, value in headers}
+        route = VERSIONED_INFER_ROUTE if versioned else INFER_ROUTE
+        attributes = {"http.request.method": "POST", "http.route": route, "url.path": path, "faas.trigger": "http"}
+        return self.server_span(f"POST {route}", carrier, attributes)
+
+    def rpc_span(
+        self, metadata: Iterable[tuple[str, str | bytes]] | None, service: str, method: str
+    ) -> AbstractContextManager[Span | None]:
+        """A SERVER span around one gRPC call (its invocation ``metadata``), named ``service/method``."""
+        if not self.enabled:
+            return nullcontext()
+        carrier = {key: value for key, value in metadata or () if isinstance(value, str)}  # "-bin" keys are bytes
+        # gRPC rides on an inbound HTTP/2 request (through Knative's queue-proxy too), hence faas.trigger=http.
+        attributes: dict[str, str] = {"faas.trigger": "http"}
+        if self.rpc_conventions != "stable":
+            attributes.update({"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
+        if self.rpc_conventions != "old":
+            attributes.update({"rpc.system.name": "grpc", "rpc.method": f"{service}/{method}"})
+        return self.server_span(f"{service}/{method}", carrier, attributes)
+
+    def set_rpc_result(
+        self, span: Span | None, code: str, number: int, coldstart: bool, request_id: str | None
+    ) -> None:
+        """The outcome of a gRPC call: its status ``code`` name (``OK``, ``NOT_FOUND``) and ``number``."""
+        if span is None:
+            return
+        if self.rpc_conventions != "stable":
+            span.set_attribute("rpc.grpc.status_code", number)
+        if self.rpc_conventions != "old":
+            span.set_attribute("rpc.response.status_code", code)
+        _set_invocation(span, coldstart, request_id, code if code in RPC_SERVER_ERRORS else None)
 
     def shutdown(self) -> None:
         """Flush and stop the exporters (called once, at the end of the lifespan)."""
@@ -106,17 +157,32 @@ class Telemetry:
 
 
 def set_result(span: Span | None, status: int, coldstart: bool, request_id: str | None) -> None:
+    """The outcome of a REST inference: the HTTP status it was answered with."""
     if span is None:
         return
     span.set_attribute("http.response.status_code", status)
+    _set_invocation(span, coldstart, request_id, str(status) if status >= 500 else None)
+
+
+def _set_invocation(span: Span, coldstart: bool, request_id: str | None, error: str | None) -> None:
+    """What REST and gRPC spans record alike: cold start, the request's id, and a server-side failure."""
     span.set_attribute("faas.coldstart", coldstart)
     if request_id is not None:
         span.set_attribute("faas.invocation_id", request_id)
-    if status >= 500:
+    if error is not None:
         from opentelemetry.trace import Status, StatusCode
 
-        span.set_attribute("error.type", str(status))
+        span.set_attribute("error.type", error)
         span.set_status(Status(StatusCode.ERROR))
+
+
+def rpc_conventions(environ: Mapping[str, str]) -> RpcConventions:
+    """Which RPC attribute names to emit, chosen the way the semantic conventions ask for a migration:
+    ``OTEL_SEMCONV_STABILITY_OPT_IN`` holding ``rpc`` (the new names only) or ``rpc/dup`` (both)."""
+    values = {value.strip().lower() for value in environ.get("OTEL_SEMCONV_STABILITY_OPT_IN", "").split(",")}
+    if "rpc/dup" in values:
+        return "dup"
+    return "stable" if "rpc" in values else "old"
 
 
 def from_environment(environ: Mapping[str, str]) -> Telemetry:
@@ -158,7 +224,7 @@ def from_environment(environ: Mapping[str, str]) -> Telemetry:
         meter_provider = SdkMeterProvider(resource=resource, metric_readers=[reader])
         metrics.set_meter_provider(meter_provider)
     logger.info("OpenTelemetry on: traces to %s", "the console" if traces == "console" else endpoint or "OTLP default")
-    return Telemetry(tracer_provider, meter_provider)
+    return Telemetry(tracer_provider, meter_provider, rpc_conventions=rpc_conventions(environ))
 
 
 def _faas_resource(environ: Mapping[str, str]) -> dict[str, str]:
