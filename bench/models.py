@@ -1,6 +1,6 @@
 """Deterministic synthetic ONNX models for the benchmarks.
 
-Usage: python bench/models.py OUT_DIR [--only tiny,image]
+Usage: python bench/models.py OUT_DIR [--only tiny,image,large]
 
 Writes ``OUT_DIR/<name>/model.onnx`` (the KServe model-folder layout). Weights come from a
 fixed-seed generator, so the same command always writes byte-identical files.
@@ -10,6 +10,9 @@ fixed-seed generator, so the same command always writes byte-identical files.
 - ``image``: input ``input`` FP32 [-1, 3, 224, 224] -> a small strided Conv+Relu stack, one max pool,
   global average pool, Gemm(->1000) -> ``logits`` [-1, 1000]. Sized for roughly 5-10 ms per image
   on a 2-core CPU, which is the regime where a server should add little over raw session.run.
+- ``large``: input ``input`` FP32 [-1, 65536] -> Mul, Add, Tanh (elementwise) -> ``output``, same shape.
+  256 KiB of tensor each way per request (JSON: up to about 1.3 MB each way) and next to no compute, so it measures
+  what moving a large payload costs a server (parsing, copying, encoding), in both directions.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ IMAGE_STAGES: tuple[tuple[int, int], ...] = (
 )
 IMAGE_STEM_CHANNELS = 32
 IMAGE_CLASSES = 1000
+# 2**16 FP32 values, 256 KiB each way (payloads.MODELS repeats it). Measured with 2**18 (1 MiB): KServe took
+# 1.5 s per JSON request, so a 64-connection run left over a minute of queued work; 2**16 keeps it ~0.4 s.
+LARGE_ELEMENTS = 65_536
 
 
 def _weight(rng: np.random.Generator, name: str, shape: Sequence[int], fan_in: int) -> TensorProto:
@@ -135,7 +141,29 @@ def build_image() -> onnx.ModelProto:
     return _finish(graph)
 
 
-BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {"tiny": build_tiny, "image": build_image}
+def build_large() -> onnx.ModelProto:
+    """The large-payload model: y = tanh(x * scale + shift), elementwise over LARGE_ELEMENTS values, dynamic batch."""
+    rng = np.random.default_rng(SEED + 2)
+    inits = [
+        numpy_helper.from_array((rng.uniform(0.5, 1.5, LARGE_ELEMENTS)).astype(np.float32), "scale"),
+        numpy_helper.from_array((rng.standard_normal(LARGE_ELEMENTS) * 0.1).astype(np.float32), "shift"),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["input", "scale"], ["scaled"], name="mul"),
+        helper.make_node("Add", ["scaled", "shift"], ["shifted"], name="add"),
+        helper.make_node("Tanh", ["shifted"], ["output"], name="tanh"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "large",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [-1, LARGE_ELEMENTS])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [-1, LARGE_ELEMENTS])],
+        initializer=inits,
+    )
+    return _finish(graph)
+
+
+BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {"tiny": build_tiny, "image": build_image, "large": build_large}
 
 
 def write_models(out_dir: Path, names: Sequence[str] = tuple(BUILDERS)) -> dict[str, Path]:

@@ -19,6 +19,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 MODELS: dict[str, tuple[str, tuple[int, ...], str]] = {
     "tiny": ("input", (1, 16), "output"),
     "image": ("input", (1, 3, 224, 224), "logits"),
+    "large": ("input", (1, 65_536), "output"),  # models.LARGE_ELEMENTS
 }
 
 

@@ -1,18 +1,18 @@
-"""One benchmark run: cold start, throughput and latency of each server, and raw onnxruntime.
+"""One benchmark run: the throughput matrix of each server beside raw onnxruntime, and cold starts.
 
-Usage: .venv/bin/python bench/run.py [--servers zeroserve,kserve] [--protocols rest,grpc] [--quick] [--duration S]
+Usage: .venv/bin/python bench/run.py [--quick] [--servers zeroserve,kserve] [--models tiny,image,large]
+       [--protocols rest-json,rest-binary,grpc] [--concurrency 1,4,16,64] [--duration S]
 
-All numbers come from the same run on the same machine, because on a shared machine only
-ratios measured together mean anything. Servers run one at a time (gRPC: up together, loaded one at
-a time in alternating rounds), each on free 127.0.0.1 ports, and are stopped by PID. Writes
-``bench/results/<stamp>/results.json`` (raw numbers, ratios, machine facts, flags) and ``report.md``,
-and prints the markdown table. Exits 1 when any request failed or any answer was wrong (see "FLAGS"),
-0 otherwise; a skipped server is not a failure.
+The matrix is server x model x protocol x concurrency. All numbers come from the same run on the same machine,
+because on a shared machine only ratios measured together mean anything. REST: servers run one at a time, one
+model at a time; gRPC: every server up together, loaded one at a time in alternating rounds. Each runs on free
+127.0.0.1 ports and is stopped by PID. Writes ``bench/results/<stamp>/results.json`` (raw numbers, ratios, goals,
+machine facts, flags) and ``report.md``, and prints the report. Exits 1 when any request failed or any answer was
+wrong (see "FLAGS"), 0 otherwise; a skipped server or an unsupported protocol is not a failure.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -30,81 +30,31 @@ from typing import Any
 
 import grpc_load
 import load
+import matrix
 import numpy as np
 import payloads
 import report
 import servers
+from settings import COLD_START_SERVERS, Settings, parse_args
 
 import models
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
-
-# One load scenario: (name, body name, connections, wrk threads).
-Plan = tuple[str, str, int, int]
-# One gRPC load scenario: (name, calls in flight).
-GrpcPlan = tuple[str, int]
-PROTOCOLS = ("rest", "grpc")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Settings:
-    servers: tuple[str, ...]
-    protocols: tuple[str, ...]
-    python: str
-    duration_s: float
-    warmup_s: float
-    baseline_s: float
-    cold_starts: int
-    image_json: bool
-    quick: bool
-    grpc_rounds: int
-
-
-def parse_args(argv: Sequence[str] | None) -> Settings:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--servers", default="zeroserve,kserve", help=f"comma-separated: {','.join(servers.KINDS)}")
-    parser.add_argument("--protocols", default="rest,grpc", help="comma-separated: rest,grpc (default both)")
-    parser.add_argument("--quick", action="store_true", help="short durations (smoke run; noisier numbers)")
-    parser.add_argument("--duration", type=float, help="seconds per wrk measurement (default 10, quick 3)")
-    parser.add_argument("--cold-starts", type=int, help="launches per server, median reported (default 5, quick 3)")
-    parser.add_argument(
-        "--image-json",
-        action=argparse.BooleanOptionalAction,
-        help="also load the image model with JSON bodies (default: on, off with --quick)",
-    )
-    parser.add_argument("--python", default=sys.executable, help="interpreter that runs the servers")
-    parser.add_argument(
-        "--grpc-rounds", type=int, help="alternating rounds the gRPC --duration is split into (default 3, quick 2)"
-    )
-    args = parser.parse_args(argv)
-    kinds = tuple(k for k in args.servers.split(",") if k)
-    unknown = sorted(set(kinds) - set(servers.KINDS))
-    if unknown or not kinds:
-        parser.error(f"--servers: unknown {unknown}; choose from {sorted(servers.KINDS)}")
-    protocols = tuple(p for p in args.protocols.split(",") if p)
-    if not protocols or set(protocols) - set(PROTOCOLS):
-        parser.error(f"--protocols: choose from {','.join(PROTOCOLS)}")
-    duration = args.duration or (3.0 if args.quick else 10.0)
-    return Settings(
-        servers=kinds,
-        protocols=protocols,
-        python=args.python,
-        duration_s=duration,
-        warmup_s=1.0 if args.quick else 3.0,
-        baseline_s=1.5 if args.quick else 5.0,
-        cold_starts=args.cold_starts or (3 if args.quick else 5),
-        image_json=(not args.quick) if args.image_json is None else args.image_json,
-        quick=args.quick,
-        grpc_rounds=max(1, args.grpc_rounds or (2 if args.quick else 3)),
-    )
-
-
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _mlserver_version() -> str | None:
+    python = servers.MLSERVER_PYTHON
+    if not python.exists():
+        return None
+    probe = "import importlib.metadata as m; print(m.version('mlserver'))"
+    done = subprocess.run([str(python), "-c", probe], check=False, capture_output=True, text=True, timeout=60)
+    return done.stdout.strip() or None
 
 
 def machine_facts() -> dict[str, Any]:
@@ -120,6 +70,7 @@ def machine_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "onnxruntime": _version("onnxruntime"),
         "kserve": _version("kserve"),
+        "mlserver": _mlserver_version(),
         "zeroserve": _version("zeroserve"),
         "numpy": _version("numpy"),
         "wrk": load.wrk_version(),
@@ -157,19 +108,17 @@ class Run:
     # -- preparation ------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        models.write_models(self.models_dir)
-        bodies = {
-            "tiny_json": payloads.json_body("tiny"),
-            "tiny_binary": payloads.binary_body("tiny"),
-            "image_binary": payloads.binary_body("image"),
-            "image_json": payloads.json_body("image"),
-        }
-        for name, body in bodies.items():
-            path = self.out_dir / "bodies" / f"{name}.bin"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(body.data)
-            self.bodies[name], self.body_files[name] = body, path
-        for model, (input_name, _, _) in payloads.MODELS.items():
+        models.write_models(self.models_dir, self.settings.models)
+        for model in self.settings.models:
+            for name, body in (
+                (f"{model}_json", payloads.json_body(model)),
+                (f"{model}_binary", payloads.binary_body(model)),
+            ):
+                path = self.out_dir / "bodies" / f"{name}.bin"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(body.data)
+                self.bodies[name], self.body_files[name] = body, path
+            input_name, _, _ = payloads.MODELS[model]
             path = self.out_dir / "bodies" / f"{model}_grpc.bin"
             path.write_bytes(grpc_load.request_bytes(model, input_name, payloads.model_input(model)))
             self.grpc_requests[model] = path
@@ -182,16 +131,17 @@ class Run:
         argv = [
             *(self.settings.python, str(BENCH_DIR / "baseline.py"), str(self.models_dir)),
             *("--duration", str(self.settings.baseline_s), "--json", str(out)),
+            *(part for model in self.settings.models for part in ("--only", model)),
         ]
         if when == "start":
             argv += ["--expected", str(self.out_dir / "expected")]
-        subprocess.run(argv, check=True, timeout=120 + 10 * self.settings.baseline_s)
+        subprocess.run(argv, check=True, timeout=120 + 30 * self.settings.baseline_s)
         if when != "start":
             self.result[f"baseline_{when}"] = json.loads(out.read_text())
             return
         self.result["baseline"] = json.loads(out.read_text())
         self.result["machine"]["onnxruntime"] = self.result["baseline"]["onnxruntime"]
-        for model in payloads.MODELS:
+        for model in self.settings.models:
             self.expected[model] = np.load(self.out_dir / "expected" / f"{model}.npy")
 
     # -- per-server measurements ------------------------------------------------------------------
@@ -346,67 +296,90 @@ class Run:
             p50_text = "–" if p50 is None else f"{p50 / 1e3:.2f} ms"
             self.log(f"  {kind} {name}: {stats['ok_requests_per_s']:.1f} calls/s, p50 {p50_text}")
 
-    def grpc_phase(self, kinds: Sequence[str], model: str, scenarios: Sequence[GrpcPlan]) -> None:
+    def grpc_phase(self, kinds: Sequence[str], model: str) -> None:
         """Every server serving one model with gRPC on, all up at once (an idle one uses no CPU; measured:
-        under 0.01 core), each answer checked, then the scenarios with the servers interleaved."""
+        under 0.01 core), each answer checked, then each concurrency with the servers interleaved."""
         self.log(f"{', '.join(kinds)}: {model} model over gRPC, interleaved in {self.settings.grpc_rounds} rounds")
         with contextlib.ExitStack() as stack:
             running: dict[str, servers.Server] = {}
-            for kind in kinds:
+            for kind in kinds:  # launched together, then waited for: MLServer alone takes ~10 s to start here
                 log_path = self.out_dir / "logs" / f"{kind}-{model}-grpc.log"
-                running[kind] = stack.enter_context(
-                    servers.running(kind, self.settings.python, model, self.models_dir / model, log_path, grpc=True)
+                running[kind] = servers.launch(
+                    kind, self.settings.python, model, self.models_dir / model, log_path, grpc=True
                 )
+                stack.callback(running[kind].stop)
+            for kind, server in list(running.items()):  # one that never starts leaves the others to measure
+                try:
+                    server.wait_ready(deadline_s=120)
+                except servers.ServerError as exc:
+                    self.result["servers"][kind].setdefault("errors", []).append(str(exc))
+                    self.flag(f"{kind} {model} gRPC: {str(exc).splitlines()[0]} (logs: {self.out_dir / 'logs'})")
+                    print(exc, file=sys.stderr)
+                    server.stop()
+                    del running[kind]
             for kind, server in running.items():
                 check = f"{model}_grpc"
                 checks = self.result["servers"][kind].setdefault("checks", {})
                 checks[check] = self.check_grpc_answer(server, model)
                 if checks[check] != "ok":
                     self.flag(f"{kind} {check}: wrong answer: {checks[check]}")
-            for name, concurrency in scenarios:
-                self.grpc_scenario(running, name, model, concurrency)
+            for kind, server in running.items():  # all up, all idle: each one's own footprint with gRPC on
+                server.wait_idle()
+                self.result["servers"][kind].setdefault("rss_idle_grpc_mib", {})[model] = server.rss_mib()
+            for concurrency in self.settings.concurrency:
+                self.grpc_scenario(running, matrix.cell(model, "grpc", concurrency), model, concurrency)
 
     def measure_grpc(self, kinds: Sequence[str]) -> None:
-        phases: list[tuple[str, list[GrpcPlan]]] = [
-            ("tiny", [("tiny_grpc_c1", 1), ("tiny_grpc_c16", 16)]),
-            ("image", [("image_grpc_c1", 1), ("image_grpc_c16", 16)]),
-        ]
-        for model, scenarios in phases:
+        for model in self.settings.models:
             try:
-                self.grpc_phase(kinds, model, scenarios)
+                self.grpc_phase(kinds, model)
             except (servers.ServerError, load.LoadError, OSError, subprocess.SubprocessError) as exc:
                 for kind in kinds:
                     self.result["servers"][kind].setdefault("errors", []).append(str(exc))
                 self.flag(f"{model} gRPC: aborted: {str(exc).splitlines()[0]} (logs: {self.out_dir / 'logs'})")
                 print(exc, file=sys.stderr)
 
-    def model_phase(self, kind: str, model: str, check_bodies: Sequence[str], scenarios: Sequence[Plan]) -> None:
-        """One server serving one model: check its answers, run the load scenarios, stop it."""
+    def binary_supported(self, kind: str, server: servers.Server, model: str) -> bool:
+        """A server that does not claim the binary extension is asked once, with one binary request; what it
+        answered is recorded, and its binary cells say "unsupported" unless that answer was right."""
+        data = self.result["servers"][kind]
+        if servers.KINDS[kind].binary_extension:
+            return True
+        if "binary_extension" not in data:
+            answer = self.check_answer(server, model, f"{model}_binary")
+            data["binary_extension"] = {"supported": answer == "ok", "model": model, "answer": answer}
+            self.log(f"  {kind} binary extension: {answer}")
+        return bool(data["binary_extension"]["supported"])
+
+    def model_phase(self, kind: str, model: str) -> None:
+        """One server serving one model over REST: check its answers, idle RSS, the load cells, stop it."""
         data = self.result["servers"][kind]
         checks, loads = data.setdefault("checks", {}), data.setdefault("load", {})
-        self.log(f"{kind}: {model} model")
+        self.log(f"{kind}: {model} model over REST")
         log_path = self.out_dir / "logs" / f"{kind}-{model}.log"
-        with servers.running(kind, self.settings.python, model, self.models_dir / model, log_path) as server:
-            for body_name in check_bodies:
+        model_dir = self.models_dir / model
+        with servers.running(kind, self.settings.python, model, model_dir, log_path, ready_deadline_s=120) as server:
+            binary = self.binary_supported(kind, server, model)
+            for body_name in (f"{model}_json", f"{model}_binary") if binary else (f"{model}_json",):
                 checks[body_name] = self.check_answer(server, model, body_name)
                 if checks[body_name] != "ok":
                     self.flag(f"{kind} {body_name}: wrong answer: {checks[body_name]}")
-            for scenario in scenarios:
-                loads[scenario[0]] = self.scenario(server, *scenario)
+            server.wait_idle()
+            data.setdefault("rss_idle_mib", {})[model] = server.rss_mib()
+            for protocol in (p for p in self.settings.protocols if p in matrix.REST_PROTOCOLS):
+                body_name = f"{model}_{matrix.PROTOCOLS[protocol][0]}"
+                for concurrency in self.settings.concurrency:
+                    name = matrix.cell(model, protocol, concurrency)
+                    if protocol == "rest-binary" and not binary:
+                        loads[name] = {"unsupported": data["binary_extension"]["answer"]}
+                        continue
+                    loads[name] = self.scenario(server, name, body_name, concurrency, min(2, concurrency))
             data.setdefault("rss_mib", {})[model] = server.rss_mib()
 
     def measure_server(self, kind: str) -> None:
-        tiny_load: list[Plan] = [("tiny_json_c16", "tiny_json", 16, 2), ("tiny_json_c1", "tiny_json", 1, 1)]
-        image_load: list[Plan] = [("image_binary_c16", "image_binary", 16, 2)]
-        if self.settings.image_json:
-            image_load.append(("image_json_c16", "image_json", 16, 2))
-        phases = [
-            ("tiny", ["tiny_json", "tiny_binary"], tiny_load),
-            ("image", ["image_binary", "image_json"], image_load),
-        ]
-        for model, check_bodies, scenarios in phases:
+        for model in self.settings.models:
             try:
-                self.model_phase(kind, model, check_bodies, scenarios)
+                self.model_phase(kind, model)
             except (servers.ServerError, load.LoadError, OSError, subprocess.SubprocessError) as exc:
                 self.result["servers"][kind].setdefault("errors", []).append(str(exc))
                 self.flag(f"{kind} {model}: aborted: {str(exc).splitlines()[0]} (logs: {self.out_dir / 'logs'})")
@@ -425,8 +398,14 @@ class Run:
             else:
                 available.append(kind)
         self.baseline()
-        if available and "rest" in self.settings.protocols:
-            self.cold_starts(available)
+        rest = any(p in matrix.REST_PROTOCOLS for p in self.settings.protocols)
+        cold = [k for k in available if k in COLD_START_SERVERS]
+        if cold and rest and self.settings.cold_starts > 0:
+            if "tiny" in self.settings.models:
+                self.cold_starts(cold)
+            else:
+                self.log("cold starts skipped: they launch the tiny model, which --models leaves out")
+        if available and rest:
             for kind in available:
                 self.measure_server(kind)
         if available and "grpc" in self.settings.protocols:
@@ -435,6 +414,7 @@ class Run:
         self.result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
         self.result["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self.result["ratios"] = report.ratios(self.result)
+        self.result["goals"] = report.goals(self.result)
 
 
 def _combine(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -474,7 +454,7 @@ def _combine(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_args(argv)
+    settings = parse_args(argv, __doc__.splitlines()[0])
     if load.wrk_version() is None:
         print("wrk not found on PATH; install it: apt-get update && apt-get install -y wrk", file=sys.stderr)
         return 2

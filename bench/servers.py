@@ -30,14 +30,23 @@ class ServerError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class ServerKind:
-    """A server under test: its name and the module that ``python -m`` or ``python`` runs."""
+    """A server under test: its name, the interpreter and module or script that runs it, and what it supports."""
 
     name: str
     argv_prefix: tuple[str, ...]  # after the interpreter
     extra_args: tuple[str, ...] = ()  # after the KServe-style flags
-    # KServe serves gRPC whatever it is asked (it needs a free --grpc_port every time); zeroserve serves it
-    # when given --grpc_port, so its REST measurements run without gRPC, as its REST-only users do.
+    # KServe and MLServer serve gRPC whatever they are asked (they need a free --grpc_port every time); zeroserve
+    # serves it when given --grpc_port, so its REST measurements run without gRPC, as its REST-only users do.
     grpc_always_on: bool = False
+    # An interpreter of its own (MLServer lives in its own virtualenv); None: the run's --python.
+    python: Path | None = None
+    # Python code that must run without error in that interpreter for the server to start at all.
+    probe: str = "import kserve, onnxruntime"
+    # Whether it implements the V2 binary tensor extension (run.py still checks, once, what it answers).
+    binary_extension: bool = True
+
+    def interpreter(self, python: str) -> str:
+        return str(self.python) if self.python is not None else python
 
     def command(
         self, python: str, model_name: str, model_dir: Path, http_port: int, grpc_port: int, grpc: bool = False
@@ -46,18 +55,12 @@ class ServerKind:
         if grpc or self.grpc_always_on:
             flags["--grpc_port"] = str(grpc_port)
         return [
-            python,
+            self.interpreter(python),
             *self.argv_prefix,
             *(part for flag in flags.items() for part in flag),
             *self.extra_args,
         ]
 
-
-KINDS: dict[str, ServerKind] = {
-    # KServe always listens on 0.0.0.0; zeroserve can be kept to loopback, which changes nothing else.
-    "zeroserve": ServerKind("zeroserve", ("-m", "zeroserve.runtime"), ("--host", HOST)),
-    "kserve": ServerKind("kserve", (str(BENCH_DIR / "peers" / "kserve_onnx.py"),), grpc_always_on=True),
-}
 
 _PROBE_ZEROSERVE = """
 import importlib.util, sys
@@ -65,21 +68,46 @@ import zeroserve.runtime
 if importlib.util.find_spec("zeroserve.runtime.__main__") is None:
     sys.exit("zeroserve.runtime has no __main__ module")
 """
+# find_spec, not an import of __main__: a __main__ without a __name__ guard would start serving.
+
+MLSERVER_PYTHON = BENCH_DIR / ".peers" / "mlserver-venv" / "bin" / "python"
+# zeroserve's adaptive batching, beside plain zeroserve: up to 8 requests merged into one run, waiting at most 2 ms.
+BATCHING_FLAGS = ("--max_batch_size", "8", "--max_queue_delay_us", "2000")
+
+KINDS: dict[str, ServerKind] = {
+    # KServe always listens on 0.0.0.0; zeroserve can be kept to loopback, which changes nothing else.
+    "zeroserve": ServerKind("zeroserve", ("-m", "zeroserve.runtime"), ("--host", HOST), probe=_PROBE_ZEROSERVE),
+    "zeroserve+batching": ServerKind(
+        "zeroserve+batching", ("-m", "zeroserve.runtime"), ("--host", HOST, *BATCHING_FLAGS), probe=_PROBE_ZEROSERVE
+    ),
+    "kserve": ServerKind("kserve", (str(BENCH_DIR / "peers" / "kserve_onnx.py"),), grpc_always_on=True),
+    # MLServer 1.7.1 from its own virtualenv (see bench/README.md); it listens on 127.0.0.1 (peer settings.json).
+    "mlserver": ServerKind(
+        "mlserver",
+        (str(BENCH_DIR / "peers" / "mlserver_onnx.py"),),
+        grpc_always_on=True,
+        python=MLSERVER_PYTHON,
+        probe="import mlserver, onnxruntime",
+        binary_extension=False,
+    ),
+}
 
 
 def unavailable_reason(kind: str, python: str) -> str | None:
     """Why ``kind`` cannot run with ``python`` (None when it can). Checked in a fresh process."""
-    # find_spec, not an import of __main__: a __main__ without a __name__ guard would start serving.
-    probe = _PROBE_ZEROSERVE if kind == "zeroserve" else "import kserve, onnxruntime"
+    spec = KINDS[kind]
+    interpreter = spec.interpreter(python)
+    if spec.python is not None and not spec.python.exists():
+        return f"no interpreter at {spec.python} (see bench/README.md for how to create its virtualenv)"
     try:
-        done = subprocess.run([python, "-c", probe], check=False, capture_output=True, text=True, timeout=60)
+        done = subprocess.run([interpreter, "-c", spec.probe], check=False, capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
         return "import probe took over 60 s"
     if done.returncode == 0:
         return None
     lines = (done.stderr or done.stdout).strip().splitlines()
-    what = "zeroserve.runtime.__main__" if kind == "zeroserve" else "kserve and onnxruntime"
-    return f"cannot import {what} with {python}: " + (lines[-1] if lines else f"exit code {done.returncode}")
+    what = spec.probe.strip().splitlines()[0] if spec.probe != _PROBE_ZEROSERVE else "zeroserve.runtime.__main__"
+    return f"cannot {what!r} with {interpreter}: " + (lines[-1] if lines else f"exit code {done.returncode}")
 
 
 def free_port() -> int:
@@ -146,25 +174,49 @@ class Server:
         if code is not None:
             raise self.fail(f"process exited with code {code}")
 
+    def group_pids(self) -> list[int]:
+        """The server process and every live process of its process group (worker processes), from /proc.
+
+        The server runs in a session of its own (start_new_session), so its group id is its PID."""
+        pids = [self.process.pid]
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == self.process.pid:
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.process.pid:  # pgrp
+                pids.append(int(entry.name))
+        return pids
+
     def rss_mib(self) -> float | None:
-        """Resident memory of the server process (not its children), from /proc."""
-        try:
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return None
+        """Resident memory of the server's processes (itself and its workers, summed), from /proc."""
+        total, found = 0, False
+        for pid in self.group_pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        found = True
+            except OSError:
+                continue
+        return total / 1024 if found else None
 
     def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the server process and its reaped children, from /proc."""
-        try:
-            # Fields after the parenthesised command name; utime is field 14 of the whole line.
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        utime, stime, cutime, cstime = (int(v) for v in fields[11:15])
-        return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time of the server's processes (workers too) and their reaped children, from /proc."""
+        ticks, found = 0, False
+        for pid in self.group_pids():
+            try:
+                # Fields after the parenthesised command name; utime is field 14 of the whole line.
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                if pid == self.process.pid:
+                    return None
+                continue
+            ticks += sum(int(v) for v in fields[11:15])
+            found = True
+        return ticks / os.sysconf("SC_CLK_TCK") if found else None
 
     def wait_idle(self, busy_cores: float = 0.1, window_s: float = 0.25, deadline_s: float = 60.0) -> float:
         """Wait until the server uses under ``busy_cores`` CPU; return seconds waited.
@@ -225,7 +277,9 @@ class Server:
 
 
 def launch(kind: str, python: str, model_name: str, model_dir: Path, log_path: Path, grpc: bool = False) -> Server:
-    """Start ``kind`` serving ``model_dir`` on free ports (gRPC too when ``grpc``); does not wait."""
+    """Start ``kind`` serving ``model_dir`` on free ports (gRPC too when ``grpc``); does not wait.
+
+    ``python`` runs the server unless its kind has an interpreter of its own (MLServer's virtualenv)."""
     port, grpc_port = free_port(), free_port()
     argv = KINDS[kind].command(python, model_name, model_dir, port, grpc_port, grpc)
     log_path.parent.mkdir(parents=True, exist_ok=True)
