@@ -138,6 +138,10 @@ class DataPlane:
             if batcher is not None:
                 arrays, started, finished, batch_size = await batcher.run(feeds, output_names)
             elif model.run_seconds < self.inline_seconds and _input_bytes(feeds) <= INLINE_MAX_INPUT_BYTES:
+                # One turn of the event loop first: a request that never yields lets a saturated loop serve
+                # some connections far later than others (tiny model, 64 connections: p99 284 -> 80-87 ms,
+                # 3,100 -> 3,400 req/s; 1 connection: p50 within noise).
+                await asyncio.sleep(0)
                 arrays, started, finished = timed_run(model.run, feeds, output_names)
             else:
                 loop = asyncio.get_running_loop()
