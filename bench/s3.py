@@ -18,16 +18,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-
-import servers
 
 BENCH = Path(__file__).resolve().parent
 STORAGE_PYTHON = BENCH / ".peers" / "kserve-storage-venv" / "bin" / "python"
@@ -47,37 +44,12 @@ def _fixtures() -> ModuleType:
     return sys.modules[name]
 
 
-@contextlib.contextmanager
-def moto_server(log_path: Path) -> Iterator[Any]:
-    """A moto S3 server for the duration of the block, stopped by its PID afterwards; yields an ``S3Server``."""
-    port = servers.free_port()
+def moto_server(log_path: Path) -> contextlib.AbstractContextManager[Any]:
+    """A moto S3 server for the duration of the block, stopped by its PID afterwards; yields an ``S3Server``
+    (the tests' own, from tests/runtime/conftest.py)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", servers.HOST, "-p", str(port)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},  # the access log is read while it runs
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"moto server exited with {proc.returncode}; see {log_path}")
-            try:
-                with socket.create_connection((servers.HOST, port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server not listening on {port} after 30 s") from None
-                time.sleep(0.05)
-        yield _fixtures().S3Server(f"http://{servers.HOST}:{port}", proc.pid, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    manager: contextlib.AbstractContextManager[Any] = _fixtures().running_moto_server(log_path)
+    return manager
 
 
 def upload_models(server: Any, bucket: str, paths: Mapping[str, Path]) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -109,14 +110,10 @@ def _free_port() -> int:
         return port
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A moto S3 server running as a subprocess on 127.0.0.1, for the whole session.
-
-    Each test should make its own bucket with ``s3_server.create_bucket()``. ``s3_server.requests()``
-    reads the server's access log, so a test can prove which objects were (not) downloaded.
-    """
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+@contextlib.contextmanager
+def running_moto_server(log_path: Path) -> Iterator[S3Server]:
+    """moto's S3 server as a subprocess on 127.0.0.1 for the block, its access log at ``log_path``; stopped by
+    its PID afterwards. The benchmarks use it too (bench/s3.py)."""
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log:
@@ -147,6 +144,17 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A moto S3 server running as a subprocess on 127.0.0.1, for the whole session.
+
+    Each test should make its own bucket with ``s3_server.create_bucket()``. ``s3_server.requests()``
+    reads the server's access log, so a test can prove which objects were (not) downloaded.
+    """
+    with running_moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        yield server
 
 
 @pytest.fixture
