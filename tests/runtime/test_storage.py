@@ -195,6 +195,21 @@ def test_large_file_is_fetched_in_ranges(s3_env: Any, tmp_path: Path) -> None:
     assert not list(result.path.parent.glob(".*.part"))
 
 
+def test_s3_goes_through_botocore_alone(s3_env: Any, tmp_path: Path) -> None:
+    # The cold-start path: s3fs, aiobotocore, aiohttp and fsspec stay unimported (they cost ~0.5 s more).
+    bucket = s3_env.create_bucket()
+    uri = s3_env.put_tree(bucket, "m", {"model.onnx": b"onnx", "sub/extra.bin": b"12"})
+    code = (
+        "import sys; from pathlib import Path; from zeroserve.runtime.storage import fetch\n"
+        f"result = fetch({uri!r}, Path({str(tmp_path)!r}))\n"
+        "assert (result.path / 'model.onnx').read_bytes() == b'onnx', result\n"
+        "assert (result.path / 'sub' / 'extra.bin').read_bytes() == b'12', result\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'fsspec', 's3fs', 'aiobotocore', 'aiohttp'})\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env={**os.environ, **s3_env.aws_env()})
+
+
 def test_endpoint_from_aws_endpoint_url_s3(s3_env: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_env.endpoint_url)

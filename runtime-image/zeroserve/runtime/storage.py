@@ -6,12 +6,14 @@ second fetch of an unchanged URI reads metadata only.
 
 Large objects are read as parallel byte ranges and written in place with ``os.pwrite``: a plain
 sequential fsspec read is several times slower than the vendor CLIs, which split downloads the same way.
-fsspec and each backend are imported only when a URI of that kind is fetched, to keep cold start short.
+fsspec and each backend are imported only when a URI of that kind is fetched, to keep cold start short; s3://
+goes through botocore alone (``s3_direct.py``) unless storage options ask for s3fs's own.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import posixpath
 import time
@@ -105,7 +107,7 @@ def fetch(
         )
 
     with _explained(uri):
-        fs = _filesystem(backend, storage_options or {})
+        fs = _model_filesystem(backend, storage_options or {})
         files, single = _list(fs, uri, backend)
         canonical = fs.unstrip_protocol(fs._strip_protocol(uri))
     entry = CacheEntry.for_listing(cache_dir, canonical, files)
@@ -134,6 +136,16 @@ def _local_path(uri: str) -> Path:
     if not path.exists():
         raise StorageError(f"model URI {uri!r} does not exist")
     return path
+
+
+def _model_filesystem(backend: _Backend, options: Mapping[str, Any]) -> _FileSystem:
+    """What ``fetch`` reads a model through: s3:// by botocore alone where it can (half s3fs's start-up cost,
+    see ``s3_direct.py``), everything else by fsspec."""
+    if backend.protocol == "s3" and not options and importlib.util.find_spec("botocore") is not None:
+        from zeroserve.runtime.s3_direct import DirectS3
+
+        return DirectS3()
+    return _filesystem(backend, options)
 
 
 def _filesystem(backend: _Backend, options: Mapping[str, Any]) -> _FileSystem:
