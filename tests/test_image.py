@@ -183,12 +183,13 @@ def test_only_the_runtime_extras_are_installed_with_onnxruntime_pinned(image: Im
     assert extras <= set(pyproject), f"pip only warns about an unknown extra: {extras - set(pyproject)}"
     # The gRPC manifests (knative/grpc, KServe's grpc-v2) need the image to serve gRPC: once the project has a
     # grpc extra, both images install it (importing it costs nothing unless gRPC is turned on).
+    # The rendered manifests fetch the model from an s3:// URI, so both images read S3 too.
     grpc = {"grpc"} & set(pyproject)
     if image.path.name == "Dockerfile":
-        assert extras == {"runtime", "cpu"} | grpc and pin.name == "onnxruntime", "set ARG ZEROSERVE_EXTRAS"
+        assert extras == {"runtime", "cpu", "s3"} | grpc and pin.name == "onnxruntime", "set ARG ZEROSERVE_EXTRAS"
     else:
         # The CUDA base image holds CUDA and cuDNN: onnxruntime-gpu without its [cuda,cudnn] pip copies.
-        assert extras == {"runtime"} | grpc and pin.name == "onnxruntime-gpu", "set ARG ZEROSERVE_EXTRAS"
+        assert extras == {"runtime", "s3"} | grpc and pin.name == "onnxruntime-gpu", "set ARG ZEROSERVE_EXTRAS"
         assert not pin.extras
         pyproject = {"gpu": pyproject["gpu"]}
     # The pin satisfies what the extra asks for.
@@ -369,8 +370,9 @@ def test_rehearsal_installs_exactly_the_pinned_runtime(rehearsed_image: dict[str
     assert {"starlette", "uvicorn", "numpy", "orjson", "fsspec"} <= set(installed)
     unwanted = {"pip", "pytest", "onnx", "kserve", "tritonclient", "moto", "hatchling", "build", "kubernetes",
                 "onnxruntime-gpu", "grpcio", "s3fs", "flask"}
-    if "grpc" in args["ZEROSERVE_EXTRAS"].split(","):
-        unwanted.remove("grpcio")
+    extras = args["ZEROSERVE_EXTRAS"].split(",")
+    unwanted -= {"grpcio"} if "grpc" in extras else set()
+    unwanted -= {"s3fs"} if "s3" in extras else set()
     assert not unwanted & set(installed)
     # Bytecode is there and hash-based without source checks (flags == 1 in the .pyc header).
     [pyc] = (rehearsed_image["venv"] / "lib").glob("python3*/site-packages/zeroserve/runtime/__pycache__/app.*.pyc")
