@@ -62,11 +62,9 @@ def create_app(
         if grpc_server is not None:
             await grpc_server.start()  # in this event loop, beside REST
             grpc_server.stop_on_signals()  # both stop accepting at once; one drain deadline
-        async def load() -> None:
-            await load_in_background(config, repository, on_load_failure)
-            telemetry.record_init(repository.coldstart)
-
-        loading = asyncio.create_task(load(), name="zeroserve-load")
+        loading = asyncio.create_task(
+            load_in_background(config, repository, on_load_failure, telemetry), name="zeroserve-load"
+        )
         try:
             yield
         finally:

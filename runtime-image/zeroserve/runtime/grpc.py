@@ -314,10 +314,6 @@ async def _serve_grpc(config: RuntimeConfig) -> int:
             failed.append(exc)
             stop.set()
 
-    async def load() -> None:
-        await load_in_background(config, repository, on_load_failure)
-        telemetry.record_init(repository.coldstart)
-
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -334,7 +330,9 @@ async def _serve_grpc(config: RuntimeConfig) -> int:
         dataplane.close()
         await asyncio.to_thread(telemetry.shutdown)
         return 1
-    loading = asyncio.create_task(load(), name="zeroserve-load")
+    loading = asyncio.create_task(
+        load_in_background(config, repository, on_load_failure, telemetry), name="zeroserve-load"
+    )
     try:
         await stop.wait()
         logger.info("stopping: draining gRPC calls for up to %g s", config.shutdown_timeout)

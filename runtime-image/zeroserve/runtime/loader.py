@@ -20,6 +20,7 @@ from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.errors import InvalidInput, ServerError
 from zeroserve.runtime.model import OnnxModel
 from zeroserve.runtime.repository import Entry, ModelRepository, State
+from zeroserve.runtime.telemetry import Telemetry
 
 logger = logging.getLogger("zeroserve.runtime")
 
@@ -72,9 +73,13 @@ async def load_models(config: RuntimeConfig, repository: ModelRepository) -> Non
 
 
 async def load_in_background(
-    config: RuntimeConfig, repository: ModelRepository, on_failure: Callable[[ServerError], None] | None
+    config: RuntimeConfig,
+    repository: ModelRepository,
+    on_failure: Callable[[ServerError], None] | None,
+    telemetry: Telemetry | None = None,
 ) -> None:
-    """``load_models`` as a background task: a failure is logged and handed to ``on_failure``, never raised."""
+    """``load_models`` as a background task: a failure is logged and handed to ``on_failure``, never raised.
+    The cold start is then recorded in ``telemetry`` (its init spans and metrics), however loading ended."""
     try:
         await load_models(config, repository)
     except ServerError as exc:
@@ -86,6 +91,8 @@ async def load_in_background(
         repository.discovering = False
         if on_failure is not None:
             on_failure(ServerError(f"model loading crashed: {exc}"))
+    if telemetry is not None:
+        telemetry.record_init(repository.coldstart)
 
 
 def _load_one(entry: Entry, config: RuntimeConfig, coldstart: ColdStart) -> None:
