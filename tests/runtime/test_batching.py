@@ -108,6 +108,17 @@ def test_a_failing_run_is_split_so_only_the_culprit_fails(batching_server: Serve
             assert response.json()["outputs"][0]["data"] == [index % 8 * 10, (index + 1) % 8 * 10]
 
 
+def test_a_failing_request_that_runs_alone_is_answered(batching_server: ServerProcess) -> None:
+    # A lone request forms a batch of one; its failure must reach the caller, not leave it waiting.
+    url = f"{batching_server.url}/v2/models/lookup/infer"
+    body = {"inputs": [{"name": "index", "shape": [1], "datatype": "INT64", "data": [99]}]}
+    response = httpx.post(url, json=body, timeout=10)
+    assert response.status_code == 400
+    assert "rejected the input" in response.json()["error"]
+    good = {"inputs": [{"name": "index", "shape": [1], "datatype": "INT64", "data": [3]}]}
+    assert httpx.post(url, json=good, timeout=10).json()["outputs"][0]["data"] == [30]
+
+
 def test_a_model_without_a_batch_dimension_is_never_batched(batching_server: ServerProcess) -> None:
     url = f"{batching_server.url}/v2/models/gather/infer"
 

@@ -144,10 +144,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         try:
             if len(batch) == 1:
-                arrays, started, finished = await loop.run_in_executor(
-                    self._executor, timed_run, self.model.run, batch[0].feeds, batch[0].output_names
-                )
-                _resolve(batch[0], (arrays, started, finished, batch[0].rows))
+                await self._run_alone(batch)
                 return
             try:
                 arrays, started, finished = await loop.run_in_executor(
@@ -162,6 +159,15 @@ class Batcher:
                 parts = [array[offset : offset + pending.rows] for array in arrays]
                 offset += pending.rows
                 _resolve(pending, (parts, started, finished, total))
+        except BaseException as exc:  # no caller may wait forever on a future this task owned
+            for pending in batch:
+                if pending.future.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    pending.future.cancel()
+                else:
+                    pending.future.set_exception(exc)
+            raise
         finally:
             self._slots.release()
 
