@@ -12,7 +12,7 @@ import importlib.util
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +33,11 @@ PROTOCOLS: tuple[Protocol, ...] = ("rest", "grpc", "both")
 # KServe's own --protocol takes the predictor protocol of a transformer; a ServingRuntime may pass it.
 _KSERVE_PROTOCOLS = ("v1", "v2", "grpc-v2")
 _GRPC_MAX_MESSAGE = 2**31 - 1  # gRPC keeps message sizes in a signed 32-bit int
+# How runs share the CPU (cores.py). latency: one run at a time on every intra-op thread (--inference_threads
+# at once); throughput: one thread per run, as many runs as cores; adaptive: the first for a lone request, the
+# second under contention.
+PerformanceHint = Literal["adaptive", "latency", "throughput"]
+PERFORMANCE_HINTS: tuple[PerformanceHint, ...] = ("adaptive", "latency", "throughput")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +70,9 @@ class RuntimeConfig:
     cache_uri: str | None = None
     limits: Limits = field(default_factory=Limits)
     providers: ProviderSettings = field(default_factory=ProviderSettings)
-    # One session.run at a time by default: ONNX Runtime already spreads one run over the CPU quota,
-    # and two concurrent runs on 2 cores measured ~12% slower (bench/) than one.
+    performance_hint: PerformanceHint = "adaptive"
+    # With the latency hint, session.run calls at once: ONNX Runtime already spreads one run over the CPU
+    # quota, and two concurrent runs on every thread measured ~12% slower (bench/) than one.
     inference_threads: int = 1
     inline_run_ms: float = 0.3  # session.run shorter than this runs on the event loop (0: never)
     batching: BatchSettings = field(default_factory=BatchSettings)
@@ -78,6 +84,13 @@ class RuntimeConfig:
     timeout_keep_alive: int = 65  # outlive the idle timeout of proxies in front (Envoy: 60 s)
     log_level: str = "info"
     access_log: bool = False
+
+    def adaptive_cores(self) -> int:
+        """Cores the adaptive hint shares between runs (cores.py); 0 when it does not apply."""
+        if self.performance_hint != "adaptive" or self.providers.choice in ("tensorrt", "cuda"):
+            return 0
+        cores = self.providers.intra_op_threads or providers.cpu_quota()
+        return cores if cores > 1 else 0
 
     @property
     def serves_rest(self) -> bool:
@@ -107,8 +120,7 @@ class RuntimeConfig:
         )
         if ns.workers < 1:
             parser.error("--workers must be at least 1")
-        if ns.inference_threads < 1:
-            parser.error("--inference_threads must be at least 1")
+        hint, inference_threads, provider_settings = _performance(ns, provider_settings, parser)
         protocol = _protocol(ns, parser)
         grpc_port = ns.grpc_port
         if grpc_port is None:
@@ -147,7 +159,8 @@ class RuntimeConfig:
             cache_uri=ns.cache_uri or environ.get("ZEROSERVE_CACHE_URI") or None,
             limits=limits,
             providers=provider_settings,
-            inference_threads=ns.inference_threads,
+            performance_hint=hint,
+            inference_threads=inference_threads,
             inline_run_ms=ns.inline_run_ms,
             batching=_batching(ns, parser),
             max_queue_size=ns.max_queue_size,
@@ -224,8 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument("--workers", type=int, default=1, help="server processes sharing the port (default 1)")
     server.add_argument(
-        "--inference_threads", type=int, default=1,
-        help="concurrent session.run calls (default 1; ONNX Runtime parallelises each run itself)",
+        "--performance_hint", choices=PERFORMANCE_HINTS,
+        help="how runs share the CPU: latency (one run at a time on every core), throughput (one core per run, "
+        "as many runs as cores), adaptive (default: every core for a lone request, one core each under "
+        "contention, from a second single-thread session built on first contention: weights held twice, "
+        "models up to 256 MiB)",
+    )
+    server.add_argument(
+        "--inference_threads", type=int,
+        help="with --performance_hint latency (implied), concurrent session.run calls (default 1)",
     )
     batching = parser.add_argument_group("adaptive batching (off unless --max_batch_size > 1)")
     batching.add_argument("--max_batch_size", type=int, default=0,
@@ -249,6 +269,22 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--access_log", action=argparse.BooleanOptionalAction, default=False)
     providers.add_arguments(parser)
     return parser
+
+
+def _performance(
+    ns: argparse.Namespace, settings: ProviderSettings, parser: argparse.ArgumentParser
+) -> tuple[PerformanceHint, int, ProviderSettings]:
+    """The hint, the session.run calls at once, and the provider settings it implies."""
+    if ns.inference_threads is not None and ns.inference_threads < 1:
+        parser.error("--inference_threads must be at least 1")
+    hint: PerformanceHint = ns.performance_hint or ("latency" if ns.inference_threads is not None else "adaptive")
+    if ns.inference_threads is not None and hint != "latency":
+        parser.error(f"--inference_threads goes with --performance_hint latency, not {hint}")
+    if hint == "throughput":
+        threads_per_run = settings.intra_op_threads or 1
+        runs = max(1, providers.cpu_quota() // (threads_per_run * ns.workers))
+        return hint, runs, replace(settings, intra_op_threads=threads_per_run)
+    return hint, ns.inference_threads or 1, settings
 
 
 def _protocol(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> Protocol:

@@ -7,7 +7,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from zeroserve.runtime.batching import Batcher, BatchSettings, batchable, timed_run
+from zeroserve.runtime.batching import Batcher, BatchSettings, RunResult, batchable, timed_run
+from zeroserve.runtime.cores import CoreScheduler
 from zeroserve.runtime.errors import InvalidInput, ServerBusy
 from zeroserve.runtime.messages import InferRequest, InferResult, OutputTensor
 from zeroserve.runtime.metrics import Gauge, Labels, Protocol, ServerMetrics
@@ -34,6 +35,7 @@ class DataPlane:
         batching: BatchSettings | None = None,
         max_queue: int = 0,
         metrics: ServerMetrics | None = None,
+        cores: int = 0,
     ) -> None:
         self.repository = repository
         # Runs shorter than this stay on the event loop: for a tiny model the hop to a worker thread
@@ -51,13 +53,24 @@ class DataPlane:
         # session.run releases the GIL; a bounded pool keeps ORT's own threads from being oversubscribed.
         self._executor = ThreadPoolExecutor(max_workers=inference_threads, thread_name_prefix="zeroserve-infer")
         self._batchers: dict[OnnxModel, Batcher | None] = {}
+        # --performance_hint adaptive: a lone run takes every core, competing runs one each (cores.py).
+        self.cores = CoreScheduler(cores) if cores > 1 else None
+        if self.cores is not None:
+            self.metrics.add_gauge(
+                Gauge(
+                    "zeroserve_session_runs_total",
+                    "session.run calls under --performance_hint adaptive, by the cores they had: all, or one",
+                    self._grants, kind="counter",
+                )
+            )
 
     @classmethod
     def from_config(cls, repository: ModelRepository, config: RuntimeConfig) -> DataPlane:
         """The data plane the REST and gRPC servers share, sized and bounded by the server configuration."""
+        cores = config.adaptive_cores()
         return cls(
-            repository, config.inference_threads, config.inline_run_ms / 1000,
-            batching=config.batching, max_queue=config.max_queue_size,
+            repository, max(cores, config.inference_threads), config.inline_run_ms / 1000,
+            batching=config.batching, max_queue=config.max_queue_size, cores=cores,
         )
 
     def close(self) -> None:
@@ -80,6 +93,10 @@ class DataPlane:
             for model, batcher in self._batchers.items()
             if batcher is not None
         }
+
+    def _grants(self) -> dict[Labels, float]:
+        grants = self.cores.grants if self.cores is not None else {}
+        return {(("cores", cores),): float(count) for cores, count in grants.items()}
 
     def _in_flight(self) -> dict[Labels, float]:
         return {(): float(self.in_flight)}
@@ -143,6 +160,8 @@ class DataPlane:
                 # 3,100 -> 3,400 req/s; 1 connection: p50 within noise).
                 await asyncio.sleep(0)
                 arrays, started, finished = timed_run(model.run, feeds, output_names)
+            elif self.cores is not None:
+                arrays, started, finished = await self._run_on_cores(self.cores, model, feeds, output_names)
             else:
                 loop = asyncio.get_running_loop()
                 arrays, started, finished = await loop.run_in_executor(
@@ -164,6 +183,29 @@ class DataPlane:
             model.name, model.version, outputs, request.id,
             queue_seconds=started - submitted, compute_seconds=finished - started, coldstart=first,
         )
+
+
+    async def _run_on_cores(
+        self, cores: CoreScheduler, model: OnnxModel, feeds: dict[str, Any], output_names: list[str] | None
+    ) -> RunResult:
+        if cores.contended:
+            model.prepare_single_thread_session()  # once; ready for a later contention
+        cores.submitted()
+        job = self._executor.submit(_run_with_cores, cores, model, feeds, output_names)
+        job.add_done_callback(lambda done: cores.withdrawn() if done.cancelled() else None)
+        return await asyncio.wrap_future(job)
+
+
+def _run_with_cores(
+    cores: CoreScheduler, model: OnnxModel, feeds: dict[str, Any], output_names: list[str] | None
+) -> RunResult:
+    """In a worker thread: wait for cores, then run on every thread or on the single-thread session."""
+    granted = cores.acquire(can_share=model.single_thread_ready)
+    try:
+        run = model.run if granted == cores.cores else model.run_single_thread
+        return timed_run(run, feeds, output_names)
+    finally:
+        cores.release(granted)
 
 
 def _input_bytes(feeds: dict[str, Any]) -> int:

@@ -62,14 +62,17 @@ class Counter:
 
 
 class Gauge:
-    """A gauge read at scrape time from a callback returning {labels: value}."""
+    """A gauge read at scrape time from a callback returning {labels: value}; ``kind="counter"`` for a count
+    kept elsewhere (a name ending in ``_total``)."""
 
-    def __init__(self, name: str, help_text: str, read: Callable[[], dict[Labels, float]]) -> None:
-        self.name, self.help, self.read = name, help_text, read
+    def __init__(
+        self, name: str, help_text: str, read: Callable[[], dict[Labels, float]], kind: str = "gauge"
+    ) -> None:
+        self.name, self.help, self.read, self.kind = name, help_text, read, kind
 
     def render(self) -> Iterator[str]:
         yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} gauge"
+        yield f"# TYPE {self.name} {self.kind}"
         for labels, value in self.read().items():
             yield f"{self.name}{_format(labels)} {_number(value)}"
 

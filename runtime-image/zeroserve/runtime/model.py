@@ -6,6 +6,7 @@ Knows nothing of HTTP. Construction does no I/O; ``load()`` builds the session.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -45,6 +46,9 @@ ORT_TO_V2: Final[dict[str, str]] = {
 
 PLATFORM: Final = "onnxruntime_onnx"
 
+# A second, single-thread session (cores.py) holds one more copy of the weights: only for models up to this size.
+SINGLE_THREAD_SESSION_MAX_BYTES: Final = 256 * 1024 * 1024
+
 
 def _spec(node: Any) -> TensorSpec:
     datatype = ORT_TO_V2.get(node.type, node.type)
@@ -79,6 +83,9 @@ class OnnxModel:
         self.run_seconds = float("inf")
         # Serving on CUDA while TensorRT is still to be built (--trt_build background): upgrade() does it.
         self.upgrade_pending = False
+        # For runs that share the CPU with others (cores.py): built in the background on first contention.
+        self._single_thread_session: onnxruntime.InferenceSession | None = None
+        self._single_thread_started = False
 
     def __repr__(self) -> str:
         return f"OnnxModel(name={self.name!r}, version={self.version!r}, path='{self.path}')"
@@ -183,20 +190,73 @@ class OnnxModel:
                 raise InvalidInput(f"model '{self.name}' has no output named '{name}'; its outputs are {expected}")
 
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
-        """Blocking inference; call it from a worker thread."""
+        """Blocking inference on every intra-op thread; call it from a worker thread."""
         assert self._session is not None, "load() the model first"
         started = time.perf_counter()
+        outputs = self._run_on(self._session, feeds, output_names)
+        elapsed = time.perf_counter() - started
+        previous = self.run_seconds
+        self.run_seconds = elapsed if previous == float("inf") else 0.8 * previous + 0.2 * elapsed
+        return outputs
+
+    def run_single_thread(self, feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
+        """Blocking inference on one thread, beside other runs; needs ``single_thread_ready``."""
+        assert self._single_thread_session is not None, "no single-thread session yet"
+        # run_seconds stays the time of a run on every thread: it estimates the wait of the next lone request.
+        return self._run_on(self._single_thread_session, feeds, output_names)
+
+    @property
+    def single_thread_ready(self) -> bool:
+        return self._single_thread_session is not None
+
+    def prepare_single_thread_session(self) -> None:
+        """Start building the single-thread session in a thread of its own, once, where it can help:
+        CPU only, several intra-op threads to free, weights small enough to hold twice."""
+        if self._single_thread_started:
+            return
+        self._single_thread_started = True
+        if self.execution_providers != ["CPUExecutionProvider"] or self.upgrade_pending:
+            return
+        if self.settings.intra_op_threads == 1:
+            return
+        weight_bytes = sum(entry.stat().st_size for entry in self.path.parent.iterdir() if entry.is_file())
+        if weight_bytes > SINGLE_THREAD_SESSION_MAX_BYTES:
+            logger.info(
+                "model '%s': %d MiB of weights, too large to hold twice; concurrent runs share one session",
+                self.name, weight_bytes >> 20,
+            )  # fmt: skip
+            return
+        name = f"zeroserve-single-thread-{self.name}"
+        threading.Thread(target=self._build_single_thread_session, name=name, daemon=True).start()
+
+    def _build_single_thread_session(self) -> None:
+        started = time.perf_counter()
+        settings = replace(self.settings, choice="cpu", intra_op_threads=1, inter_op_threads=None)
         try:
-            outputs: list[np.ndarray] = self._session.run(output_names, feeds)
+            session, _ = create_session(self.path, settings, available=["CPUExecutionProvider"])
+            feeds = self._warmup_feeds(None)
+            for _ in range(2):  # the first run pays ORT's one-time costs, not a request
+                session.run(None, feeds)
+        except Exception as exc:  # the model keeps serving on its main session
+            logger.warning("model '%s': no single-thread session for concurrent runs: %s", self.name, exc)
+            return
+        self._single_thread_session = session
+        logger.info(
+            "model '%s': concurrent requests now run side by side on one thread each (session built in %.0f ms)",
+            self.name, (time.perf_counter() - started) * 1000,
+        )  # fmt: skip
+
+    def _run_on(
+        self, session: onnxruntime.InferenceSession, feeds: dict[str, np.ndarray], output_names: list[str] | None
+    ) -> list[np.ndarray]:
+        try:
+            outputs: list[np.ndarray] = session.run(output_names, feeds)
         except Exception as exc:
             # ORT reports data-dependent failures (an index out of range, a reshape that does not fit)
             # as INVALID_ARGUMENT: those are the caller's to fix.
             if type(exc).__name__ == "InvalidArgument":
                 raise InvalidInput(f"model '{self.name}' rejected the input: {exc}") from exc
             raise InferenceError(f"model '{self.name}' failed: {exc}") from exc
-        elapsed = time.perf_counter() - started
-        previous = self.run_seconds
-        self.run_seconds = elapsed if previous == float("inf") else 0.8 * previous + 0.2 * elapsed
         return outputs
 
     def warmup(self, shapes: Mapping[str, Sequence[int]] | None = None) -> float:

@@ -1,0 +1,236 @@
+"""--performance_hint: a lone run gets every core, competing runs one core each on a single-thread session.
+
+The scheduler is driven by real threads; the model's second session is real onnxruntime; the end-to-end test
+is a real server answering concurrent clients, checked against onnxruntime run in this process."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from zeroserve.runtime import model as model_module
+from zeroserve.runtime.config import RuntimeConfig
+from zeroserve.runtime.cores import CoreScheduler
+from zeroserve.runtime.model import OnnxModel
+from zeroserve.runtime.providers import ProviderSettings
+
+import models as test_models
+from conftest import start_server
+
+WAIT = 10.0  # bound on every wait below
+
+
+def test_a_lone_run_gets_every_core() -> None:
+    scheduler = CoreScheduler(4)
+    assert not scheduler.contended
+    scheduler.submitted()
+    assert scheduler.acquire(can_share=True) == 4
+    assert scheduler.contended
+    scheduler.release(4)
+    assert not scheduler.contended and scheduler.grants == {"all": 1, "one": 0}
+
+
+def test_runs_waiting_behind_others_get_one_core_each() -> None:
+    scheduler = CoreScheduler(2)
+    for _ in range(3):
+        scheduler.submitted()
+    assert scheduler.acquire(can_share=True) == 1  # two more are waiting: share
+    assert scheduler.acquire(can_share=True) == 1
+    third, granted = acquire_in_thread(scheduler)
+    time.sleep(0.05)
+    assert granted == [], "no core is free: the third run must wait"
+    scheduler.release(1)
+    third.join(WAIT)
+    assert granted == [1]  # a run still holds a core, so the third shares
+    scheduler.release(1)
+    scheduler.release(1)
+    assert scheduler.grants == {"all": 0, "one": 3}
+
+
+def acquire_in_thread(scheduler: CoreScheduler) -> tuple[threading.Thread, list[int]]:
+    # For a run already counted by submitted(): only the acquire happens in the thread.
+    granted: list[int] = []
+    thread = threading.Thread(target=lambda: granted.append(scheduler.acquire(True)), daemon=True)
+    thread.start()
+    return thread, granted
+
+
+def test_a_run_that_cannot_share_waits_for_every_core() -> None:
+    scheduler = CoreScheduler(2)
+    scheduler.submitted()
+    scheduler.submitted()
+    assert scheduler.acquire(can_share=True) == 1
+    granted: list[int] = []
+    thread = threading.Thread(target=lambda: granted.append(scheduler.acquire(False)), daemon=True)
+    thread.start()
+    time.sleep(0.05)
+    assert granted == [], "one core is free, but a model without a single-thread session needs both"
+    scheduler.release(1)
+    thread.join(WAIT)
+    assert granted == [2]
+
+
+def test_a_withdrawn_run_no_longer_counts_as_waiting() -> None:
+    scheduler = CoreScheduler(2)
+    scheduler.submitted()
+    scheduler.submitted()
+    scheduler.withdrawn()  # cancelled while queued
+    assert scheduler.acquire(can_share=True) == 2
+
+
+def test_the_pool_never_runs_more_than_the_cores_allow() -> None:
+    scheduler = CoreScheduler(2)
+    in_use, peak, lock = [0], [0], threading.Lock()
+
+    def job(can_share: bool) -> int:
+        granted = scheduler.acquire(can_share)
+        with lock:
+            in_use[0] += granted
+            peak[0] = max(peak[0], in_use[0])
+        time.sleep(0.002)
+        with lock:
+            in_use[0] -= granted
+        scheduler.release(granted)
+        return granted
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = []
+        for index in range(60):
+            scheduler.submitted()
+            futures.append(pool.submit(job, index % 3 != 0))
+        results = [future.result(WAIT) for future in futures]
+    assert peak[0] <= 2
+    assert set(results) <= {1, 2} and 1 in results
+    assert not scheduler.contended
+
+
+def test_a_cpu_model_builds_a_single_thread_session_that_answers_the_same(tmp_path: Path) -> None:
+    path = test_models.mlp_model(tmp_path / "mlp" / "model.onnx")
+    model = OnnxModel("mlp", "1", path, ProviderSettings(choice="cpu", intra_op_threads=2))
+    model.load()
+    assert not model.single_thread_ready
+    model.prepare_single_thread_session()
+    deadline = time.monotonic() + WAIT
+    while not model.single_thread_ready and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert model.single_thread_ready
+    feeds = {"input": np.random.default_rng(1).standard_normal((32, 16)).astype(np.float32)}
+    np.testing.assert_allclose(model.run_single_thread(feeds, None)[0], model.run(feeds, None)[0], rtol=1e-5)
+
+
+def test_no_single_thread_session_off_the_cpu_mock_gpu(tmp_path: Path) -> None:
+    # No GPU here: the provider list a CUDA session would report stands in for one.
+    path = test_models.mlp_model(tmp_path / "mlp" / "model.onnx")
+    model = OnnxModel("mlp", "1", path, ProviderSettings(choice="cpu", intra_op_threads=2))
+    model.load()
+    model.execution_providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    model.prepare_single_thread_session()
+    time.sleep(0.2)
+    assert not model.single_thread_ready
+
+
+def test_no_single_thread_session_for_weights_too_large_to_hold_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = test_models.mlp_model(tmp_path / "mlp" / "model.onnx")
+    monkeypatch.setattr(model_module, "SINGLE_THREAD_SESSION_MAX_BYTES", 100)
+    model = OnnxModel("mlp", "1", path, ProviderSettings(choice="cpu", intra_op_threads=2))
+    model.load()
+    with caplog.at_level("INFO", logger="zeroserve.runtime"):
+        model.prepare_single_thread_session()
+    time.sleep(0.2)
+    assert not model.single_thread_ready
+    assert "too large to hold twice" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint", "threads", "intra"),
+    [
+        ([], "adaptive", 1, None),
+        (["--inference_threads", "3"], "latency", 3, None),
+        (["--performance_hint", "latency"], "latency", 1, None),
+        (["--performance_hint", "throughput", "--intra_op_threads", "1"], "throughput", None, 1),
+    ],
+)
+def test_performance_hint_flags(argv: list[str], hint: str, threads: int | None, intra: int | None) -> None:
+    config = RuntimeConfig.from_args(argv, {})
+    assert config.performance_hint == hint
+    assert config.providers.intra_op_threads == intra
+    if threads is not None:
+        assert config.inference_threads == threads
+    else:
+        assert config.inference_threads >= 1  # the CPU quota, one run per core
+
+
+def test_inference_threads_belongs_to_the_latency_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        RuntimeConfig.from_args(["--performance_hint", "adaptive", "--inference_threads", "2"], {})
+    assert "--inference_threads goes with --performance_hint latency" in capsys.readouterr().err
+
+
+def test_adaptive_cores_apply_to_cpu_sessions_with_threads_to_share() -> None:
+    assert RuntimeConfig.from_args(["--intra_op_threads", "4"], {}).adaptive_cores() == 4
+    assert RuntimeConfig.from_args(["--intra_op_threads", "1"], {}).adaptive_cores() == 0
+    assert RuntimeConfig.from_args(["--intra_op_threads", "4", "--providers", "cuda"], {}).adaptive_cores() == 0
+    latency = RuntimeConfig.from_args(["--intra_op_threads", "4", "--performance_hint", "latency"], {})
+    assert latency.adaptive_cores() == 0
+
+
+def session_runs(url: str) -> dict[str, float]:
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        if family.name == "zeroserve_session_runs":
+            return {sample.labels["cores"]: sample.value for sample in family.samples}
+    return {}
+
+
+def test_concurrent_requests_share_the_cores_and_get_the_same_answers(tmp_path: Path) -> None:
+    # Wide hidden layer: a run takes milliseconds, so requests from concurrent clients overlap.
+    path = test_models.mlp_model(tmp_path / "repo" / "mlp" / "1" / "model.onnx", features=16, hidden=32768)
+    # 2 threads per run whatever this machine has; runs always leave the event loop (no inline runs).
+    server = start_server(
+        ["--model_dir", str(tmp_path / "repo"), "--intra_op_threads", "2", "--inline_run_ms", "0"],
+        tmp_path / "server.log",
+    )
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(7)
+    batches = [rng.standard_normal((64, 16)).astype(np.float32) for _ in range(6)]
+    expected = [reference.run(None, {"input": batch})[0] for batch in batches]
+    url = f"{server.url}/v2/models/mlp/infer"
+
+    def infer(index: int) -> np.ndarray:
+        batch = batches[index]
+        body = {"inputs": [{"name": "input", "shape": list(batch.shape), "datatype": "FP32",
+                            "data": batch.ravel().tolist()}]}  # fmt: skip
+        output = httpx.post(url, json=body, timeout=WAIT).json()["outputs"][0]
+        return np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+
+    def infer_all(pool: ThreadPoolExecutor) -> None:
+        for index, answer in enumerate(pool.map(infer, range(len(batches)))):
+            np.testing.assert_allclose(answer, expected[index], rtol=1e-4, atol=1e-4)
+
+    try:
+        with ThreadPoolExecutor(max_workers=len(batches)) as pool:
+            deadline = time.monotonic() + 30
+            while "side by side" not in server.log() and time.monotonic() < deadline:
+                infer_all(pool)  # contention builds the single-thread session
+            assert "side by side on one thread each" in server.log()
+            before = session_runs(server.url)
+            for _ in range(20):  # bounded: overlap is likely on every round, not certain on a loaded machine
+                infer_all(pool)
+                runs = session_runs(server.url)
+                if runs["one"] > before.get("one", 0.0):
+                    break
+        assert runs["one"] > before.get("one", 0.0), f"no run shared the cores: {runs}"
+        # A lone request afterwards gets every core again.
+        np.testing.assert_allclose(infer(0), expected[0], rtol=1e-4, atol=1e-4)
+        assert session_runs(server.url)["all"] == runs["all"] + 1
+    finally:
+        server.stop()
