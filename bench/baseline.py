@@ -7,8 +7,10 @@ state of the server runs they are compared with. Sessions use onnxruntime's defa
 threads = physical cores), as a server does unless told otherwise.
 
 For every model (``tiny``, ``image``, ``large``): per-call latency of ``run`` at batch 1, in microseconds
-(p50, p99, mean), and the throughput ceiling in inferences/s with 1 thread calling ``run`` in a loop and with
-2 threads sharing one session (``run`` releases the GIL); the better of the two is the model's raw ceiling.
+(p50, p99, mean), and the throughput ceiling in inferences/s with 1 thread calling ``run`` in a loop, with
+2 threads sharing one session (``run`` releases the GIL), and with 2 threads sharing a session limited to one
+intra-op thread (one core per run: what zeroserve's adaptive hint does under load); the best of the three is the
+model's raw ceiling.
 
 ``--only MODEL --latency-only`` measures one model's per-call latency and nothing else: ``run.py`` uses it right
 before a server's single-call run, so that "server p50 / session.run p50" compares numbers taken moments apart
@@ -33,8 +35,12 @@ import onnxruntime as ort
 from payloads import MODELS, model_input
 
 
-def _session(models_dir: Path, model: str) -> ort.InferenceSession:
-    return ort.InferenceSession(str(models_dir / model / "model.onnx"), providers=["CPUExecutionProvider"])
+def _session(models_dir: Path, model: str, intra_op_threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads  # 0: onnxruntime's default
+    return ort.InferenceSession(
+        str(models_dir / model / "model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
 
 
 def _percentiles_us(samples_ns: Sequence[int]) -> dict[str, float]:
@@ -106,6 +112,8 @@ def measure(
         if not latency_only:
             entry["throughput_1thread_per_s"] = throughput(session, feeds, 1, duration)
             entry["throughput_2threads_per_s"] = throughput(session, feeds, 2, duration)
+            single_thread = _session(models_dir, model, intra_op_threads=1)
+            entry["throughput_2threads_1intra_per_s"] = throughput(single_thread, feeds, 2, duration)
         results[model] = entry
     return results
 

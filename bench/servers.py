@@ -80,6 +80,14 @@ KINDS: dict[str, ServerKind] = {
     "zeroserve+batching": ServerKind(
         "zeroserve+batching", ("-m", "zeroserve.runtime"), ("--host", HOST, *BATCHING_FLAGS), probe=_PROBE_ZEROSERVE
     ),
+    # The hint zeroserve used before adaptive became the default (one run at a time on every core): opt-in
+    # with --servers, to see what the adaptive hint changes in the same run.
+    "zeroserve+latency": ServerKind(
+        "zeroserve+latency",
+        ("-m", "zeroserve.runtime"),
+        ("--host", HOST, "--performance_hint", "latency"),
+        probe=_PROBE_ZEROSERVE,
+    ),
     "kserve": ServerKind("kserve", (str(BENCH_DIR / "peers" / "kserve_onnx.py"),), grpc_always_on=True),
     # MLServer 1.7.1 from its own virtualenv (see bench/README.md); it listens on 127.0.0.1 (peer settings.json).
     "mlserver": ServerKind(
