@@ -51,7 +51,9 @@ class DataPlane:
         )
         self._inference_threads = inference_threads
         # session.run releases the GIL; a bounded pool keeps ORT's own threads from being oversubscribed.
-        self._executor = ThreadPoolExecutor(max_workers=inference_threads, thread_name_prefix="zeroserve-infer")
+        # Batches keep to inference_threads runs at once; the adaptive hint's runs are bounded by its cores.
+        workers = max(inference_threads, cores)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zeroserve-infer")
         self._batchers: dict[OnnxModel, Batcher | None] = {}
         # --performance_hint adaptive: a lone run takes every core, competing runs one each (cores.py).
         self.cores = CoreScheduler(cores) if cores > 1 else None
@@ -69,7 +71,7 @@ class DataPlane:
         """The data plane the REST and gRPC servers share, sized and bounded by the server configuration."""
         cores = config.adaptive_cores()
         return cls(
-            repository, max(cores, config.inference_threads), config.inline_run_ms / 1000,
+            repository, config.inference_threads, config.inline_run_ms / 1000,
             batching=config.batching, max_queue=config.max_queue_size, cores=cores,
         )
 
