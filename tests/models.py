@@ -112,3 +112,27 @@ def lookup_model(path: Path) -> Path:
         initializer=[table],
     )
     return _save(graph, path)
+
+
+def conv_model(path: Path, size: int = 64, channels: int = 32, layers: int = 3, seed: int = 0) -> Path:
+    """A small CNN whose runs take milliseconds: input [-1, 3, size, size] FP32, ``layers`` 3x3 convolutions
+    with Relu, global average pool, output [-1, channels]."""
+    rng = np.random.default_rng(seed)
+    nodes, initializers, previous, width = [], [], "input", 3
+    for layer in range(layers):
+        weight = rng.standard_normal((channels, width, 3, 3)).astype(np.float32) * 0.1
+        initializers.append(numpy_helper.from_array(weight, f"w{layer}"))
+        nodes.append(helper.make_node("Conv", [previous, f"w{layer}"], [f"c{layer}"], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{layer}"], [f"r{layer}"]))
+        previous, width = f"r{layer}", channels
+    nodes.append(helper.make_node("GlobalAveragePool", [previous], ["pooled"]))
+    shape = numpy_helper.from_array(np.array([0, channels], dtype=np.int64), "shape")
+    nodes.append(helper.make_node("Reshape", ["pooled", "shape"], ["output"]))
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", channels])],
+        initializer=[*initializers, shape],
+    )
+    return _save(graph, path)

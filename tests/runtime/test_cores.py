@@ -146,9 +146,11 @@ def test_no_single_thread_session_for_weights_too_large_to_hold_twice(
     model.load()
     with caplog.at_level("INFO", logger="zeroserve.runtime"):
         model.prepare_single_thread_session()
-    time.sleep(0.2)
-    assert not model.single_thread_ready
+        deadline = time.monotonic() + WAIT
+        while "too large to hold twice" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
     assert "too large to hold twice" in caplog.text
+    assert not model.single_thread_ready
 
 
 @pytest.mark.parametrize(
@@ -192,8 +194,8 @@ def session_runs(url: str) -> dict[str, float]:
 
 
 def test_concurrent_requests_share_the_cores_and_get_the_same_answers(tmp_path: Path) -> None:
-    # Wide hidden layer: a run takes milliseconds, so requests from concurrent clients overlap.
-    path = test_models.mlp_model(tmp_path / "repo" / "mlp" / "1" / "model.onnx", features=16, hidden=32768)
+    # Convolutions: one image takes milliseconds (above SHARE_MIN_RUN_SECONDS), so concurrent requests overlap.
+    path = test_models.conv_model(tmp_path / "repo" / "conv" / "1" / "model.onnx", size=96)
     # 2 threads per run whatever this machine has; runs always leave the event loop (no inline runs).
     server = start_server(
         ["--model_dir", str(tmp_path / "repo"), "--intra_op_threads", "2", "--inline_run_ms", "0"],
@@ -201,9 +203,9 @@ def test_concurrent_requests_share_the_cores_and_get_the_same_answers(tmp_path: 
     )
     reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(7)
-    batches = [rng.standard_normal((64, 16)).astype(np.float32) for _ in range(6)]
+    batches = [rng.standard_normal((1, 3, 96, 96)).astype(np.float32) for _ in range(6)]
     expected = [reference.run(None, {"input": batch})[0] for batch in batches]
-    url = f"{server.url}/v2/models/mlp/infer"
+    url = f"{server.url}/v2/models/conv/infer"
 
     def infer(index: int) -> np.ndarray:
         batch = batches[index]

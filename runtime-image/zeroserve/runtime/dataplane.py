@@ -23,6 +23,12 @@ EXTENSIONS = ["binary_tensor_data"]
 
 
 INLINE_MAX_INPUT_BYTES = 64 * 1024
+# Under the adaptive hint, runs share the cores only when the model's fastest run took at least this long.
+# Shorter runs do not gain (the work around them dominates) and lose to the hand-offs between threads and their
+# contention for the GIL: 256 KiB tensors, 0.12 ms runs, 4 connections: 780-830 req/s sharing vs 1,040-1,350
+# one at a time. The fastest run, not the average: under load the average overstates a short run (it passed
+# 1 ms for that model). A model with a dynamic batch is judged by its smallest batch (warmup runs one row).
+SHARE_MIN_RUN_SECONDS = 0.001
 
 
 class DataPlane:
@@ -51,13 +57,14 @@ class DataPlane:
         )
         self._inference_threads = inference_threads
         # session.run releases the GIL; a bounded pool keeps ORT's own threads from being oversubscribed.
-        # Batches keep to inference_threads runs at once; the adaptive hint's runs are bounded by its cores.
-        workers = max(inference_threads, cores)
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zeroserve-infer")
+        self._executor = ThreadPoolExecutor(max_workers=inference_threads, thread_name_prefix="zeroserve-infer")
         self._batchers: dict[OnnxModel, Batcher | None] = {}
-        # --performance_hint adaptive: a lone run takes every core, competing runs one each (cores.py).
+        # --performance_hint adaptive: a lone run takes every core, competing runs one each (cores.py), on a pool
+        # of their own. Models with short runs stay on the pool above (SHARE_MIN_RUN_SECONDS).
         self.cores = CoreScheduler(cores) if cores > 1 else None
+        self._shared_executor: ThreadPoolExecutor | None = None
         if self.cores is not None:
+            self._shared_executor = ThreadPoolExecutor(max_workers=cores, thread_name_prefix="zeroserve-cores")
             self.metrics.add_gauge(
                 Gauge(
                     "zeroserve_session_runs_total",
@@ -80,6 +87,8 @@ class DataPlane:
             if batcher is not None:
                 batcher.close()
         self._executor.shutdown(wait=True)
+        if self._shared_executor is not None:
+            self._shared_executor.shutdown(wait=True)
 
     def _batcher(self, model: OnnxModel) -> Batcher | None:
         if model not in self._batchers:
@@ -162,7 +171,7 @@ class DataPlane:
                 # 3,100 -> 3,400 req/s; 1 connection: p50 within noise).
                 await asyncio.sleep(0)
                 arrays, started, finished = timed_run(model.run, feeds, output_names)
-            elif self.cores is not None:
+            elif self.cores is not None and model.fastest_run_seconds >= SHARE_MIN_RUN_SECONDS:
                 arrays, started, finished = await self._run_on_cores(self.cores, model, feeds, output_names)
             else:
                 loop = asyncio.get_running_loop()
@@ -186,14 +195,14 @@ class DataPlane:
             queue_seconds=started - submitted, compute_seconds=finished - started, coldstart=first,
         )
 
-
     async def _run_on_cores(
         self, cores: CoreScheduler, model: OnnxModel, feeds: dict[str, Any], output_names: list[str] | None
     ) -> RunResult:
+        assert self._shared_executor is not None
         if cores.contended:
             model.prepare_single_thread_session()  # once; ready for a later contention
         cores.submitted()
-        job = self._executor.submit(_run_with_cores, cores, model, feeds, output_names)
+        job = self._shared_executor.submit(_run_with_cores, cores, model, feeds, output_names)
         job.add_done_callback(lambda done: cores.withdrawn() if done.cancelled() else None)
         return await asyncio.wrap_future(job)
 
