@@ -28,11 +28,19 @@ from conftest import start_server
 WAIT = 10.0  # bound on every wait below
 
 
+def yes() -> bool:
+    return True
+
+
+def no() -> bool:
+    return False
+
+
 def test_a_lone_run_gets_every_core() -> None:
     scheduler = CoreScheduler(4)
     assert not scheduler.contended
     scheduler.submitted()
-    assert scheduler.acquire(can_share=True) == 4
+    assert scheduler.acquire(can_share=yes) == 4
     assert scheduler.contended
     scheduler.release(4)
     assert not scheduler.contended and scheduler.grants == {"all": 1, "one": 0}
@@ -42,8 +50,8 @@ def test_runs_waiting_behind_others_get_one_core_each() -> None:
     scheduler = CoreScheduler(2)
     for _ in range(3):
         scheduler.submitted()
-    assert scheduler.acquire(can_share=True) == 1  # two more are waiting: share
-    assert scheduler.acquire(can_share=True) == 1
+    assert scheduler.acquire(can_share=yes) == 1  # two more are waiting: share
+    assert scheduler.acquire(can_share=yes) == 1
     third, granted = acquire_in_thread(scheduler)
     time.sleep(0.05)
     assert granted == [], "no core is free: the third run must wait"
@@ -58,7 +66,7 @@ def test_runs_waiting_behind_others_get_one_core_each() -> None:
 def acquire_in_thread(scheduler: CoreScheduler) -> tuple[threading.Thread, list[int]]:
     # For a run already counted by submitted(): only the acquire happens in the thread.
     granted: list[int] = []
-    thread = threading.Thread(target=lambda: granted.append(scheduler.acquire(True)), daemon=True)
+    thread = threading.Thread(target=lambda: granted.append(scheduler.acquire(yes)), daemon=True)
     thread.start()
     return thread, granted
 
@@ -67,9 +75,9 @@ def test_a_run_that_cannot_share_waits_for_every_core() -> None:
     scheduler = CoreScheduler(2)
     scheduler.submitted()
     scheduler.submitted()
-    assert scheduler.acquire(can_share=True) == 1
+    assert scheduler.acquire(can_share=yes) == 1
     granted: list[int] = []
-    thread = threading.Thread(target=lambda: granted.append(scheduler.acquire(False)), daemon=True)
+    thread = threading.Thread(target=lambda: granted.append(scheduler.acquire(no)), daemon=True)
     thread.start()
     time.sleep(0.05)
     assert granted == [], "one core is free, but a model without a single-thread session needs both"
@@ -78,12 +86,82 @@ def test_a_run_that_cannot_share_waits_for_every_core() -> None:
     assert granted == [2]
 
 
+def test_a_run_that_cannot_share_is_not_starved_by_runs_that_can() -> None:
+    # Four workers keep one-core runs going on 2 cores; a run that needs both must still get them.
+    scheduler = CoreScheduler(2)
+    stop, exclusive_done = threading.Event(), threading.Event()
+
+    def sharer() -> None:
+        while not stop.is_set():
+            scheduler.submitted()
+            granted = scheduler.acquire(yes)
+            time.sleep(0.001)
+            scheduler.release(granted)
+
+    workers = [threading.Thread(target=sharer, daemon=True) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    time.sleep(0.05)
+    scheduler.submitted()
+    granted: list[int] = []
+
+    def exclusive() -> None:
+        granted.append(scheduler.acquire(no))
+        scheduler.release(granted[0])
+        exclusive_done.set()
+
+    threading.Thread(target=exclusive, daemon=True).start()
+    finished = exclusive_done.wait(WAIT)
+    stop.set()
+    for worker in workers:
+        worker.join(WAIT)
+    assert finished and granted == [2], "the run that needs every core waited forever"
+
+
+def test_a_run_that_becomes_able_to_share_is_granted_one_core() -> None:
+    # Its model's single-thread session became ready while it waited.
+    scheduler = CoreScheduler(2)
+    for _ in range(2):
+        scheduler.submitted()
+    assert scheduler.acquire(can_share=yes) == 1
+    ready = threading.Event()
+    granted: list[int] = []
+    thread = threading.Thread(target=lambda: granted.append(scheduler.acquire(ready.is_set)), daemon=True)
+    thread.start()
+    time.sleep(0.05)
+    assert granted == []
+    ready.set()
+    scheduler.release(0)  # any change wakes the waiters, which ask again
+    thread.join(WAIT)
+    assert granted == [1]
+
+
+def test_runs_waiting_for_cores_share_them_when_they_free_up() -> None:
+    # 4 cores: A holds them all; B and C wait inside acquire. When A ends, B must not take all four.
+    scheduler = CoreScheduler(4)
+    scheduler.submitted()
+    assert scheduler.acquire(can_share=yes) == 4
+    results: list[int] = []
+    threads = []
+    for _ in range(2):
+        scheduler.submitted()
+        threads.append(threading.Thread(target=lambda: results.append(scheduler.acquire(yes)), daemon=True))
+        threads[-1].start()
+    deadline = time.monotonic() + WAIT
+    while scheduler._waiting < 2 and time.monotonic() < deadline:  # both blocked in acquire
+        time.sleep(0.005)
+    scheduler.release(4)
+    for thread in threads:
+        thread.join(WAIT)
+    assert sorted(results) == [1, 1]
+
+
 def test_a_withdrawn_run_no_longer_counts_as_waiting() -> None:
     scheduler = CoreScheduler(2)
     scheduler.submitted()
     scheduler.submitted()
     scheduler.withdrawn()  # cancelled while queued
-    assert scheduler.acquire(can_share=True) == 2
+    assert scheduler.acquire(can_share=yes) == 2
 
 
 def test_the_pool_never_runs_more_than_the_cores_allow() -> None:
@@ -91,7 +169,7 @@ def test_the_pool_never_runs_more_than_the_cores_allow() -> None:
     in_use, peak, lock = [0], [0], threading.Lock()
 
     def job(can_share: bool) -> int:
-        granted = scheduler.acquire(can_share)
+        granted = scheduler.acquire(lambda: can_share)
         with lock:
             in_use[0] += granted
             peak[0] = max(peak[0], in_use[0])

@@ -238,10 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--workers", type=int, default=1, help="server processes sharing the port (default 1)")
     server.add_argument(
         "--performance_hint", choices=PERFORMANCE_HINTS,
-        help="how runs share the CPU: latency (one run at a time on every core), throughput (one core per run, "
-        "as many runs as cores), adaptive (default: every core for a lone request, one core each under "
-        "contention, from a second single-thread session built on first contention: weights held twice, "
-        "models up to 256 MiB)",
+        help="how runs share the CPU: latency (one run at a time on every intra-op thread), throughput "
+        "(--intra_op_threads per run, default 1, as many runs as the CPU quota allows), adaptive (default: a run "
+        "gets every core when nothing else runs or waits, one core otherwise, on a second single-thread session "
+        "built on first contention; CPU provider, models up to 256 MiB whose fastest run takes 1 ms or more; "
+        "batched models and the rest run one at a time on every core)",
     )
     server.add_argument(
         "--inference_threads", type=int,

@@ -17,6 +17,7 @@ measured 103-104 calls/s in the case above).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 
 class CoreScheduler:
@@ -24,9 +25,10 @@ class CoreScheduler:
 
     The event loop calls ``submitted`` when it hands a run to the worker pool (and ``withdrawn`` if that run
     is cancelled before it starts); the worker calls ``acquire`` before the run and ``release`` after it.
-    A run gets every core when they are all free and no other run is waiting to start, or when it cannot
-    share (its model has no single-thread session yet); otherwise one core. ``acquire`` blocks until it can
-    grant one of those."""
+    A run gets every core when they are all free and no other run is queued or waiting for cores, or when it
+    cannot share (its model has no single-thread session); otherwise one core. A run that cannot share holds
+    back new one-core grants while it waits, so runs that can share do not keep it from the cores forever.
+    ``acquire`` blocks until it can grant one of those."""
 
     def __init__(self, cores: int) -> None:
         if cores < 1:
@@ -34,38 +36,56 @@ class CoreScheduler:
         self.cores = cores
         self._free = cores
         self._pending = 0  # submitted, not yet started
+        self._waiting = 0  # started, blocked in acquire
+        self._waiting_for_all = 0  # of those, runs that cannot share
         self._changed = threading.Condition()
         self.grants = {"all": 0, "one": 0}  # runs so far, by the cores they were given (for /metrics)
 
     @property
     def contended(self) -> bool:
         """Whether a run submitted now would have to share the cores or wait (read without the lock: a hint)."""
-        return self._free < self.cores or self._pending > 0
+        return self._free < self.cores or self._pending > 0 or self._waiting > 0
 
     def submitted(self) -> None:
         with self._changed:
             self._pending += 1
 
     def withdrawn(self) -> None:
-        """A submitted run that will never start (cancelled while queued)."""
+        """A submitted run that will never start (cancelled while queued, or never queued)."""
         with self._changed:
             self._pending -= 1
             self._changed.notify_all()
 
-    def acquire(self, can_share: bool) -> int:
-        """Block until cores are granted to the run about to start; returns how many: ``cores`` or 1."""
+    def acquire(self, can_share: Callable[[], bool]) -> int:
+        """Block until cores are granted to the run about to start; returns how many: ``cores`` or 1.
+
+        ``can_share`` is asked again each time the run is woken: a single-thread session may become ready
+        while it waits."""
         with self._changed:
             self._pending -= 1
-            while True:
-                if self._free == self.cores and (self._pending == 0 or not can_share):
-                    self._free = 0
-                    self.grants["all"] += 1
-                    return self.cores
-                if can_share and self._free >= 1:
-                    self._free -= 1
-                    self.grants["one"] += 1
-                    return 1
-                self._changed.wait()
+            self._waiting += 1
+            counted_for_all = False
+            try:
+                while True:
+                    share = can_share()
+                    if share == counted_for_all:  # it changed since the last pass
+                        counted_for_all = not share
+                        self._waiting_for_all += 1 if counted_for_all else -1
+                    others = self._pending + self._waiting - 1
+                    if self._free == self.cores and (not share or others == 0):
+                        self._free = 0
+                        self.grants["all"] += 1
+                        return self.cores
+                    if share and self._free >= 1 and self._waiting_for_all == 0:
+                        self._free -= 1
+                        self.grants["one"] += 1
+                        return 1
+                    self._changed.wait()
+            finally:
+                self._waiting -= 1
+                if counted_for_all:
+                    self._waiting_for_all -= 1
+                self._changed.notify_all()  # the counts others decide on changed
 
     def release(self, cores: int) -> None:
         with self._changed:

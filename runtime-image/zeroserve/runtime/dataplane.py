@@ -202,7 +202,11 @@ class DataPlane:
         if cores.contended:
             model.prepare_single_thread_session()  # once; ready for a later contention
         cores.submitted()
-        job = self._shared_executor.submit(_run_with_cores, cores, model, feeds, output_names)
+        try:
+            job = self._shared_executor.submit(_run_with_cores, cores, model, feeds, output_names)
+        except BaseException:  # never queued (the pool is shut down): it must not count as waiting
+            cores.withdrawn()
+            raise
         job.add_done_callback(lambda done: cores.withdrawn() if done.cancelled() else None)
         return await asyncio.wrap_future(job)
 
@@ -211,7 +215,7 @@ def _run_with_cores(
     cores: CoreScheduler, model: OnnxModel, feeds: dict[str, Any], output_names: list[str] | None
 ) -> RunResult:
     """In a worker thread: wait for cores, then run on every thread or on the single-thread session."""
-    granted = cores.acquire(can_share=model.single_thread_ready)
+    granted = cores.acquire(can_share=lambda: model.single_thread_ready)
     try:
         run = model.run if granted == cores.cores else model.run_single_thread
         return timed_run(run, feeds, output_names)

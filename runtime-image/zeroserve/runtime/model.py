@@ -89,6 +89,7 @@ class OnnxModel:
         # For runs that share the CPU with others (cores.py): built in the background on first contention.
         self._single_thread_session: onnxruntime.InferenceSession | None = None
         self._single_thread_started = False
+        self._warmup_shapes: Mapping[str, Sequence[int]] | None = None  # --warmup_shapes, for that session too
 
     def __repr__(self) -> str:
         return f"OnnxModel(name={self.name!r}, version={self.version!r}, path='{self.path}')"
@@ -239,7 +240,7 @@ class OnnxModel:
         settings = replace(self.settings, choice="cpu", intra_op_threads=1, inter_op_threads=None)
         try:
             session, _ = create_session(self.path, settings, available=["CPUExecutionProvider"])
-            feeds = self._warmup_feeds(None)
+            feeds = self._warmup_feeds(self._warmup_shapes)
             for _ in range(2):  # the first run pays ORT's one-time costs, not a request
                 session.run(None, feeds)
         except Exception as exc:  # the model keeps serving on its main session
@@ -271,6 +272,7 @@ class OnnxModel:
         where it names the input, else 1. Twice: the first run pays ONNX Runtime's one-time costs, the
         second gives a fair run time."""
         feeds = self._warmup_feeds(shapes)
+        self._warmup_shapes = shapes
         started = time.perf_counter()
         self.run(feeds, None)
         self.run_seconds = float("inf")
