@@ -64,13 +64,13 @@ class CoreScheduler:
         with self._changed:
             self._pending -= 1
             self._waiting += 1
-            counted_for_all = False
+            counted_for_all = False  # whether this run is in _waiting_for_all
             try:
                 while True:
                     share = can_share()
-                    if share == counted_for_all:  # it changed since the last pass
+                    if counted_for_all == share:  # it needs every core now and did not before, or the reverse
+                        self._waiting_for_all += -1 if share else 1
                         counted_for_all = not share
-                        self._waiting_for_all += 1 if counted_for_all else -1
                     others = self._pending + self._waiting - 1
                     if self._free == self.cores and (not share or others == 0):
                         self._free = 0
