@@ -395,6 +395,51 @@ def test_every_output_when_none_is_requested(stub: pb_grpc.GRPCInferenceServiceS
 # -- one test per malformed request; the stub fixture proves the server keeps serving ------------------------
 
 
+def _send_bytes(target: str, data: bytes) -> grpc.RpcError:
+    """``data`` as the ModelInfer request, as it is: a client whose encoder is broken, or a truncated message."""
+    with grpc.insecure_channel(target) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as info:
+            infer(data, timeout=10)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"\x0a\xff\xff\xff\xff\x0f", "runs past the end"),  # model_name claims 4 GiB
+        (b"\x0a\x03add\x80", "varint is truncated"),
+        (b"\x0b\x0c", "wire type 3"),  # a group: ModelInferRequest has none
+        (b"\x2a\x02\xff\xff", "not a ModelInferRequest"),  # inputs[0] is not an InferInputTensor
+    ],
+    ids=["field-past-the-end", "truncated-varint", "group", "bad-nested-message"],
+)
+def test_bytes_that_are_not_a_message(
+    grpc_server: tuple[ServerProcess, str], stub: pb_grpc.GRPCInferenceServiceStub, data: bytes, fragment: str
+) -> None:
+    error = _send_bytes(grpc_server[1], data)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "not a ModelInferRequest protobuf message" in error.details() and fragment in error.details()
+
+
+def test_truncated_message(grpc_server: tuple[ServerProcess, str], stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    whole = add_request().SerializeToString()
+    error = _send_bytes(grpc_server[1], whole[:-3])  # the last raw tensor lost its tail
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "runs past the end" in error.details()
+
+
+def test_raw_contents_in_any_order_of_fields(grpc_server: tuple[ServerProcess, str]) -> None:
+    """Protobuf lets a sender put fields in any order: raw tensors before the inputs that they belong to."""
+    request = add_request()
+    raw = pb.ModelInferRequest(raw_input_contents=request.raw_input_contents).SerializeToString()
+    request.ClearField("raw_input_contents")
+    with grpc.insecure_channel(grpc_server[1]) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        answer = pb.ModelInferResponse.FromString(infer(raw + request.SerializeToString(), timeout=10))
+    np.testing.assert_array_equal(np.frombuffer(answer.raw_output_contents[0], "<f4"), [2, 3, 4, 5])
+
+
 def test_unknown_model(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
     assert_error(stub, add_request(model_name="nope"), grpc.StatusCode.NOT_FOUND, "model 'nope' not found", "'add'")
 

@@ -37,7 +37,6 @@ except ModuleNotFoundError as exc:  # only a missing package; an error inside on
 
 from zeroserve.runtime import grpc_codec
 from zeroserve.runtime._proto import open_inference_grpc_pb2 as pb
-from zeroserve.runtime._proto import open_inference_grpc_pb2_grpc as pb_grpc
 from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.dataplane import DataPlane
 from zeroserve.runtime.errors import ModelLoadError, ModelNotReady, ServerError
@@ -130,27 +129,28 @@ class InferenceServicer:
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         return grpc_codec.model_metadata(self.dataplane.model_metadata(request.name, request.version or None))
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+    async def ModelInfer(self, data: bytes, context: Context) -> bytes:
+        """Takes and answers serialized messages: ``grpc_codec`` reads and writes their tensors in place."""
         if not self.telemetry.enabled:
-            return await self._infer(request, context, None)
+            return await self._infer(data, context, None)
         with self.telemetry.rpc_span(context.invocation_metadata(), SERVICE, "ModelInfer") as span:
-            return await self._infer(request, context, span)
+            return await self._infer(data, context, span)
 
-    async def _infer(
-        self, request: pb.ModelInferRequest, context: Context, span: Span | None
-    ) -> pb.ModelInferResponse:
+    async def _infer(self, data: bytes, context: Context, span: Span | None) -> bytes:
         """ModelInfer, observed as REST's infer endpoint is: request metrics, the span's outcome, and the
         Server-Timing string as trailing metadata ``server-timing`` on success."""
         received = time.perf_counter()
+        request: pb.ModelInferRequest | None = None
         result: InferResult | None = None
         try:
-            decoded, raw_outputs = grpc_codec.decode_request(request, self.limits)
+            request, raw_contents = grpc_codec.parse_infer_request(data)
+            decoded, raw_outputs = grpc_codec.decode_request(request, self.limits, raw_contents)
             result = await self.dataplane.infer(request.model_name, request.model_version or None, decoded)
             response = grpc_codec.encode_result(result, raw_outputs)
         except ServerError as exc:
             error = exc
         except Exception:
-            logger.exception("unexpected error in ModelInfer for model '%s'", request.model_name)
+            logger.exception("unexpected error in ModelInfer for model '%s'", request.model_name if request else "")
             error = ServerError("internal server error")
         else:
             context.set_trailing_metadata((("server-timing", self.dataplane.server_timing(result)),))
@@ -160,15 +160,37 @@ class InferenceServicer:
             return response
         if span is not None:
             code = _status_code(error)
-            # The message is parsed already, so even a refused call names its request (REST's JSON may not parse).
+            # A parsed message names its request even when refused (REST's JSON may not parse).
             coldstart = result.coldstart if result else False
-            self.telemetry.set_rpc_result(span, code.name, code.value[0], coldstart, request.id or None)
+            request_id = (request.id or None) if request else None
+            self.telemetry.set_rpc_result(span, code.name, code.value[0], coldstart, request_id)
         self._observe(request, result, error.status, received)
         await _abort(context, error)
 
-    def _observe(self, request: pb.ModelInferRequest, result: InferResult | None, status: int, received: float) -> None:
-        self.dataplane.observe(
-            request.model_name, request.model_version or None, result, status, time.perf_counter() - received, "grpc"
+    def _observe(
+        self, request: pb.ModelInferRequest | None, result: InferResult | None, status: int, received: float
+    ) -> None:
+        name, version = (request.model_name, request.model_version or None) if request else ("", None)
+        self.dataplane.observe(name, version, result, status, time.perf_counter() - received, "grpc")
+
+    def method_handlers(self) -> grpc.GenericRpcHandler:
+        """The service's handlers: ModelInfer on bytes, the others on protobuf messages."""
+
+        def messages(method: Callable[..., Any], request: Any, response: Any) -> grpc.RpcMethodHandler[Any, Any]:
+            return grpc.unary_unary_rpc_method_handler(
+                method, request_deserializer=request.FromString, response_serializer=response.SerializeToString
+            )
+
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "ServerLive": messages(self.ServerLive, pb.ServerLiveRequest, pb.ServerLiveResponse),
+                "ServerReady": messages(self.ServerReady, pb.ServerReadyRequest, pb.ServerReadyResponse),
+                "ModelReady": messages(self.ModelReady, pb.ModelReadyRequest, pb.ModelReadyResponse),
+                "ServerMetadata": messages(self.ServerMetadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+                "ModelMetadata": messages(self.ModelMetadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+                "ModelInfer": grpc.unary_unary_rpc_method_handler(self.ModelInfer),
+            },
         )
 
 
@@ -230,8 +252,7 @@ class GrpcServer:
             ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
         ]
         server = grpc.aio.server(options=options)
-        servicer = InferenceServicer(self.dataplane, config, self.telemetry)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        server.add_generic_rpc_handlers((InferenceServicer(self.dataplane, config, self.telemetry).method_handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = f"[{config.host}]:{self.port}" if ":" in config.host else f"{config.host}:{self.port}"
         try:

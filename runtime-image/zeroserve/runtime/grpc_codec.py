@@ -4,19 +4,22 @@ The checks are the REST codec's own (``codec.check_shape``, ``codec.array_from_r
 tensor is validated the same way whichever protocol carried it: shape and element count against the
 limits before anything is allocated, raw bytes against shape x datatype size, BYTES elements
 length-prefixed as in the binary extension. What is gRPC's alone lives here: which typed field
-carries which datatype, raw-versus-typed rules, and parameter values.
+carries which datatype, raw-versus-typed rules, and parameter values. ``ModelInfer`` travels as bytes
+(``parse_infer_request``, ``encode_result``), so its raw tensors are never copied into a protobuf message
+(``grpc_wire.py``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from zeroserve.protocol import dtypes
-from zeroserve.runtime import codec
+from zeroserve.runtime import codec, grpc_wire
 from zeroserve.runtime._proto import open_inference_grpc_pb2 as pb
 from zeroserve.runtime.config import Limits
 from zeroserve.runtime.errors import InvalidInput
@@ -49,13 +52,26 @@ _FIELD_DTYPE: Final[dict[str, str]] = {
 }
 
 
-def decode_request(message: pb.ModelInferRequest, limits: Limits) -> tuple[InferRequest, bool]:
+def parse_infer_request(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview]]:
+    """A serialized ModelInferRequest: the message without its raw tensors, and those as views over ``data``."""
+    try:
+        rest, raw_contents = grpc_wire.split_raw_input_contents(data)
+        return pb.ModelInferRequest.FromString(rest), raw_contents
+    except (grpc_wire.WireError, DecodeError) as exc:
+        raise InvalidInput(f"the request is not a ModelInferRequest protobuf message: {exc}") from None
+
+
+def decode_request(
+    message: pb.ModelInferRequest, limits: Limits, raw_contents: Sequence[bytes | memoryview] | None = None
+) -> tuple[InferRequest, bool]:
     """The request, and whether to answer with raw outputs (in kind with the inputs, unless the
-    request's ``binary_data_output`` parameter says otherwise)."""
+    request's ``binary_data_output`` parameter says otherwise). ``raw_contents``: the raw tensors when
+    ``parse_infer_request`` took them out of the message; else the message's own."""
     tensors = message.inputs
     if not tensors:
         raise InvalidInput("request needs at least one input")
-    raw_contents = message.raw_input_contents
+    if raw_contents is None:
+        raw_contents = message.raw_input_contents
     raw = len(raw_contents) > 0
     if raw and len(raw_contents) != len(tensors):
         raise InvalidInput(
@@ -127,24 +143,35 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[in
     return wide.astype(target, copy=False).reshape(shape)
 
 
-def encode_result(result: InferResult, raw: bool) -> pb.ModelInferResponse:
-    """The response; outputs raw or typed. FP16 has no typed field, and raw contents are all or
-    nothing, so an FP16 output makes every output raw."""
+def encode_result(result: InferResult, raw: bool) -> bytes:
+    """The serialized ModelInferResponse; outputs raw or typed. FP16 has no typed field, and raw contents
+    are all or nothing, so an FP16 output makes every output raw."""
     response = pb.ModelInferResponse(
         model_name=result.model_name, model_version=result.model_version, id=result.id or ""
     )
     if not raw and any(output.datatype not in CONTENTS_FIELD for output in result.outputs):
         raw = True
+    raw_contents: list[bytes | memoryview] = []
     for output in result.outputs:
         array = output.array
         tensor = response.outputs.add(name=output.name, datatype=output.datatype, shape=array.shape)
         if raw:
-            response.raw_output_contents.append(codec.raw_from_array(array, output.datatype))
+            raw_contents.append(_raw_view(array, output.datatype))
         elif output.datatype == "BYTES":
             tensor.contents.bytes_contents.extend(codec.as_bytes(element) for element in array.reshape(-1))
         else:
             getattr(tensor.contents, CONTENTS_FIELD[output.datatype]).extend(array.reshape(-1).tolist())
-    return response
+    return grpc_wire.append_raw_output_contents(response.SerializeToString(), raw_contents)
+
+
+def _raw_view(array: np.ndarray, datatype: str) -> bytes | memoryview:
+    """An output's raw bytes; a view over the array itself when it already is contiguous little-endian data."""
+    if datatype == "BYTES":
+        return codec.raw_from_array(array, datatype)
+    target = dtypes.to_numpy(datatype)
+    if array.dtype == target and array.flags.c_contiguous:
+        return memoryview(array.reshape(-1)).cast("B")  # type: ignore[arg-type]
+    return codec.raw_from_array(array, datatype)
 
 
 def parameter_values(parameters: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
