@@ -16,11 +16,11 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from zeroserve.runtime.model import OnnxModel
+from zeroserve.runtime.workers import Workers
 
 if TYPE_CHECKING:
     import numpy as np
@@ -59,10 +59,10 @@ class _Pending:
 class Batcher:
     """The queue and dispatch loop of one model. Create and use it inside the server's event loop."""
 
-    def __init__(self, model: OnnxModel, executor: Executor, settings: BatchSettings, slots: int = 1) -> None:
+    def __init__(self, model: OnnxModel, workers: Workers, settings: BatchSettings, slots: int = 1) -> None:
         self.model = model
         self.settings = settings
-        self._executor = executor
+        self._workers = workers
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(slots)
@@ -79,9 +79,7 @@ class Batcher:
         rows = _rows(feeds)
         loop = asyncio.get_running_loop()
         if rows is None or rows == 0 or rows >= self.settings.max_batch_size:
-            arrays, started, finished = await loop.run_in_executor(
-                self._executor, timed_run, self.model.run, feeds, output_names
-            )
+            arrays, started, finished = await self._workers.run(timed_run, self.model.run, feeds, output_names)
             return arrays, started, finished, rows or 1
         key = (
             tuple(output_names) if output_names is not None else None,
@@ -141,15 +139,12 @@ class Batcher:
         return batch
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
         try:
             if len(batch) == 1:
                 await self._run_alone(batch)
                 return
             try:
-                arrays, started, finished = await loop.run_in_executor(
-                    self._executor, _run_merged, self.model, batch
-                )
+                arrays, started, finished = await self._workers.run(_run_merged, self.model, batch)
             except Exception:
                 await self._run_alone(batch)  # find the request that failed; the others still succeed
                 return
@@ -172,11 +167,10 @@ class Batcher:
             self._slots.release()
 
     async def _run_alone(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
         for pending in batch:
             try:
-                arrays, started, finished = await loop.run_in_executor(
-                    self._executor, timed_run, self.model.run, pending.feeds, pending.output_names
+                arrays, started, finished = await self._workers.run(
+                    timed_run, self.model.run, pending.feeds, pending.output_names
                 )
             except Exception as exc:
                 if not pending.future.done():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from zeroserve.runtime.batching import Batcher, BatchSettings, RunResult, batchable, timed_run
@@ -14,6 +13,7 @@ from zeroserve.runtime.messages import InferRequest, InferResult, OutputTensor
 from zeroserve.runtime.metrics import Gauge, Labels, Protocol, ServerMetrics
 from zeroserve.runtime.model import OnnxModel
 from zeroserve.runtime.repository import ModelRepository, State
+from zeroserve.runtime.workers import Workers
 
 if TYPE_CHECKING:
     from zeroserve.runtime.config import RuntimeConfig
@@ -57,14 +57,14 @@ class DataPlane:
         )
         self._inference_threads = inference_threads
         # session.run releases the GIL; a bounded pool keeps ORT's own threads from being oversubscribed.
-        self._executor = ThreadPoolExecutor(max_workers=inference_threads, thread_name_prefix="zeroserve-infer")
+        self._workers = Workers(inference_threads, "zeroserve-infer")
         self._batchers: dict[OnnxModel, Batcher | None] = {}
         # --performance_hint adaptive: a lone run takes every core, competing runs one each (cores.py), on a pool
         # of their own. Models with short runs stay on the pool above (SHARE_MIN_RUN_SECONDS).
         self.cores = CoreScheduler(cores) if cores > 1 else None
-        self._shared_executor: ThreadPoolExecutor | None = None
+        self._shared_workers: Workers | None = None
         if self.cores is not None:
-            self._shared_executor = ThreadPoolExecutor(max_workers=cores, thread_name_prefix="zeroserve-cores")
+            self._shared_workers = Workers(cores, "zeroserve-cores")
             self.metrics.add_gauge(
                 Gauge(
                     "zeroserve_session_runs_total",
@@ -86,15 +86,15 @@ class DataPlane:
         for batcher in self._batchers.values():
             if batcher is not None:
                 batcher.close()
-        self._executor.shutdown(wait=True)
-        if self._shared_executor is not None:
-            self._shared_executor.shutdown(wait=True)
+        self._workers.shutdown()
+        if self._shared_workers is not None:
+            self._shared_workers.shutdown()
 
     def _batcher(self, model: OnnxModel) -> Batcher | None:
         if model not in self._batchers:
             useful = self.batching.enabled and batchable(model)
             self._batchers[model] = (
-                Batcher(model, self._executor, self.batching, self._inference_threads) if useful else None
+                Batcher(model, self._workers, self.batching, self._inference_threads) if useful else None
             )
         return self._batchers[model]
 
@@ -174,10 +174,7 @@ class DataPlane:
             elif self.cores is not None and model.fastest_run_seconds >= SHARE_MIN_RUN_SECONDS:
                 arrays, started, finished = await self._run_on_cores(self.cores, model, feeds, output_names)
             else:
-                loop = asyncio.get_running_loop()
-                arrays, started, finished = await loop.run_in_executor(
-                    self._executor, timed_run, model.run, feeds, output_names
-                )
+                arrays, started, finished = await self._workers.run(timed_run, model.run, feeds, output_names)
         finally:
             self.in_flight -= 1
         self.metrics.observe_run(model.name, model.version, started - submitted, finished - started, batch_size)
@@ -198,17 +195,17 @@ class DataPlane:
     async def _run_on_cores(
         self, cores: CoreScheduler, model: OnnxModel, feeds: dict[str, Any], output_names: list[str] | None
     ) -> RunResult:
-        assert self._shared_executor is not None
+        assert self._shared_workers is not None
         if cores.contended:
             model.prepare_single_thread_session()  # once; ready for a later contention
         cores.submitted()
         try:
-            job = self._shared_executor.submit(_run_with_cores, cores, model, feeds, output_names)
-        except BaseException:  # never queued (the pool is shut down): it must not count as waiting
+            # A run cancelled before a worker takes it (its client went away) no longer counts as waiting.
+            job = self._shared_workers.run(_run_with_cores, cores, model, feeds, output_names, skipped=cores.withdrawn)
+        except BaseException:  # never queued (the workers are shut down): it must not count as waiting
             cores.withdrawn()
             raise
-        job.add_done_callback(lambda done: cores.withdrawn() if done.cancelled() else None)
-        return await asyncio.wrap_future(job)
+        return await job
 
 
 def _run_with_cores(
