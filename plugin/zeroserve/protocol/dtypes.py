@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ _FROM_NUMPY_KIND: Final[dict[tuple[str, int], str]] = {
 DATATYPES: Final[frozenset[str]] = frozenset(_NUMPY_NAME)
 
 
+@functools.cache  # on every tensor of every request: a dict lookup, not a dtype parse
 def to_numpy(datatype: str) -> np.dtype:
     """The numpy dtype for a V2 datatype name; KeyError for names the protocol does not define here."""
     import numpy as np
