@@ -429,6 +429,14 @@ def test_session_options_use_cpu_quota(tmp_path: Path) -> None:
     assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
 
 
+def test_intra_op_threads_stop_spinning_after_a_run(add_model: Path) -> None:
+    session, _ = create_session(add_model, ProviderSettings(intra_op_threads=2))
+    assert session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+    alone, _ = create_session(add_model, ProviderSettings(intra_op_threads=1))  # no other thread to stop
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        alone.get_session_options().get_session_config_entry("session.force_spinning_stop")
+
+
 def test_cuda_on_cpu_build_without_gpu(add_model: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"needs CUDAExecutionProvider.*install 'zeroserve\[gpu\]'"):
         create_session(add_model, ProviderSettings(choice="cuda"))
