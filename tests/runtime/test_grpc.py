@@ -411,8 +411,9 @@ def _send_bytes(target: str, data: bytes) -> grpc.RpcError:
         (b"\x0a\x03add\x80", "varint is truncated"),
         (b"\x0b\x0c", "wire type 3"),  # a group: ModelInferRequest has none
         (b"\x2a\x02\xff\xff", "not a ModelInferRequest"),  # inputs[0] is not an InferInputTensor
+        (b"\x3a\x00" * 100_000, "top-level fields"),  # 100,000 empty tensors: refused before any is kept
     ],
-    ids=["field-past-the-end", "truncated-varint", "group", "bad-nested-message"],
+    ids=["field-past-the-end", "truncated-varint", "group", "bad-nested-message", "too-many-fields"],
 )
 def test_bytes_that_are_not_a_message(
     grpc_server: tuple[ServerProcess, str], stub: pb_grpc.GRPCInferenceServiceStub, data: bytes, fragment: str

@@ -63,6 +63,7 @@ def test_fixed_width_and_unknown_fields_are_kept_for_protobuf() -> None:
         (b"\x79\x00\x00", "runs past the end"),
         (b"\x0b", "wire type 3"),
         (b"\x0e", "wire type 6"),
+        (b"\x78\x00" * (grpc_wire.MAX_TOP_LEVEL_FIELDS + 1), "more than 16384 top-level fields"),
     ],
 )
 def test_malformed_encodings(data: bytes, message: str) -> None:

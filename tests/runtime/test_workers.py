@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import traceback
 
 import pytest
 
@@ -60,6 +61,8 @@ def test_a_job_cancelled_while_queued_never_runs_and_says_so() -> None:
         blocker = workers.run(release.wait, 5)
         queued = workers.run(ran.append, "queued", skipped=lambda: skipped.append("queued"))
         queued.cancel()
+        await asyncio.sleep(0)  # the loop runs the cancelled future's callbacks
+        assert skipped == ["queued"]  # withdrawn at once, not when a worker gets to it
         release.set()
         assert await blocker is True
         assert await workers.run(ran.append, "after") is None  # the worker went on to the next job
@@ -110,3 +113,41 @@ def test_a_result_for_a_closed_loop_is_dropped_quietly() -> None:
     release.set()
     workers.shutdown()  # the worker met a closed loop and still stopped cleanly
     assert not any(thread.name.startswith("test-workers") for thread in threading.enumerate())
+
+
+def test_stop_iteration_reaches_the_caller_as_a_runtime_error() -> None:
+    workers = Workers(1, "test-workers")
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="StopIteration") as info:
+            await workers.run(next, iter(()))
+        assert isinstance(info.value.__cause__, StopIteration)
+        assert await workers.run(pow, 3, 2) == 9  # the worker lives on
+
+    asyncio.run(main())
+    workers.shutdown()
+
+
+def test_a_failed_job_does_not_keep_its_arguments_alive() -> None:
+    """The exception's traceback holds the worker's frame: that frame must not hold the job's arguments (a
+    request's arrays) or its future (a cycle through the exception) until the cyclic collector runs."""
+
+    def fail(payload: bytes) -> None:
+        raise ValueError("broken run")
+
+    workers = Workers(1, "test-workers")
+
+    async def main() -> BaseException:
+        try:
+            await workers.run(fail, b"request bytes")
+        except ValueError as exc:
+            return exc
+        raise AssertionError("the job did not fail")
+
+    error = asyncio.run(main())
+    workers.shutdown()
+    frames = [frame for frame, _ in traceback.walk_tb(error.__traceback__)]
+    worker_frames = [frame for frame in frames if frame.f_code.co_name == "_run"]
+    assert worker_frames, [frame.f_code.co_name for frame in frames]
+    for frame in worker_frames:
+        assert not {"future", "args", "function"} & set(frame.f_locals)

@@ -173,25 +173,22 @@ class InferenceServicer:
         name, version = (request.model_name, request.model_version or None) if request else ("", None)
         self.dataplane.observe(name, version, result, status, time.perf_counter() - received, "grpc")
 
-    def method_handlers(self) -> grpc.GenericRpcHandler:
-        """The service's handlers: ModelInfer on bytes, the others on protobuf messages."""
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+        """The service's handlers by method name: ModelInfer on bytes, the others on protobuf messages."""
 
         def messages(method: Callable[..., Any], request: Any, response: Any) -> grpc.RpcMethodHandler[Any, Any]:
             return grpc.unary_unary_rpc_method_handler(
                 method, request_deserializer=request.FromString, response_serializer=response.SerializeToString
             )
 
-        return grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                "ServerLive": messages(self.ServerLive, pb.ServerLiveRequest, pb.ServerLiveResponse),
-                "ServerReady": messages(self.ServerReady, pb.ServerReadyRequest, pb.ServerReadyResponse),
-                "ModelReady": messages(self.ModelReady, pb.ModelReadyRequest, pb.ModelReadyResponse),
-                "ServerMetadata": messages(self.ServerMetadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
-                "ModelMetadata": messages(self.ModelMetadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-                "ModelInfer": grpc.unary_unary_rpc_method_handler(self.ModelInfer),
-            },
-        )
+        return {
+            "ServerLive": messages(self.ServerLive, pb.ServerLiveRequest, pb.ServerLiveResponse),
+            "ServerReady": messages(self.ServerReady, pb.ServerReadyRequest, pb.ServerReadyResponse),
+            "ModelReady": messages(self.ModelReady, pb.ModelReadyRequest, pb.ModelReadyResponse),
+            "ServerMetadata": messages(self.ServerMetadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+            "ModelMetadata": messages(self.ModelMetadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(self.ModelInfer),
+        }
 
 
 class HealthServicer(health.aio.HealthServicer):
@@ -252,7 +249,11 @@ class GrpcServer:
             ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
         ]
         server = grpc.aio.server(options=options)
-        server.add_generic_rpc_handlers((InferenceServicer(self.dataplane, config, self.telemetry).method_handlers(),))
+        handlers = InferenceServicer(self.dataplane, config, self.telemetry).method_handlers()
+        # Registered methods are grpc's fast path; the generic handler serves what does not match it (as the
+        # generated add_..._to_server does).
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        server.add_registered_method_handlers(SERVICE, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = f"[{config.host}]:{self.port}" if ":" in config.host else f"{config.host}:{self.port}"
         try:

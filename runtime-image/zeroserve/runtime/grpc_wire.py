@@ -20,6 +20,9 @@ _LENGTH_DELIMITED: Final = 2
 RAW_INPUT_CONTENTS_KEY: Final = (7 << 3) | _LENGTH_DELIMITED  # ModelInferRequest.raw_input_contents
 RAW_OUTPUT_CONTENTS_KEY: Final = (6 << 3) | _LENGTH_DELIMITED  # ModelInferResponse.raw_output_contents
 _MAX_VARINT_BYTES: Final = 10
+# Top-level fields walked at most: a request has a few plus one per input, output and parameter. The walk is
+# Python, on the event loop (~2.4 us a field), so a message of millions of empty fields must not hold it.
+MAX_TOP_LEVEL_FIELDS: Final = 16_384
 
 
 class WireError(ValueError):
@@ -44,13 +47,18 @@ def split_raw_input_contents(data: bytes) -> tuple[bytes, list[memoryview]]:
     """A serialized ModelInferRequest without its ``raw_input_contents``, and those contents in order as
     views over ``data``. Only the top level is walked; the kept bytes still go through protobuf's parser,
     which checks them as it would the whole message. Wire types 3 and 4 (groups, which the message never
-    has) raise ``WireError`` like any other malformed encoding."""
+    has) raise ``WireError`` like any other malformed encoding, and so do more than ``MAX_TOP_LEVEL_FIELDS``
+    fields."""
     view = memoryview(data)
     kept: list[memoryview] = []
     contents: list[memoryview] = []
     kept_from = position = 0
     end = len(data)
+    fields = 0
     while position < end:
+        fields += 1
+        if fields > MAX_TOP_LEVEL_FIELDS:
+            raise WireError(f"more than {MAX_TOP_LEVEL_FIELDS} top-level fields; no inference request has that many")
         field_start = position
         key, position = _varint(data, position)
         wire_type = key & 7

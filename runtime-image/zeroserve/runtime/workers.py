@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -18,8 +20,15 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+logger = logging.getLogger("zeroserve.runtime")
+
 _Job = tuple[
-    asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...], Callable[[], None] | None
+    asyncio.AbstractEventLoop,
+    "asyncio.Future[Any]",
+    Callable[..., Any],
+    tuple[Any, ...],
+    Callable[[], None] | None,
+    threading.Lock,
 ]
 
 
@@ -41,7 +50,7 @@ class Workers:
         self, function: Callable[..., T], *args: Any, skipped: Callable[[], None] | None = None
     ) -> asyncio.Future[T]:
         """``function(*args)`` on a worker; call on the event loop. A job whose future is cancelled before a
-        worker takes it is not run, and ``skipped`` (if given) is called on that worker instead."""
+        worker takes it is not run, and ``skipped`` (if given) is called once, as soon as the loop sees the cancel."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._lock:
@@ -51,7 +60,11 @@ class Workers:
                 for thread in self._threads:
                     thread.start()
                 self._started = True
-            self._jobs.put((loop, future, function, args, skipped))
+            # Whoever takes the claim first decides: a worker runs the job, or the loop withdraws it on cancel.
+            claim = threading.Lock()
+            if skipped is not None:
+                future.add_done_callback(functools.partial(_withdraw_if_cancelled, claim, skipped))
+            self._jobs.put((loop, future, function, args, skipped, claim))
         return future
 
     def shutdown(self) -> None:
@@ -82,19 +95,42 @@ def _run(
     function: Callable[..., Any],
     args: tuple[Any, ...],
     skipped: Callable[[], None] | None,
+    claim: threading.Lock,
 ) -> None:
+    if not claim.acquire(blocking=False):
+        return  # cancelled, and the loop has withdrawn it
     # Read from a worker without the loop's help: a cancelled future stays cancelled, and a cancel that lands
     # after this check only means a result nobody reads, as with concurrent.futures.
     if future.cancelled():
-        if skipped is not None:
-            skipped()
+        _call_skipped(skipped)
         return
     try:
         result = function(*args)
     except BaseException as exc:  # handed to the awaiting task, as concurrent.futures does
+        if isinstance(exc, StopIteration):  # a future cannot hold one
+            error = RuntimeError("the job raised StopIteration")
+            error.__cause__ = exc
+            exc = error
         _resolve(loop, _set_exception, future, exc)
-    else:
-        _resolve(loop, _set_result, future, result)
+        # The exception's traceback keeps this frame alive: it must not keep the future (a cycle) or the job's
+        # arrays (views over a whole request) until the cyclic collector runs.
+        del future, function, args
+        return
+    _resolve(loop, _set_result, future, result)
+
+
+def _withdraw_if_cancelled(claim: threading.Lock, skipped: Callable[[], None], future: asyncio.Future[Any]) -> None:
+    if future.cancelled() and claim.acquire(blocking=False):
+        skipped()
+
+
+def _call_skipped(skipped: Callable[[], None] | None) -> None:
+    if skipped is None:
+        return
+    try:
+        skipped()
+    except Exception:  # the worker must live on
+        logger.exception("a skipped job's callback failed")
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, setter: Callable[..., None], *args: Any) -> None:
