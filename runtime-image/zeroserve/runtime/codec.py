@@ -221,7 +221,7 @@ def encode_result(result: InferResult, request: InferRequest) -> tuple[bytes, di
     """The response body and its headers; outputs go binary where the request asked for it."""
     binary_default = request.parameters.get("binary_data_output") is True
     wants_binary = {output.name: output.binary for output in request.outputs or ()}
-    chunks: list[bytes] = []
+    chunks: list[bytes | memoryview] = []
     outputs_json = []
     for output in result.outputs:
         array = output.array
@@ -248,11 +248,15 @@ def encode_result(result: InferResult, request: InferRequest) -> tuple[bytes, di
     return b"".join([header, *chunks]), headers
 
 
-def raw_from_array(array: np.ndarray, datatype: str) -> bytes:
-    """A tensor's raw little-endian bytes (BYTES: each element length-prefixed)."""
+def raw_from_array(array: np.ndarray, datatype: str) -> bytes | memoryview:
+    """A tensor's raw little-endian bytes (BYTES: each element length-prefixed): a byte view over the array
+    itself when it already is contiguous data of that type, so the answer's one copy is the final join."""
     if datatype == "BYTES":
         return binary.encode_bytes_elements(as_bytes(element) for element in array.reshape(-1))
-    return np.ascontiguousarray(array, dtype=dtypes.to_numpy(datatype)).tobytes()
+    target = dtypes.to_numpy(datatype)
+    if array.dtype == target and array.flags.c_contiguous:
+        return memoryview(array.reshape(-1)).cast("B")  # type: ignore[arg-type]
+    return np.ascontiguousarray(array, dtype=target).tobytes()
 
 
 def _to_json_data(array: np.ndarray, datatype: str) -> Any:

@@ -156,22 +156,12 @@ def encode_result(result: InferResult, raw: bool) -> bytes:
         array = output.array
         tensor = response.outputs.add(name=output.name, datatype=output.datatype, shape=array.shape)
         if raw:
-            raw_contents.append(_raw_view(array, output.datatype))
+            raw_contents.append(codec.raw_from_array(array, output.datatype))
         elif output.datatype == "BYTES":
             tensor.contents.bytes_contents.extend(codec.as_bytes(element) for element in array.reshape(-1))
         else:
             getattr(tensor.contents, CONTENTS_FIELD[output.datatype]).extend(array.reshape(-1).tolist())
     return grpc_wire.append_raw_output_contents(response.SerializeToString(), raw_contents)
-
-
-def _raw_view(array: np.ndarray, datatype: str) -> bytes | memoryview:
-    """An output's raw bytes; a view over the array itself when it already is contiguous little-endian data."""
-    if datatype == "BYTES":
-        return codec.raw_from_array(array, datatype)
-    target = dtypes.to_numpy(datatype)
-    if array.dtype == target and array.flags.c_contiguous:
-        return memoryview(array.reshape(-1)).cast("B")  # type: ignore[arg-type]
-    return codec.raw_from_array(array, datatype)
 
 
 def parameter_values(parameters: Mapping[str, pb.InferParameter]) -> dict[str, Any]:

@@ -105,5 +105,5 @@ def append_raw_output_contents(message: bytes, contents: Sequence[bytes | memory
     parts: list[bytes | memoryview] = [message]
     key = _encode_varint(RAW_OUTPUT_CONTENTS_KEY)
     for content in contents:
-        parts += (key, _encode_varint(len(content) if isinstance(content, bytes) else content.nbytes), content)
+        parts += (key, _encode_varint(memoryview(content).nbytes), content)
     return b"".join(parts)
