@@ -5,6 +5,7 @@ is a real server answering concurrent clients, checked against onnxruntime run i
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,11 +17,16 @@ import onnxruntime as ort
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from zeroserve.runtime import dataplane as dataplane_module
 from zeroserve.runtime import model as model_module
 from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.cores import CoreScheduler
+from zeroserve.runtime.dataplane import DataPlane
+from zeroserve.runtime.loader import load_models
+from zeroserve.runtime.messages import InferRequest, InputTensor
 from zeroserve.runtime.model import OnnxModel
 from zeroserve.runtime.providers import ProviderSettings
+from zeroserve.runtime.repository import ModelRepository
 
 import models as test_models
 from conftest import start_server
@@ -314,3 +320,59 @@ def test_concurrent_requests_share_the_cores_and_get_the_same_answers(tmp_path: 
         assert session_runs(server.url)["all"] == runs["all"] + 1
     finally:
         server.stop()
+
+
+def test_a_lone_request_runs_on_the_event_loop_until_requests_overlap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In process, to see which thread each real session.run is on: the loop's own thread (this one) when a request
+    # is alone, the core-sharing workers once requests overlap, and the loop again after a quiet spell.
+    path = test_models.conv_model(tmp_path / "conv.onnx", size=96)
+    config = RuntimeConfig.from_args(["--model_name", "conv", "--model_dir", str(path), "--intra_op_threads", "2"], {})
+    repository = ModelRepository()
+    asyncio.run(load_models(config, repository))
+    (entry,) = repository.entries()
+    model = entry.model
+    assert dataplane_module.SHARE_MIN_RUN_SECONDS <= model.fastest_run_seconds < dataplane_module.LOOP_RUN_MAX_SECONDS
+    monkeypatch.setattr(dataplane_module, "LONE_QUIET_SECONDS", 0.3)
+    plane = DataPlane.from_config(repository, config)
+    threads: list[str] = []
+    run = model.run
+
+    def recorded_run(feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
+        threads.append(threading.current_thread().name)
+        return run(feeds, output_names)
+
+    monkeypatch.setattr(model, "run", recorded_run)
+    rng = np.random.default_rng(3)
+    images = [rng.standard_normal((1, 3, 96, 96)).astype(np.float32) for _ in range(4)]
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def request(image: np.ndarray) -> InferRequest:
+        return InferRequest([InputTensor("input", "FP32", list(image.shape), image)])
+
+    async def infer(index: int) -> None:
+        result = await plane.infer("conv", None, request(images[index]))
+        want = reference.run(None, {"input": images[index]})[0]
+        np.testing.assert_allclose(result.outputs[0].array, want, rtol=1e-4, atol=1e-4)
+
+    async def scenario() -> None:
+        here = threading.current_thread().name
+        await infer(0)
+        assert threads == [here], "a lone request runs on the loop's thread"
+        threads.clear()
+        await asyncio.gather(*(infer(index) for index in range(4)))  # admitted together: none is alone
+        assert threads and here not in threads, threads
+        threads.clear()
+        await infer(1)  # alone, but requests overlapped just now: a run on the loop would hide more of them
+        assert threads and threads[0] != here, threads
+        threads.clear()
+        await asyncio.sleep(0.35)
+        await infer(2)
+        assert threads == [here], "after a quiet spell a lone request is back on the loop"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        plane.close()
+    assert plane.cores is not None and plane.cores.grants["all"] >= 3

@@ -87,6 +87,12 @@ class CoreScheduler:
                     self._waiting_for_all -= 1
                 self._changed.notify_all()  # the counts others decide on changed
 
+    def ran_alone(self) -> None:
+        """Count a run that took every core without asking: nothing else was running or queued (the data plane
+        runs such a run on the event loop, which submits nothing while it runs)."""
+        with self._changed:
+            self.grants["all"] += 1
+
     def release(self, cores: int) -> None:
         with self._changed:
             self._free += cores
