@@ -54,7 +54,8 @@ def parse_args(argv: Sequence[str] | None, description: str) -> Settings:
     parser.add_argument("--cold-starts", type=int, help="launches per server, median reported; 0: none (default 5)")
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs the servers")
     parser.add_argument(
-        "--grpc-rounds", type=int, help="alternating rounds the gRPC --duration is split into (default 2, quick 1)"
+        "--grpc-rounds", type=int,
+        help="alternating rounds of a gRPC cell, --duration / 2 s each per server (default 4; quick: 1 of --duration)",
     )
     args = parser.parse_args(argv)
     kinds = _choose(parser, "--servers", args.servers, tuple(servers.KINDS))
@@ -82,5 +83,5 @@ def parse_args(argv: Sequence[str] | None, description: str) -> Settings:
         baseline_s=1.0 if args.quick else 3.0,
         cold_starts=args.cold_starts if args.cold_starts is not None else (1 if args.quick else 5),
         quick=args.quick,
-        grpc_rounds=max(1, args.grpc_rounds or (1 if args.quick else 2)),
+        grpc_rounds=max(1, args.grpc_rounds or (1 if args.quick else 4)),
     )

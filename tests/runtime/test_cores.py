@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -322,57 +323,99 @@ def test_concurrent_requests_share_the_cores_and_get_the_same_answers(tmp_path: 
         server.stop()
 
 
-def test_a_lone_request_runs_on_the_event_loop_until_requests_overlap(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # In process, to see which thread each real session.run is on: the loop's own thread (this one) when a request
-    # is alone, the core-sharing workers once requests overlap, and the loop again after a quiet spell.
-    path = test_models.conv_model(tmp_path / "conv.onnx", size=96)
-    config = RuntimeConfig.from_args(["--model_name", "conv", "--model_dir", str(path), "--intra_op_threads", "2"], {})
-    repository = ModelRepository()
-    asyncio.run(load_models(config, repository))
-    (entry,) = repository.entries()
-    model = entry.model
-    assert dataplane_module.SHARE_MIN_RUN_SECONDS <= model.fastest_run_seconds < dataplane_module.LOOP_RUN_MAX_SECONDS
-    monkeypatch.setattr(dataplane_module, "LONE_QUIET_SECONDS", 0.3)
-    plane = DataPlane.from_config(repository, config)
-    threads: list[str] = []
-    run = model.run
+class RecordedPlane:
+    """A data plane over a real conv model (dynamic batch) in this process, noting the thread of every run."""
 
-    def recorded_run(feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
-        threads.append(threading.current_thread().name)
-        return run(feeds, output_names)
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.path = test_models.conv_model(tmp_path / "conv.onnx", size=96)
+        argv = ["--model_name", "conv", "--model_dir", str(self.path), "--intra_op_threads", "2"]
+        config = RuntimeConfig.from_args(argv, {})
+        repository = ModelRepository()
+        asyncio.run(load_models(config, repository))
+        (entry,) = repository.entries()
+        self.model = entry.model
+        self.plane = DataPlane.from_config(repository, config)
+        self.threads: list[str] = []
+        run = self.model.run
 
-    monkeypatch.setattr(model, "run", recorded_run)
-    rng = np.random.default_rng(3)
-    images = [rng.standard_normal((1, 3, 96, 96)).astype(np.float32) for _ in range(4)]
-    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        def recorded_run(feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
+            self.threads.append(threading.current_thread().name)
+            return run(feeds, output_names)
 
-    def request(image: np.ndarray) -> InferRequest:
-        return InferRequest([InputTensor("input", "FP32", list(image.shape), image)])
+        monkeypatch.setattr(self.model, "run", recorded_run)
+        reference = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(3)
+        self.images = [rng.standard_normal((1, 3, 96, 96)).astype(np.float32) for _ in range(4)]
+        self.expected = [reference.run(None, {"input": image})[0] for image in self.images]
 
-    async def infer(index: int) -> None:
-        result = await plane.infer("conv", None, request(images[index]))
-        want = reference.run(None, {"input": images[index]})[0]
+    async def infer(self, index: int, copies: int = 1) -> None:
+        image = np.repeat(self.images[index], copies, axis=0)
+        request = InferRequest([InputTensor("input", "FP32", list(image.shape), image)])
+        result = await self.plane.infer("conv", None, request)
+        want = np.repeat(self.expected[index], copies, axis=0)
         np.testing.assert_allclose(result.outputs[0].array, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordedPlane]:
+    # Whatever this machine's speed: every run of the conv model counts as short enough to share and for the loop.
+    monkeypatch.setattr(dataplane_module, "SHARE_MIN_RUN_SECONDS", 0.0)
+    monkeypatch.setattr(dataplane_module, "LOOP_RUN_MAX_SECONDS", 10.0)
+    monkeypatch.setattr(dataplane_module, "LONE_QUIET_SECONDS", 60.0)
+    plane = RecordedPlane(tmp_path, monkeypatch)
+    yield plane
+    plane.plane.close()
+
+
+def test_a_lone_request_runs_on_the_event_loop_until_requests_overlap(
+    recorded: RecordedPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop's own thread (this one) when a request is alone, the core-sharing workers once requests overlap,
+    # and the loop again after a quiet spell.
+    threads, cores = recorded.threads, recorded.plane.cores
+    assert cores is not None
 
     async def scenario() -> None:
         here = threading.current_thread().name
-        await infer(0)
+        before = cores.grants["all"]
+        await recorded.infer(0)
         assert threads == [here], "a lone request runs on the loop's thread"
+        assert cores.grants["all"] == before + 1
         threads.clear()
-        await asyncio.gather(*(infer(index) for index in range(4)))  # admitted together: none is alone
+        await asyncio.gather(*(recorded.infer(index) for index in range(4)))  # admitted together: none is alone
         assert threads and here not in threads, threads
         threads.clear()
-        await infer(1)  # alone, but requests overlapped just now: a run on the loop would hide more of them
+        await recorded.infer(1)  # alone, but requests overlapped within LONE_QUIET_SECONDS
         assert threads and threads[0] != here, threads
         threads.clear()
-        await asyncio.sleep(0.35)
-        await infer(2)
+        monkeypatch.setattr(dataplane_module, "LONE_QUIET_SECONDS", 0.0)  # the quiet spell has passed
+        before = cores.grants["all"]
+        await recorded.infer(2)
         assert threads == [here], "after a quiet spell a lone request is back on the loop"
+        assert cores.grants["all"] == before + 1
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        plane.close()
-    assert plane.cores is not None and plane.cores.grants["all"] >= 3
+    asyncio.run(scenario())
+
+
+def test_a_request_much_larger_than_the_fastest_run_stays_off_the_loop(
+    recorded: RecordedPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Warmup ran one image; 16 images may run 16 times as long, which must not hold the loop.
+    model = recorded.model
+    assert model.fastest_run_bytes == recorded.images[0].nbytes
+    monkeypatch.setattr(dataplane_module, "LOOP_RUN_MAX_SECONDS", model.fastest_run_seconds * 4)
+    monkeypatch.setattr(model, "run_seconds", model.fastest_run_seconds)
+    here = threading.current_thread().name
+    asyncio.run(recorded.infer(0, copies=16))
+    assert recorded.threads and recorded.threads[0] != here, recorded.threads
+
+
+def test_a_gpu_session_never_runs_on_the_loop_mock_gpu(
+    recorded: RecordedPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No GPU here: the provider list a CUDA session reports stands in for one (its first run at a new shape may
+    # build an engine for minutes).
+    monkeypatch.setattr(recorded.model, "execution_providers", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    here = threading.current_thread().name
+    asyncio.run(recorded.infer(0))
+    assert recorded.threads and recorded.threads[0] != here, recorded.threads

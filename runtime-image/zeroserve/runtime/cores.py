@@ -11,7 +11,8 @@ waiting, and one core (on a second, single-thread session of the model) when oth
 ``CoreScheduler`` hands out those cores as tokens to the worker threads that call ``session.run``. The
 decision is taken in the worker, just before the run: a worker that finishes a run picks up the next one
 without a trip through the event loop, which is busy decoding requests under load (deciding on the loop
-measured 103-104 calls/s in the case above).
+measured 103-104 calls/s in the case above). A short run that is alone is the exception: the data plane runs it
+on the event loop itself and counts it with ``ran_alone`` (dataplane.py says when).
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class CoreScheduler:
     @property
     def contended(self) -> bool:
         """Whether a run submitted now would have to share the cores or wait (read without the lock: a hint)."""
-        return self._free < self.cores or self._pending > 0 or self._waiting > 0
+        # In the order a run moves through them (under the lock): pending, waiting, holding cores. Read the other
+        # way round, a run could move from a count not yet read to one already read and be missed.
+        return self._pending > 0 or self._waiting > 0 or self._free < self.cores
 
     def submitted(self) -> None:
         with self._changed:

@@ -31,13 +31,14 @@ INLINE_MAX_INPUT_BYTES = 64 * 1024
 # 1 ms for that model). A model with a dynamic batch is judged by its smallest batch (warmup runs one row).
 SHARE_MIN_RUN_SECONDS = 0.001
 # Under the adaptive hint a request that is alone runs on the event loop's thread, as KServe runs every request:
-# no hand-off to a worker and back, one thread fewer to wake. Image CNN, one call in flight, 4 alternating rounds:
-# gRPC p99 16.7 -> 13.7 ms (KServe 15.0 in the same rounds), REST binary p99 14.9 -> 11.7 ms and +5% req/s.
-# Only for runs this short: meanwhile the loop answers nothing else, health probes included.
+# no hand-off to a worker and back, one thread fewer to wake. Image CNN, one call in flight, alternating rounds:
+# gRPC p99 17.3 -> 12.3-15.9 ms over four sets (KServe 13.9-15.0 in the same sets), REST binary p99 14.9 -> 11.7 ms
+# and +5% req/s. Only for runs expected to be this short (the fastest run, scaled by the request's input bytes,
+# and the average): meanwhile the loop answers nothing else, health probes included.
 LOOP_RUN_MAX_SECONDS = 0.05
 # While a run holds the loop it reads no request, so requests sent meanwhile look as if they came after it and
-# would run one by one on the loop too (4 calls in flight: 104 instead of 114 req/s). Once requests have been
-# seen overlapping, lone ones go to the workers until none has overlapped for this long.
+# would run one by one on the loop too (4 calls in flight: 104 instead of 114 req/s). Once requests (to any model)
+# have been seen overlapping, lone ones go to the workers until none has overlapped for this long.
 LONE_QUIET_SECONDS = 1.0
 
 
@@ -170,6 +171,8 @@ class DataPlane:
         if self.max_queue and self.in_flight >= self.max_queue:
             raise ServerBusy(f"server is at its limit of {self.max_queue} queued inferences; retry shortly")
         self.in_flight += 1
+        if self.in_flight > 1:
+            self._overlapped_at = time.monotonic()
         try:
             submitted = time.perf_counter()
             batch_size = 1
@@ -183,7 +186,7 @@ class DataPlane:
                 await asyncio.sleep(0)
                 arrays, started, finished = timed_run(model.run, feeds, output_names)
             elif self.cores is not None and model.fastest_run_seconds >= SHARE_MIN_RUN_SECONDS:
-                if model.fastest_run_seconds < LOOP_RUN_MAX_SECONDS and await self._alone(self.cores):
+                if _short_on_cpu(model, feeds) and await self._alone(self.cores):
                     self.cores.ran_alone()
                     arrays, started, finished = timed_run(model.run, feeds, output_names)
                 else:
@@ -208,9 +211,9 @@ class DataPlane:
         )
 
     async def _alone(self, cores: CoreScheduler) -> bool:
-        """Whether this request is the only one in flight, no run is queued or running, and none overlapped
-        others for ``LONE_QUIET_SECONDS``. Asked twice, around one turn of the loop: requests that arrived
-        together with this one are admitted in that turn and make it not alone."""
+        """Whether this request is the only one in flight, no run is queued or running, and no requests overlapped
+        for ``LONE_QUIET_SECONDS``. Asked twice, around one turn of the loop: requests whose tasks were
+        already scheduled beside this one are admitted in that turn and make it not alone."""
         if not self._quiet(cores):
             return False
         await asyncio.sleep(0)
@@ -218,7 +221,7 @@ class DataPlane:
 
     def _quiet(self, cores: CoreScheduler) -> bool:
         now = time.monotonic()
-        if self.in_flight > 1 or cores.contended:
+        if self.in_flight > 1 or cores.contended:  # a run left by a request whose client went away counts too
             self._overlapped_at = now
             return False
         return now - self._overlapped_at >= LONE_QUIET_SECONDS
@@ -249,6 +252,16 @@ def _run_with_cores(
         return timed_run(run, feeds, output_names)
     finally:
         cores.release(granted)
+
+
+def _short_on_cpu(model: OnnxModel, feeds: dict[str, Any]) -> bool:
+    """Whether this run may hold the event loop: a CPU session (a GPU one may build an engine for a new shape),
+    expected under ``LOOP_RUN_MAX_SECONDS`` by its fastest run scaled up to these inputs (warmup runs one row; a
+    request may bring many) and by the recent average."""
+    if not model.cpu_only or model.run_seconds >= LOOP_RUN_MAX_SECONDS:
+        return False
+    scale = max(1.0, _input_bytes(feeds) / max(1, model.fastest_run_bytes))
+    return model.fastest_run_seconds * scale < LOOP_RUN_MAX_SECONDS
 
 
 def _input_bytes(feeds: dict[str, Any]) -> int:

@@ -84,6 +84,7 @@ class OnnxModel:
         # The fastest run on every thread so far: what the model costs when nothing competes with it, which
         # a moving average taken under load overstates (the adaptive hint's test, dataplane.py).
         self.fastest_run_seconds = float("inf")
+        self.fastest_run_bytes = 0  # the input bytes of that run: a request with more may well run longer
         # Serving on CUDA while TensorRT is still to be built (--trt_build background): upgrade() does it.
         self.upgrade_pending = False
         # For runs that share the CPU with others (cores.py): built in the background on first contention.
@@ -194,14 +195,17 @@ class OnnxModel:
                 raise InvalidInput(f"model '{self.name}' has no output named '{name}'; its outputs are {expected}")
 
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
-        """Blocking inference on every intra-op thread; call it from a worker thread."""
+        """Blocking inference on every intra-op thread: on a worker thread, or on the event loop for a run known
+        to be short (dataplane.py)."""
         assert self._session is not None, "load() the model first"
         started = time.perf_counter()
         outputs = self._run_on(self._session, feeds, output_names)
         elapsed = time.perf_counter() - started
         previous = self.run_seconds
         self.run_seconds = elapsed if previous == float("inf") else 0.8 * previous + 0.2 * elapsed
-        self.fastest_run_seconds = min(self.fastest_run_seconds, elapsed)
+        if elapsed < self.fastest_run_seconds:
+            self.fastest_run_seconds = elapsed
+            self.fastest_run_bytes = sum(array.nbytes for array in feeds.values())
         return outputs
 
     def run_single_thread(self, feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
@@ -209,6 +213,11 @@ class OnnxModel:
         assert self._single_thread_session is not None, "no single-thread session yet"
         # run_seconds stays the time of a run on every thread: it estimates the wait of the next lone request.
         return self._run_on(self._single_thread_session, feeds, output_names)
+
+    @property
+    def cpu_only(self) -> bool:
+        """Whether the session runs on the CPU provider alone (no GPU, no engine to build for a new shape)."""
+        return self.execution_providers == ["CPUExecutionProvider"]
 
     @property
     def single_thread_ready(self) -> bool:
@@ -220,7 +229,7 @@ class OnnxModel:
         if self._single_thread_started:
             return
         self._single_thread_started = True
-        if self.execution_providers != ["CPUExecutionProvider"] or self.upgrade_pending:
+        if not self.cpu_only or self.upgrade_pending:
             return
         if self.settings.intra_op_threads == 1:
             return
