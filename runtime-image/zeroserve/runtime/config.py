@@ -241,9 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="how runs share the CPU: latency (one run at a time on every intra-op thread), throughput "
         "(--intra_op_threads per run, default 1, as many runs as the CPU quota allows), adaptive (default: a run "
         "gets every core when nothing else runs or waits, on the event loop's thread if it is expected under 50 ms "
-        "and no requests overlapped in the last second; when others run or wait, one core each, on a second single-thread session "
-        "built on first contention; CPU provider, models up to 256 MiB whose fastest run takes 1 ms or more; "
-        "batched models and the rest run one at a time on every core)",
+        "and no requests overlapped in the last second; when others run or wait, one core each, on a second "
+        "single-thread session built on first contention; CPU provider, models up to 256 MiB whose fastest run "
+        "takes 1 ms or more; batched models and the rest run one at a time on every core)",
     )
     server.add_argument(
         "--inference_threads", type=int,
