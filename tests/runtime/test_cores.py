@@ -419,3 +419,11 @@ def test_a_gpu_session_never_runs_on_the_loop_mock_gpu(
     here = threading.current_thread().name
     asyncio.run(recorded.infer(0))
     assert recorded.threads and recorded.threads[0] != here, recorded.threads
+
+
+def test_a_request_whose_body_is_still_arriving_keeps_others_off_the_loop(recorded: RecordedPlane) -> None:
+    # REST reads a large body over several turns of the loop; such a request is in flight before it is admitted.
+    here = threading.current_thread().name
+    recorded.plane.receiving = 1
+    asyncio.run(recorded.infer(0))
+    assert recorded.threads and recorded.threads[0] != here, recorded.threads

@@ -74,6 +74,10 @@ class DataPlane:
         # of their own. Models with short runs stay on the pool above (SHARE_MIN_RUN_SECONDS).
         self.cores = CoreScheduler(cores) if cores > 1 else None
         self._overlapped_at = -math.inf  # time.monotonic() when requests were last seen overlapping
+        # Requests whose bodies are still being read (REST): not admitted yet, but in flight. A 600 KB body takes
+        # several turns of the loop; without them a request admitted while others were still arriving looked alone
+        # (REST binary CNN, 4 connections: 114 instead of 121 req/s, p99 53 instead of 41 ms, in some rounds).
+        self.receiving = 0
         self._shared_workers: Workers | None = None
         if self.cores is not None:
             self._shared_workers = Workers(cores, "zeroserve-cores")
@@ -171,7 +175,7 @@ class DataPlane:
         if self.max_queue and self.in_flight >= self.max_queue:
             raise ServerBusy(f"server is at its limit of {self.max_queue} queued inferences; retry shortly")
         self.in_flight += 1
-        if self.in_flight > 1:
+        if self.in_flight > 1 or self.receiving:
             self._overlapped_at = time.monotonic()
         try:
             submitted = time.perf_counter()
@@ -211,9 +215,9 @@ class DataPlane:
         )
 
     async def _alone(self, cores: CoreScheduler) -> bool:
-        """Whether this request is the only one in flight, no run is queued or running, and no requests overlapped
-        for ``LONE_QUIET_SECONDS``. Asked twice, around one turn of the loop: requests whose tasks were
-        already scheduled beside this one are admitted in that turn and make it not alone."""
+        """Whether this request is the only one in flight (none still arriving), no run is queued or running,
+        and no requests overlapped for ``LONE_QUIET_SECONDS``. Asked twice, around one turn of the loop: requests
+        whose tasks were already scheduled beside this one are admitted in that turn and make it not alone."""
         if not self._quiet(cores):
             return False
         await asyncio.sleep(0)
@@ -221,7 +225,8 @@ class DataPlane:
 
     def _quiet(self, cores: CoreScheduler) -> bool:
         now = time.monotonic()
-        if self.in_flight > 1 or cores.contended:  # a run left by a request whose client went away counts too
+        # A run left behind by a request whose client went away counts too (contended).
+        if self.in_flight > 1 or self.receiving or cores.contended:
             self._overlapped_at = now
             return False
         return now - self._overlapped_at >= LONE_QUIET_SECONDS

@@ -63,7 +63,7 @@ class InferEndpoint:
         headers = dict(scope["headers"])
         result: InferResult | None = None
         try:
-            body = await self._read_body(headers, receive)
+            body = await self._read_counted(headers, receive)
             header_length = headers.get(_HEADER_LENGTH)
             request = codec.decode_request(
                 body, header_length.decode("latin-1") if header_length is not None else None, self.limits
@@ -86,6 +86,14 @@ class InferEndpoint:
         raw_headers.append((b"content-length", str(len(content)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": content})
+
+    async def _read_counted(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
+        # Counted while the body arrives: the data plane must see this request as in flight already.
+        self.dataplane.receiving += 1
+        try:
+            return await self._read_body(headers, receive)
+        finally:
+            self.dataplane.receiving -= 1
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
         limit = self.limits.max_body_bytes
