@@ -32,7 +32,10 @@ from zeroserve.runtime.digests import DigestMemo, sha256_file
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GpuFacts", "ArtifactKind", "artifact_key", "cpu_features", "detect_gpu", "key_fields", "model_digest"]
+__all__ = [
+    "ArtifactKind", "CudaDevice", "GpuFacts", "artifact_key", "cpu_features", "cuda_device", "detect_gpu", "key_fields",
+    "model_digest",
+]  # fmt: skip
 
 ArtifactKind = Literal["ort-optimized", "tensorrt"]
 KEY_FORMAT = 1  # bump when the fields or their meaning change: every old entry then misses
@@ -174,11 +177,38 @@ def detect_gpu(device_id: int) -> GpuFacts | None:
     Uses the libraries the TensorRT EP itself loads (``libcuda.so.1``, ``libcudart.so``,
     ``libnvinfer.so.10``), through ctypes, so no CUDA Python package is needed.
     """
+    device = cuda_device(device_id)
+    if device is None:
+        return None
+    try:
+        nvinfer = ctypes.CDLL("libnvinfer.so.10")
+        trt = int(nvinfer.getInferLibVersion())  # TensorRT 10: major * 10000 + minor * 100 + patch
+    except (OSError, AttributeError) as exc:
+        logger.info("no GPU facts for the artifact cache: %s", exc)
+        return None
+    return GpuFacts(
+        name=device.name,
+        compute_capability=device.compute_capability,
+        cuda_runtime=device.cuda_runtime,
+        tensorrt=f"{trt // 10000}.{trt // 100 % 100}.{trt % 100}",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CudaDevice:
+    """One GPU as the CUDA driver describes it."""
+
+    name: str
+    compute_capability: str  # "9.0"
+    cuda_runtime: str  # "13.0": the CUDA runtime library's version, else "driver 13.0" (what the driver supports)
+
+
+def cuda_device(device_id: int) -> CudaDevice | None:
+    """GPU ``device_id`` through the CUDA driver (``libcuda.so.1``, by ctypes); None where there is none."""
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
-        nvinfer = ctypes.CDLL("libnvinfer.so.10")
     except OSError as exc:
-        logger.info("no GPU facts for the artifact cache: %s", exc)
+        logger.info("no CUDA driver: %s", exc)
         return None
     dev, major, minor, driver = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
     name = ctypes.create_string_buffer(256)
@@ -192,20 +222,10 @@ def detect_gpu(device_id: int) -> GpuFacts | None:
         or cuda.cuDriverGetVersion(ctypes.byref(driver))
     )
     if status != 0:
-        logger.warning("no GPU facts for the artifact cache: CUDA driver call failed with %s", status)
+        logger.warning("no GPU %d: CUDA driver call failed with CUresult %s", device_id, status)
         return None
     runtime = _cuda_runtime_version() or f"driver {driver.value // 1000}.{driver.value % 1000 // 10}"
-    try:
-        trt = int(nvinfer.getInferLibVersion())  # TensorRT 10: major * 10000 + minor * 100 + patch
-    except AttributeError as exc:
-        logger.warning("no GPU facts for the artifact cache: %s", exc)
-        return None
-    return GpuFacts(
-        name=name.value.decode(errors="replace"),
-        compute_capability=f"{major.value}.{minor.value}",
-        cuda_runtime=runtime,
-        tensorrt=f"{trt // 10000}.{trt // 100 % 100}.{trt % 100}",
-    )
+    return CudaDevice(name.value.decode(errors="replace"), f"{major.value}.{minor.value}", runtime)
 
 
 def _cuda_runtime_version() -> str | None:
