@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -522,3 +523,29 @@ def test_trt_build_and_ep_context_flags() -> None:
     assert settings_from_args(parser.parse_args([]), {}).trt_ep_context is False
     with pytest.raises(ValueError, match="--trt_build"):
         ProviderSettings(trt_build="later")  # type: ignore[arg-type]
+
+
+def test_a_provider_library_missing_a_dependency_is_named(tmp_path: Path) -> None:
+    # A stand-in for onnxruntime-gpu's folder: its TensorRT provider library links a library that is not
+    # there (as libnvinfer.so.10 is not, where TensorRT was never installed); the real dynamic loader names it.
+    from types import SimpleNamespace
+
+    from zeroserve.runtime.providers import _missing_library
+
+    cc = shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler to build the shared libraries")
+    capi = tmp_path / "onnxruntime" / "capi"
+    capi.mkdir(parents=True)
+    (tmp_path / "dep.c").write_text("int zeroserve_dep(void) { return 1; }\n")
+    (tmp_path / "provider.c").write_text("int zeroserve_dep(void);\nint provider(void) { return zeroserve_dep(); }\n")
+    dep = tmp_path / "libzeroserve_dep.so.10"
+    subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libzeroserve_dep.so.10", "-o", str(dep),
+                    str(tmp_path / "dep.c")], check=True)  # fmt: skip
+    provider = capi / "libonnxruntime_providers_tensorrt.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(provider), str(tmp_path / "provider.c"), str(dep)], check=True)
+    dep.unlink()
+    ort = SimpleNamespace(__file__=str(tmp_path / "onnxruntime" / "__init__.py"))
+    assert _missing_library(ort, TRT).startswith("libzeroserve_dep.so.10: cannot open shared object file")
+    assert _missing_library(ort, CUDA) == ""  # no such library in this build: nothing to say
+    assert _missing_library(ort, CPU) == ""

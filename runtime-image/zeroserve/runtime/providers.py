@@ -372,18 +372,20 @@ def create_session(
         except Exception as exc:
             if isinstance(exc, model_errors):
                 raise ModelLoadError(f"cannot load model {model_path}: {_reason(exc)}") from exc
+            missing = _missing_library(ort, names[0])
             if i == len(attempts):
                 hint = _LIBRARY_HINT if names[0] != CPU else ""
-                raise ModelLoadError(f"cannot load {model_path} on {names[0]}: {_reason(exc)}{hint}") from exc
+                raise ModelLoadError(f"cannot load {model_path} on {names[0]}: {missing}{_reason(exc)}{hint}") from exc
             logger.warning(
-                "%s failed for %s (%s); trying %s", names[0], model_path, _reason(exc), attempts[i][0][0]
+                "%s failed for %s (%s%s); trying %s", names[0], model_path, missing, _reason(exc), attempts[i][0][0]
             )
     in_use: list[str] = session.get_providers()
     if settings.choice in ("tensorrt", "cuda") and asked[0] not in in_use:
         # CUDA's libraries failing to load is only a warning in ORT; the session then runs on the CPU.
+        missing = _missing_library(ort, asked[0]) or "its warning above gives the reason"
         raise ModelLoadError(
             f"--providers {settings.choice}: ONNX Runtime could not start {asked[0]} and fell back to "
-            f"{', '.join(in_use)}; its warning above gives the reason{_LIBRARY_HINT}"
+            f"{', '.join(in_use)}; {missing.rstrip('; ')}{_LIBRARY_HINT}"
         )
     if any(name not in in_use for name in asked):
         logger.warning("%s: asked for %s, running on %s", model_path, ", ".join(asked), ", ".join(in_use))
@@ -428,6 +430,34 @@ _LIBRARY_HINT = (
     " (check that the CUDA, cuDNN and, for TensorRT, libnvinfer libraries and the NVIDIA driver "
     "are visible to the process, e.g. on LD_LIBRARY_PATH)"
 )
+
+
+_PROVIDER_LIBRARIES = {TRT: "libonnxruntime_providers_tensorrt.so", CUDA: "libonnxruntime_providers_cuda.so"}
+
+
+def _missing_library(ort: Any, provider: str) -> str:
+    """The library a GPU provider lacks, as the dynamic loader names it ("libnvinfer.so.10: cannot open shared
+    object file ...; "), or "" when that is not why it failed.
+
+    ORT's own exception for TensorRT only says to install TensorRT, and for CUDA the session silently falls
+    back; the library it could not load goes to ORT's log alone. Loading the provider's library again here
+    (it is already in memory when it loaded fine) makes the loader name the first dependency it cannot find.
+    """
+    name = _PROVIDER_LIBRARIES.get(provider)
+    if name is None:
+        return ""
+    path = Path(ort.__file__).parent / "capi" / name
+    if not path.exists():
+        return ""
+    import ctypes
+
+    try:
+        ctypes.CDLL(str(path))
+    except OSError as exc:
+        text = str(exc)
+        if "cannot open shared object file" in text:
+            return f"{text.removeprefix(str(path) + ': ')}; "
+    return ""
 
 
 def _reason(exc: BaseException) -> str:
