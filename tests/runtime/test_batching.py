@@ -3,7 +3,9 @@ in order, errors stay with the request that caused them, and a full queue answer
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,22 +136,56 @@ def test_a_model_without_a_batch_dimension_is_never_batched(batching_server: Ser
     assert batch_sizes(batching_server, "gather") == {} or batch_sizes(batching_server, "gather")["bucket1"] == 6
 
 
+def _wait_for_metric(server: ServerProcess, line: str) -> None:
+    for _ in range(500):  # bounded: 5 s
+        if line in httpx.get(f"{server.url}/metrics").text.splitlines():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"{line!r} never appeared in /metrics")
+
+
+def _start_request(server: ServerProcess, path: str) -> socket.socket:
+    """A REST request whose headers and first body bytes are sent, and the rest is not (yet)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    head = f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    sock.sendall(head.encode() + b'{"inputs": [')
+    return sock
+
+
+def test_a_lone_request_does_not_wait_out_the_delay(model_repository: Path, tmp_path: Path) -> None:
+    server = start_server(
+        ["--model_dir", str(model_repository), "--max_batch_size", "64", "--max_queue_delay_us", "3000000"],
+        tmp_path / "log",
+    )
+    try:
+        url = f"{server.url}/v2/models/lookup/infer"
+        body = {"inputs": [{"name": "index", "shape": [1], "datatype": "INT64", "data": [1]}]}
+        with httpx.Client(timeout=30) as client:
+            for _ in range(3):  # one client waiting for each answer: no company can come
+                started = time.perf_counter()
+                assert client.post(url, json=body).status_code == 200
+                assert time.perf_counter() - started < 1.5, "a lone request waited for company that cannot come"
+    finally:
+        server.stop()
+
+
 def test_a_full_queue_answers_503_with_retry_after(model_repository: Path, tmp_path: Path) -> None:
     server = start_server(
         ["--model_dir", str(model_repository), "--max_batch_size", "64", "--max_queue_delay_us", "1500000",
          "--max_queue_size", "1"],
         tmp_path / "log",
     )
+    arriving = None
     try:
         url = f"{server.url}/v2/models/lookup/infer"
         body = {"inputs": [{"name": "index", "shape": [1], "datatype": "INT64", "data": [1]}]}
+        # A request still arriving may join a batch: with it on the way, the next request waits for company.
+        arriving = _start_request(server, "/v2/models/lookup/infer")
+        _wait_for_metric(server, "zeroserve_inference_receiving 1")
         first: list[httpx.Response] = []
         waiting = threading.Thread(target=lambda: first.append(httpx.post(url, json=body, timeout=30)))
-        waiting.start()  # waits 1.5 s in the batch queue for company
-        for _ in range(100):
-            if "zeroserve_inference_in_flight 1" in httpx.get(f"{server.url}/metrics").text:
-                break
-            threading.Event().wait(0.01)
+        waiting.start()  # waits up to 1.5 s in the batch queue
+        _wait_for_metric(server, "zeroserve_inference_in_flight 1")
         refused = httpx.post(url, json=body, timeout=30)
         assert refused.status_code == 503
         assert int(refused.headers["retry-after"]) >= 1
@@ -157,6 +193,8 @@ def test_a_full_queue_answers_503_with_retry_after(model_repository: Path, tmp_p
         waiting.join(30)
         assert first[0].status_code == 200
     finally:
+        if arriving is not None:
+            arriving.close()
         server.stop()
 
 

@@ -2,10 +2,12 @@
 
 A request joins the queue of its model; the batcher takes the oldest request and every queued request that
 can share its run (same output selection, same dtypes and non-batch dimensions), up to ``max_batch_size``
-rows, after waiting at most ``max_queue_delay`` for more to arrive (or less, once the rows reach the largest
-size or a preferred size). While a batch runs the next one forms, so under load batches grow by themselves
-and at low load a request waits at most the delay. Outputs are split back by rows, in order. If a merged run
-fails, each request is run alone so that an error stays with the request that caused it.
+rows, after waiting at most ``max_queue_delay`` for more to arrive. It waits less once the rows reach the
+largest size or a preferred size, and not at all when every request the server has in flight is already in
+this batcher: no one is left to wait for. While a batch runs the next one forms, so under load batches grow by
+themselves, and a lone request, or one of a few clients that each wait for their answer, does not wait.
+Outputs are split back by rows, in order. If a merged run fails, each request is run alone so that an error
+stays with the request that caused it.
 
 Only models whose every input and output has a dynamic first dimension are batched.
 """
@@ -59,7 +61,16 @@ class _Pending:
 class Batcher:
     """The queue and dispatch loop of one model. Create and use it inside the server's event loop."""
 
-    def __init__(self, model: OnnxModel, workers: Workers, settings: BatchSettings, slots: int = 1) -> None:
+    def __init__(
+        self,
+        model: OnnxModel,
+        workers: Workers,
+        settings: BatchSettings,
+        slots: int = 1,
+        in_flight: Callable[[], int] | None = None,
+    ) -> None:
+        """``in_flight`` counts the requests the server has admitted or is still receiving, for every model;
+        None: the oldest request always waits out the delay (unless its batch fills)."""
         self.model = model
         self.settings = settings
         self._workers = workers
@@ -69,6 +80,8 @@ class Batcher:
         self._loop_task: asyncio.Task[None] | None = None
         self._runs: set[asyncio.Task[None]] = set()
         self._preferred = frozenset(settings.preferred_batch_sizes)
+        self._in_flight = in_flight
+        self._running = 0  # requests taken into batches whose runs have not finished
 
     @property
     def depth(self) -> int:
@@ -78,8 +91,15 @@ class Batcher:
         """Outputs for one request, its run's start and end time, and the size of the batch it ran in."""
         rows = _rows(feeds)
         loop = asyncio.get_running_loop()
-        if rows is None or rows == 0 or rows >= self.settings.max_batch_size:
-            arrays, started, finished = await self._workers.run(timed_run, self.model.run, feeds, output_names)
+        alone = self._in_flight is not None and self._in_flight() <= 1 and not self._queue and not self._running
+        if alone or rows is None or rows == 0 or rows >= self.settings.max_batch_size:
+            # Alone (nothing else in flight, here or anywhere in the server), too big, or unbatchable: run it now.
+            # It counts as running here, so a request arriving meanwhile does not wait for it as for company.
+            self._running += 1
+            try:
+                arrays, started, finished = await self._workers.run(timed_run, self.model.run, feeds, output_names)
+            finally:
+                self._running -= 1
             return arrays, started, finished, rows or 1
         key = (
             tuple(output_names) if output_names is not None else None,
@@ -104,16 +124,24 @@ class Batcher:
             await self._slots.acquire()
             await self._gather(self._queue[0])
             batch = self._take(self._queue[0].key)
+            self._running += len(batch)
             task = asyncio.get_running_loop().create_task(self._run_batch(batch))
             self._runs.add(task)
             task.add_done_callback(self._runs.discard)
 
     async def _gather(self, first: _Pending) -> None:
-        """Wait until the oldest request's batch is full, preferred, or out of time."""
+        """Wait until the oldest request's batch is full, preferred, or out of time, or no one else can join."""
         deadline = first.enqueued + self.settings.max_queue_delay
+        # One turn of the loop: requests whose runs just finished leave the in-flight count, and requests whose
+        # handlers were already scheduled join the queue.
+        await asyncio.sleep(0)
         while True:
             rows = sum(p.rows for p in self._queue if p.key == first.key)
             if rows >= self.settings.max_batch_size or rows in self._preferred:
+                return
+            if self._in_flight is not None and self._in_flight() <= len(self._queue) + self._running:
+                # Every request in flight is queued or running here. A client answered later may send another,
+                # but one that waits for its answer cannot: at one request in flight, the delay would be pure loss.
                 return
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
@@ -164,6 +192,7 @@ class Batcher:
                     pending.future.set_exception(exc)
             raise
         finally:
+            self._running -= len(batch)
             self._slots.release()
 
     async def _run_alone(self, batch: list[_Pending]) -> None:

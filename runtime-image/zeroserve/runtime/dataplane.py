@@ -66,6 +66,12 @@ class DataPlane:
         self.metrics.add_gauge(
             Gauge("zeroserve_inference_in_flight", "Inferences admitted and not yet answered", self._in_flight)
         )
+        self.metrics.add_gauge(
+            Gauge(
+                "zeroserve_inference_receiving", "REST inference requests whose bodies are still arriving",
+                lambda: {(): float(self.receiving)},
+            )
+        )  # fmt: skip
         self._inference_threads = inference_threads
         # session.run releases the GIL; a bounded pool keeps ORT's own threads from being oversubscribed.
         self._workers = Workers(inference_threads, "zeroserve-infer")
@@ -108,11 +114,17 @@ class DataPlane:
 
     def _batcher(self, model: OnnxModel) -> Batcher | None:
         if model not in self._batchers:
-            useful = self.batching.enabled and batchable(model)
-            self._batchers[model] = (
-                Batcher(model, self._workers, self.batching, self._inference_threads) if useful else None
-            )
+            batcher = None
+            if self.batching.enabled and batchable(model):
+                batcher = Batcher(
+                    model, self._workers, self.batching, self._inference_threads, in_flight=self._in_flight_or_arriving
+                )
+            self._batchers[model] = batcher
         return self._batchers[model]
+
+    def _in_flight_or_arriving(self) -> int:
+        """Requests admitted and not yet run, or still arriving (REST bodies being read): a batch's company."""
+        return self.in_flight + self.receiving
 
     def _depths(self) -> dict[Labels, float]:
         return {
