@@ -195,13 +195,19 @@ class DataPlane:
             batcher = self._batcher(model)
             if batcher is not None:
                 arrays, started, finished, batch_size = await batcher.run(feeds, output_names)
-            elif model.run_seconds < self.inline_seconds and _input_bytes(feeds) <= INLINE_MAX_INPUT_BYTES:
+            elif (
+                model.run_seconds < self.inline_seconds
+                and _input_bytes(feeds) <= INLINE_MAX_INPUT_BYTES
+                and model.cpu_only  # a GPU run at a new shape may tune kernels for tens of ms, holding the loop
+            ):
                 # One turn of the event loop first: a request that never yields lets a saturated loop serve
                 # some connections far later than others (tiny model, 64 connections: p99 284 -> 80-87 ms,
                 # 3,100 -> 3,400 req/s; 1 connection: p50 within noise).
                 await asyncio.sleep(0)
                 arrays, started, finished = timed_run(model.run, feeds, output_names)
-            elif self.cores is not None and model.fastest_run_seconds >= SHARE_MIN_RUN_SECONDS:
+            elif self.cores is not None and model.cpu_only and model.fastest_run_seconds >= SHARE_MIN_RUN_SECONDS:
+                # Not for a GPU session (--providers auto on a GPU): it has no cores to share, and ORT gives every
+                # thread that runs it a cuDNN/cuBLAS workspace of its own (16 threads on an H200: +1.1 GiB).
                 if _short_on_cpu(model, feeds) and await self._alone(self.cores):
                     self.cores.ran_alone()
                     arrays, started, finished = timed_run(model.run, feeds, output_names)
