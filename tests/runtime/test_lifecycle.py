@@ -171,14 +171,25 @@ def test_port_from_environment_and_model_name_fallback(tmp_path: Path) -> None:
 
 
 def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
-    test_models.mlp_model(tmp_path / "model.onnx")
-    server = start_server(["--model_dir", str(tmp_path), "--workers", "2"], tmp_path / "log")
+    # A warmup of some length, so that the two workers become ready at visibly different times.
+    test_models.conv_model(tmp_path / "model.onnx", size=64, channels=32, layers=4)
+    args = ["--model_dir", str(tmp_path), "--workers", "2", "--warmup_shapes", "input:16x3x64x64"]
+    server = start_server(args, tmp_path / "log", wait_ready=False)
+    body = {"inputs": [{"name": "input", "shape": [1, 3, 64, 64], "datatype": "FP32", "data": [0.5] * 3 * 64 * 64}]}
     try:
-        # Readiness is per process: the first worker ready is not the second (which answers 503 until then).
+        # A worker accepts connections only once its models are loaded, so no request meets one still loading
+        # (which would answer 503): requests sent from the start wait, then are served, on a new connection
+        # each time, spread over the workers.
+        statuses: list[int] = []
+        deadline = time.monotonic() + 60
+        while len(statuses) < 60 and time.monotonic() < deadline:
+            try:
+                with httpx.Client(timeout=30) as client:
+                    statuses.append(client.post(f"{server.url}/v2/models/model/infer", json=body).status_code)
+            except httpx.ConnectError:  # the supervisor has not bound the port yet
+                time.sleep(0.01)
+        assert statuses and set(statuses) == {200}, statuses
         wait_for(lambda: server.log().count("all models ready") == 2)
-        for _ in range(20):
-            with httpx.Client() as client:  # a new connection each time, spread over the workers
-                assert client.post(f"{server.url}/v2/models/model/infer", content=MLP_BODY).status_code == 200
     finally:
         assert server.stop() in (0, -signal.SIGTERM)
     assert "Stopping parent process" in server.log()

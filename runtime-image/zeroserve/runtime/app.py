@@ -42,10 +42,17 @@ def create_app(
     *,
     on_load_failure: Callable[[ServerError], None] | None = None,
     telemetry: Telemetry | None = None,
+    load_before_serving: bool = False,
 ) -> ServerApp:
     """Build the server app. Models start loading when the lifespan starts, after the listener is up;
     ``on_load_failure`` is called if loading fails (the server uses it to exit). ``telemetry`` (off by
-    default) receives the init spans once models are ready, and wraps each inference in a span."""
+    default) receives the init spans once models are ready, and wraps each inference in a span.
+
+    ``load_before_serving``: the lifespan returns (so the server accepts connections, REST and gRPC) only once
+    the models are loaded. For the processes of ``--workers N``: they share one listening socket and the kernel
+    hands each connection to whichever accepts it, so a worker still loading would answer requests, and
+    readiness probes, with "not ready" while its siblings are ready. Connections wait in the listen backlog
+    until the first worker is ready instead."""
     telemetry = telemetry or Telemetry()
     repository = ModelRepository()
     dataplane = DataPlane.from_config(repository, config)
@@ -59,12 +66,14 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if grpc_server is not None:
-            await grpc_server.start()  # in this event loop, beside REST
-            grpc_server.stop_on_signals()  # both stop accepting at once; one drain deadline
         loading = asyncio.create_task(
             load_in_background(config, repository, on_load_failure, telemetry), name="zeroserve-load"
         )
+        if load_before_serving:
+            await asyncio.shield(loading)
+        if grpc_server is not None:
+            await grpc_server.start()  # in this event loop, beside REST
+            grpc_server.stop_on_signals()  # both stop accepting at once; one drain deadline
         try:
             yield
         finally:

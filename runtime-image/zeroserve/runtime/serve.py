@@ -123,4 +123,5 @@ def worker_app() -> Any:
             print(f"zeroserve: {exc.message}", file=sys.stderr, flush=True)
             os._exit(_STARTUP_FAILURE)  # nothing was ever ready in this worker; the supervisor stops all
 
-    return create_app(config, on_load_failure=on_load_failure, telemetry=telemetry.from_environment(os.environ))
+    tracing = telemetry.from_environment(os.environ)
+    return create_app(config, on_load_failure=on_load_failure, telemetry=tracing, load_before_serving=True)
