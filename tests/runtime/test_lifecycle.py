@@ -195,6 +195,25 @@ def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
     assert "Stopping parent process" in server.log()
 
 
+def test_workers_told_to_stop_while_loading_stop_at_once(gated_model_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # The download never finishes (the gate stays shut): the workers must not wait for their models before
+    # shutting down, as they would if their lifespan only waited for loading.
+    uri, _ = gated_model_server
+    server = start_server(
+        ["--model_dir", uri, "--cache_dir", str(tmp_path / "cache"), "--workers", "2"], tmp_path / "log",
+        wait_ready=False,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: server.log().count("Waiting for application startup") == 2)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(15) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        server.stop()
+    assert server.log().count("stopping before the models finished loading") == 2
+
+
 def test_workers_stop_when_a_model_cannot_load(tmp_path: Path) -> None:
     server = start_server(["--model_dir", str(tmp_path / "nowhere"), "--workers", "2"], tmp_path / "log",
                           wait_ready=False)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator, Callable
+from types import FrameType
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -66,22 +69,28 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        loading = asyncio.create_task(
-            load_in_background(config, repository, on_load_failure, telemetry), name="zeroserve-load"
-        )
-        if load_before_serving:
-            await asyncio.shield(loading)
-        if grpc_server is not None:
-            await grpc_server.start()  # in this event loop, beside REST
-            grpc_server.stop_on_signals()  # both stop accepting at once; one drain deadline
+        def load() -> asyncio.Task[None]:
+            coroutine = load_in_background(config, repository, on_load_failure, telemetry)
+            return asyncio.create_task(coroutine, name="zeroserve-load")
+
+        loading: asyncio.Task[None] | None = None
         try:
+            if load_before_serving:
+                loading = load()
+                await _loaded_or_stopped(loading)
+            if grpc_server is not None:
+                await grpc_server.start()  # in this event loop, beside REST
+                grpc_server.stop_on_signals()  # both stop accepting at once; one drain deadline
+            if loading is None:
+                loading = load()
             yield
         finally:
             if grpc_server is not None:
                 await grpc_server.stop()
-            loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loading
+            if loading is not None:
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loading
             dataplane.close()
             await asyncio.to_thread(telemetry.shutdown)
 
@@ -94,3 +103,36 @@ def create_app(
     app.state.repository = repository
     app.state.dataplane = dataplane
     return app
+
+
+async def _loaded_or_stopped(loading: asyncio.Task[None]) -> None:
+    """Wait for the models, unless SIGTERM or SIGINT comes first: then hand the signal on to the server's own
+    handler (uvicorn's, which starts its shutdown) and return at once, as nothing has been accepted yet.
+
+    uvicorn does not look at its exit flag while the lifespan starts, so without this a worker told to stop while
+    it loads would load every model first. Now its shutdown cancels the loading, which ends once the step in
+    progress (a download or a session build, in a thread) returns."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        await asyncio.shield(loading)
+        return
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        loop.call_soon_threadsafe(stopped.set)
+
+    previous = {int(sig): signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    waiting = asyncio.ensure_future(stopped.wait())
+    try:
+        await asyncio.wait([loading, waiting], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received and not loading.done():
+        handler = previous[received[0]]
+        if callable(handler):
+            handler(received[0], None)
+        logger.info("stopping before the models finished loading")
