@@ -3,6 +3,7 @@ in order, errors stay with the request that caused them, and a full queue answer
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -51,19 +52,49 @@ def add_inputs(seed: int, rows: int, binary: bool) -> tuple[list[triton.InferInp
     return inputs, a + b
 
 
+def _wait_for_metric(server: ServerProcess, line: str) -> None:
+    for _ in range(500):  # bounded: 5 s
+        if line in httpx.get(f"{server.url}/metrics").text.splitlines():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"{line!r} never appeared in /metrics")
+
+
+def _start_request(server: ServerProcess, path: str) -> socket.socket:
+    """A REST request whose headers and first body bytes are sent, and the rest is not (yet)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    head = f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    sock.sendall(head.encode() + b'{"inputs": [')
+    return sock
+
+
+@contextlib.contextmanager
+def arriving(server: ServerProcess, model: str = "lookup") -> Iterator[None]:
+    """A request to ``model`` whose body is still arriving, for the duration: company a forming batch waits for
+    (the delay applies), so that concurrent requests merge however the loop happens to see them."""
+    sock = _start_request(server, f"/v2/models/{model}/infer")
+    try:
+        _wait_for_metric(server, "zeroserve_inference_receiving 1")
+        yield
+    finally:
+        sock.close()
+        _wait_for_metric(server, "zeroserve_inference_receiving 0")
+
+
 def test_concurrent_requests_are_merged_and_answered_in_order(batching_server: ServerProcess) -> None:
     before = batch_sizes(batching_server, "add").get("count", 0.0)
     client = triton.InferenceServerClient(batching_server.address, concurrency=24)
     calls = []
-    for seed in range(24):  # JSON and binary requests, 1 to 3 rows each, all in flight at once
-        inputs, expected = add_inputs(seed, rows=1 + seed % 3, binary=seed % 2 == 0)
-        outputs = [triton.InferRequestedOutput("sum", binary_data=seed % 4 == 0)]
-        calls.append((client.async_infer("add", inputs, outputs=outputs, model_version="1", request_id=str(seed)),
-                      expected, seed))
-    for call, expected, seed in calls:
-        result = call.get_result()
-        assert result.get_response()["id"] == str(seed)
-        np.testing.assert_array_equal(result.as_numpy("sum"), expected)
+    with arriving(batching_server):
+        for seed in range(24):  # JSON and binary requests, 1 to 3 rows each, all in flight at once
+            inputs, expected = add_inputs(seed, rows=1 + seed % 3, binary=seed % 2 == 0)
+            outputs = [triton.InferRequestedOutput("sum", binary_data=seed % 4 == 0)]
+            call = client.async_infer("add", inputs, outputs=outputs, model_version="1", request_id=str(seed))
+            calls.append((call, expected, seed))
+        for call, expected, seed in calls:
+            result = call.get_result()
+            assert result.get_response()["id"] == str(seed)
+            np.testing.assert_array_equal(result.as_numpy("sum"), expected)
     sizes = batch_sizes(batching_server, "add")
     assert sizes["count"] - before == 24
     assert sizes["bucket1"] < sizes["count"], f"no request shared a run: {sizes}"
@@ -98,11 +129,15 @@ def test_a_failing_run_is_split_so_only_the_culprit_fails(batching_server: Serve
         body = {"inputs": [{"name": "index", "shape": [len(picks)], "datatype": "INT64", "data": picks}]}
         results[index] = httpx.post(url, json=body, timeout=30)
 
-    threads = [threading.Thread(target=post, args=(i,)) for i in range(10)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    before = batch_sizes(batching_server, "lookup").get("count", 0.0)
+    with arriving(batching_server):
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    sizes = batch_sizes(batching_server, "lookup")
+    assert sizes["count"] - before == 9 and sizes.get("bucket1", 0.0) < sizes["count"], sizes  # runs were merged
     assert results[5].status_code == 400
     assert "rejected the input" in results[5].json()["error"]
     for index, response in results.items():
@@ -110,11 +145,14 @@ def test_a_failing_run_is_split_so_only_the_culprit_fails(batching_server: Serve
             assert response.json()["outputs"][0]["data"] == [index % 8 * 10, (index + 1) % 8 * 10]
 
 
-def test_a_failing_request_that_runs_alone_is_answered(batching_server: ServerProcess) -> None:
-    # A lone request forms a batch of one; its failure must reach the caller, not leave it waiting.
+@pytest.mark.parametrize("company", [False, True], ids=["run-at-once", "batch-of-one"])
+def test_a_failing_request_that_runs_alone_is_answered(batching_server: ServerProcess, company: bool) -> None:
+    # Alone, a request runs at once; with a request still arriving it waits, then forms a batch of one. Either
+    # way its failure must reach the caller, not leave it waiting.
     url = f"{batching_server.url}/v2/models/lookup/infer"
     body = {"inputs": [{"name": "index", "shape": [1], "datatype": "INT64", "data": [99]}]}
-    response = httpx.post(url, json=body, timeout=10)
+    with arriving(batching_server) if company else contextlib.nullcontext():
+        response = httpx.post(url, json=body, timeout=10)
     assert response.status_code == 400
     assert "rejected the input" in response.json()["error"]
     good = {"inputs": [{"name": "index", "shape": [1], "datatype": "INT64", "data": [3]}]}
@@ -134,22 +172,6 @@ def test_a_model_without_a_batch_dimension_is_never_batched(batching_server: Ser
     for thread in threads:
         thread.join(30)
     assert batch_sizes(batching_server, "gather") == {} or batch_sizes(batching_server, "gather")["bucket1"] == 6
-
-
-def _wait_for_metric(server: ServerProcess, line: str) -> None:
-    for _ in range(500):  # bounded: 5 s
-        if line in httpx.get(f"{server.url}/metrics").text.splitlines():
-            return
-        threading.Event().wait(0.01)
-    raise AssertionError(f"{line!r} never appeared in /metrics")
-
-
-def _start_request(server: ServerProcess, path: str) -> socket.socket:
-    """A REST request whose headers and first body bytes are sent, and the rest is not (yet)."""
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    head = f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-    sock.sendall(head.encode() + b'{"inputs": [')
-    return sock
 
 
 def test_a_lone_request_does_not_wait_out_the_delay(model_repository: Path, tmp_path: Path) -> None:
@@ -239,7 +261,9 @@ def test_grpc_raw_requests_are_batched_like_rest(model_repository: Path, tmp_pat
             await client.close()
 
     try:
-        for actual, expected in asyncio.run(burst()):
+        with arriving(server):  # a REST request on the way: batches wait for company
+            answers = asyncio.run(burst())
+        for actual, expected in answers:
             np.testing.assert_array_equal(actual, expected)
         sizes = batch_sizes(server, "add")
         assert sizes["count"] == 12 and sizes["bucket1"] < 12, sizes

@@ -56,6 +56,7 @@ class _Pending:
     key: tuple[Any, ...]
     future: asyncio.Future[BatchResult]
     enqueued: float = field(default_factory=time.perf_counter)
+    taken: bool = False  # into a batch: counted in Batcher._running until its caller has its answer
 
 
 class Batcher:
@@ -94,7 +95,10 @@ class Batcher:
         alone = self._in_flight is not None and self._in_flight() <= 1 and not self._queue and not self._running
         if alone or rows is None or rows == 0 or rows >= self.settings.max_batch_size:
             # Alone (nothing else in flight, here or anywhere in the server), too big, or unbatchable: run it now.
-            # It counts as running here, so a request arriving meanwhile does not wait for it as for company.
+            # It counts as running here, so a request arriving meanwhile does not wait for it as for company. It
+            # holds no slot: that request then goes to the workers' queue as a batch of one, behind this run, which
+            # keeps the worker busy from one run to the next (the small MLP over gRPC, 4 calls in flight: 1,344
+            # calls/s, against 1,149 when a lone run held a slot and the next batch formed only after it).
             self._running += 1
             try:
                 arrays, started, finished = await self._workers.run(timed_run, self.model.run, feeds, output_names)
@@ -110,7 +114,14 @@ class Batcher:
         self._arrived.set()
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = loop.create_task(self._dispatch_loop(), name=f"batcher-{self.model.name}")
-        return await pending.future
+        try:
+            return await pending.future
+        finally:
+            # Here, not when the batch's run ends: the server's in-flight count drops as this returns, so the two
+            # counts that decide whether a forming batch waits for company change together.
+            if pending.taken:
+                self._running -= 1
+                self._arrived.set()  # a forming batch may now have no one left to wait for
 
     def close(self) -> None:
         if self._loop_task is not None:
@@ -118,12 +129,17 @@ class Batcher:
 
     async def _dispatch_loop(self) -> None:
         while True:
-            if not self._queue:
+            while not self._queue:  # the event is also set when a request leaves: wait for one that arrives
                 self._arrived.clear()
                 await self._arrived.wait()
             await self._slots.acquire()
             await self._gather(self._queue[0])
             batch = self._take(self._queue[0].key)
+            if not batch:  # every caller in it went away
+                self._slots.release()
+                continue
+            for pending in batch:
+                pending.taken = True
             self._running += len(batch)
             task = asyncio.get_running_loop().create_task(self._run_batch(batch))
             self._runs.add(task)
@@ -158,6 +174,8 @@ class Batcher:
         kept: deque[_Pending] = deque()
         while self._queue:
             pending = self._queue.popleft()
+            if pending.future.done():  # its caller went away (cancelled): nothing to run it for
+                continue
             if pending.key == key and rows + pending.rows <= self.settings.max_batch_size:
                 batch.append(pending)
                 rows += pending.rows
@@ -192,7 +210,6 @@ class Batcher:
                     pending.future.set_exception(exc)
             raise
         finally:
-            self._running -= len(batch)
             self._slots.release()
 
     async def _run_alone(self, batch: list[_Pending]) -> None:

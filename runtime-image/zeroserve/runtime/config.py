@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     batching.add_argument("--max_batch_size", type=int, default=0,
                           help="merge concurrent requests into runs of up to this many rows (default 0: off)")
     batching.add_argument("--max_queue_delay_us", type=int, default=500,
-                          help="how long the oldest request waits for others to join its batch (default 500)")
+                          help="how long the oldest request waits for others to join its batch, while requests "
+                          "it could wait for are in flight (default 500)")
     batching.add_argument("--preferred_batch_sizes", default="",
                           help="comma-separated row counts dispatched without waiting out the delay, e.g. 4,8")
     server.add_argument("--max_queue_size", type=int, default=512,

@@ -1,6 +1,7 @@
 """Load the configured models into the repository: fetch, discover, create sessions, warm up.
 
-Runs as a background task after the listener is up, so liveness answers while readiness waits.
+Runs as a background task after the listener is up, so liveness answers while readiness waits (one process;
+each worker of ``--workers N`` waits for its models before it accepts connections, see ``app.create_app``).
 Blocking steps run in worker threads, never on the event loop.
 """
 
