@@ -170,7 +170,8 @@ def throughput(
                     "p50_ms": stats["latency_us"]["percentiles"]["50"] / 1e3,
                     "p99_ms": stats["latency_us"]["percentiles"]["99"] / 1e3,
                 }  # fmt: skip
-                cells[f"rest-binary c{c}"].update(server_means(server))
+                if "--workers" not in flags:  # /metrics answers for one worker of several: no means then
+                    cells[f"rest-binary c{c}"].update(server_means(server))
                 log(f"  {name} rest-binary c{c}: {cells[f'rest-binary c{c}']}")
             if tools["grpc"]:
                 stats = load.run_grpc(server.grpc_address, request_file, c, duration, python, warmup_s=1.0)
@@ -179,7 +180,8 @@ def throughput(
                     "p50_ms": stats["latency_us"]["percentiles"]["50"] / 1e3,
                     "p99_ms": stats["latency_us"]["percentiles"]["99"] / 1e3,
                 }  # fmt: skip
-                cells[f"grpc c{c}"].update(server_means(server))
+                if "--workers" not in flags:
+                    cells[f"grpc c{c}"].update(server_means(server))
                 log(f"  {name} grpc c{c}: {cells[f'grpc c{c}']}")
         cells["gpu_memory_loaded_mib"] = _gpu_memory_mib()
     return cells
