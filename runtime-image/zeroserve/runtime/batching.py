@@ -5,7 +5,8 @@ can share its run (same output selection, same dtypes and non-batch dimensions),
 rows, after waiting at most ``max_queue_delay`` for more to arrive. It waits less once the rows reach the
 largest size or a preferred size, and not at all when every request the server has in flight is already in
 this batcher: no one is left to wait for. While a batch runs the next one forms, so under load batches grow by
-themselves, and a lone request, or one of a few clients that each wait for their answer, does not wait.
+themselves; a lone request runs at once, and clients that each wait for their answer are batched from what
+queued while the last run was busy.
 Outputs are split back by rows, in order. If a merged run fails, each request is run alone so that an error
 stays with the request that caused it.
 
@@ -82,7 +83,7 @@ class Batcher:
         self._runs: set[asyncio.Task[None]] = set()
         self._preferred = frozenset(settings.preferred_batch_sizes)
         self._in_flight = in_flight
-        self._running = 0  # requests taken into batches whose runs have not finished
+        self._running = 0  # requests taken into batches, or run at once, whose callers do not have their answer yet
 
     @property
     def depth(self) -> int:
@@ -148,8 +149,7 @@ class Batcher:
     async def _gather(self, first: _Pending) -> None:
         """Wait until the oldest request's batch is full, preferred, or out of time, or no one else can join."""
         deadline = first.enqueued + self.settings.max_queue_delay
-        # One turn of the loop: requests whose runs just finished leave the in-flight count, and requests whose
-        # handlers were already scheduled join the queue.
+        # One turn of the loop: requests whose handlers were already scheduled beside this one join the queue.
         await asyncio.sleep(0)
         while True:
             rows = sum(p.rows for p in self._queue if p.key == first.key)
