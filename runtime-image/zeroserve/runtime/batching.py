@@ -6,9 +6,8 @@ rows, after waiting at most ``max_queue_delay`` for more to arrive. It waits les
 largest size or a preferred size, and not at all when every request the server has in flight is already in
 this batcher: no one is left to wait for. While a batch runs the next one forms, so under load batches grow by
 themselves; a lone request runs at once, and clients that each wait for their answer are batched from what
-queued while the last run was busy.
-Outputs are split back by rows, in order. If a merged run fails, each request is run alone so that an error
-stays with the request that caused it.
+queued while the last run was busy. Outputs are split back by rows, in order. If a merged run fails, each
+request is run alone so that an error stays with the request that caused it.
 
 Only models whose every input and output has a dynamic first dimension are batched.
 """

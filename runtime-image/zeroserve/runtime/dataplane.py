@@ -67,11 +67,8 @@ class DataPlane:
             Gauge("zeroserve_inference_in_flight", "Inferences admitted and not yet answered", self._in_flight)
         )
         self.metrics.add_gauge(
-            Gauge(
-                "zeroserve_inference_receiving", "REST inference requests whose bodies are still arriving",
-                lambda: {(): float(self.receiving)},
-            )
-        )  # fmt: skip
+            Gauge("zeroserve_inference_receiving", "REST inference bodies still arriving", self._receiving)
+        )
         self._inference_threads = inference_threads
         # session.run releases the GIL; a bounded pool keeps ORT's own threads from being oversubscribed.
         self._workers = Workers(inference_threads, "zeroserve-infer")
@@ -139,6 +136,9 @@ class DataPlane:
 
     def _in_flight(self) -> dict[Labels, float]:
         return {(): float(self.in_flight)}
+
+    def _receiving(self) -> dict[Labels, float]:
+        return {(): float(self.receiving)}
 
     def ready(self) -> bool:
         return self.repository.all_ready()
