@@ -8,12 +8,18 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from zeroserve.runtime.config import RuntimeConfig
-    from zeroserve.runtime.serve import configure_logging, serve
+    from zeroserve.runtime import memory
 
-    config = RuntimeConfig.from_args(sys.argv[1:] if argv is None else argv, os.environ)
-    configure_logging(config.log_level)
-    return serve(config)
+    memory.pause_gc_for_startup()  # until loading begins (memory.py)
+    try:
+        from zeroserve.runtime.config import RuntimeConfig
+        from zeroserve.runtime.serve import configure_logging, serve
+
+        config = RuntimeConfig.from_args(sys.argv[1:] if argv is None else argv, os.environ)
+        configure_logging(config.log_level)
+        return serve(config)
+    finally:  # a run that ended before loading began (bad arguments, --help) must not leave it off
+        memory.resume_gc(freeze=False)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from zeroserve.runtime import layout, storage
+from zeroserve.runtime import layout, memory, storage
 from zeroserve.runtime.coldstart import ColdStart
 from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.errors import InvalidInput, ServerError
@@ -81,6 +81,7 @@ async def load_in_background(
 ) -> None:
     """``load_models`` as a background task: a failure is logged and handed to ``on_failure``, never raised.
     The cold start is then recorded in ``telemetry`` (its init spans and metrics), however loading ended."""
+    memory.resume_gc()  # the server stack is imported and listening
     try:
         await load_models(config, repository)
     except ServerError as exc:

@@ -15,7 +15,7 @@ import pickle
 import sys
 from typing import TYPE_CHECKING, Any
 
-from zeroserve.runtime import telemetry
+from zeroserve.runtime import memory, telemetry
 from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.errors import ServerError
 
@@ -40,6 +40,7 @@ _WORKER_CONFIG_ENV = "ZEROSERVE_WORKER_CONFIG"
 
 def serve(config: RuntimeConfig) -> int:
     """Serve until stopped; returns the process exit code (1 when a model failed to load)."""
+    memory.tune_malloc()
     if not config.serves_rest:
         from zeroserve.runtime.grpc import serve_grpc
 
@@ -104,6 +105,7 @@ def _serve_workers(config: RuntimeConfig) -> int:
     os.environ[_WORKER_CONFIG_ENV] = base64.b64encode(pickle.dumps(config)).decode()
     uvicorn_config = _uvicorn_config(f"{__name__}:worker_app", config, factory=True, workers=config.workers)
     supervisor = Multiprocess(uvicorn_config, sockets=[uvicorn_config.bind_socket()])
+    memory.resume_gc()  # this process only supervises; each worker pauses and resumes its own
     supervisor.run()
     if any(process.exitcode == _STARTUP_FAILURE for process in supervisor.processes):
         print("zeroserve: a worker could not load its models (see its log above)", file=sys.stderr)
@@ -113,6 +115,8 @@ def _serve_workers(config: RuntimeConfig) -> int:
 
 def worker_app() -> Any:
     """App factory run inside each worker process of ``--workers N``."""
+    memory.pause_gc_for_startup()
+    memory.tune_malloc()
     from zeroserve.runtime.app import create_app
 
     config: RuntimeConfig = pickle.loads(base64.b64decode(os.environ[_WORKER_CONFIG_ENV]))
