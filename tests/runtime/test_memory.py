@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,9 +66,12 @@ def test_resume_without_a_pause_leaves_the_collector_alone() -> None:
     assert (gc.get_freeze_count(), gc.isenabled()) == (frozen, enabled)
 
 
-def test_a_server_collects_nothing_until_loading_begins(model_repository: Path, tmp_path: Path) -> None:
+def test_a_server_turns_the_collector_back_on_as_loading_begins(model_repository: Path, tmp_path: Path) -> None:
     server = start_server(["--model_dir", str(model_repository), "--log_level", "debug"], tmp_path / "server.log")
-    try:
+    try:  # ready is answered a moment before the loader logs that it is done
+        deadline = time.monotonic() + 10
+        while "all models ready" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
         log = server.log()
     finally:
         server.stop()
@@ -80,10 +84,13 @@ def test_a_server_collects_nothing_until_loading_begins(model_repository: Path, 
 def test_an_entry_point_that_ends_before_loading_turns_the_collector_back_on() -> None:
     from zeroserve.runtime.__main__ import main
 
+    assert gc.isenabled()
     with pytest.raises(SystemExit):
         main(["--help"])  # what `zeroserve serve --help` runs, in this process
     assert gc.isenabled()
-    memory.pause_gc_for_startup()  # and the pause is not left half-done: a new one pauses and resumes again
-    assert not gc.isenabled()
-    memory.resume_gc(freeze=False)
+    try:  # and the pause is not left half-done: a new one pauses and resumes again
+        memory.pause_gc_for_startup()
+        assert not gc.isenabled()
+    finally:
+        memory.resume_gc(freeze=False)
     assert gc.isenabled()

@@ -81,7 +81,7 @@ async def load_in_background(
 ) -> None:
     """``load_models`` as a background task: a failure is logged and handed to ``on_failure``, never raised.
     The cold start is then recorded in ``telemetry`` (its init spans and metrics), however loading ended."""
-    memory.resume_gc()  # the server stack is imported and listening
+    memory.resume_gc()  # the server stack is imported
     try:
         await load_models(config, repository)
     except ServerError as exc:
