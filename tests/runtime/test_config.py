@@ -88,3 +88,10 @@ def test_bad_warmup_shapes_are_explained(capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit):
         RuntimeConfig.from_args(["--warmup_shapes", "input=8x16"], {})
     assert "--warmup_shapes" in capsys.readouterr().err
+
+
+def test_event_loop_choice() -> None:
+    assert RuntimeConfig.from_args([], {}).uses_uvloop  # installed with the runtime extra here
+    assert not RuntimeConfig.from_args(["--event_loop", "asyncio"], {}).uses_uvloop
+    with pytest.raises(SystemExit):
+        RuntimeConfig.from_args(["--event_loop", "trio"], {})

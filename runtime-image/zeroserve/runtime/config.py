@@ -84,6 +84,14 @@ class RuntimeConfig:
     timeout_keep_alive: int = 65  # outlive the idle timeout of proxies in front (Envoy: 60 s)
     log_level: str = "info"
     access_log: bool = False
+    # uvloop (when installed) is faster, the standard loop fairer to connections when the loop is saturated.
+    event_loop: str = "auto"
+
+    @property
+    def uses_uvloop(self) -> bool:
+        return self.event_loop == "uvloop" or (
+            self.event_loop == "auto" and importlib.util.find_spec("uvloop") is not None
+        )
 
     def adaptive_cores(self) -> int:
         """Cores the adaptive hint shares between runs (cores.py); 0 when it does not apply."""
@@ -120,6 +128,8 @@ class RuntimeConfig:
         )
         if ns.workers < 1:
             parser.error("--workers must be at least 1")
+        if ns.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            parser.error("--event_loop uvloop: uvloop is not installed (pip install uvloop, or --event_loop asyncio)")
         hint, inference_threads, provider_settings = _performance(ns, provider_settings, parser)
         protocol = _protocol(ns, parser)
         grpc_port = ns.grpc_port
@@ -171,6 +181,7 @@ class RuntimeConfig:
             timeout_keep_alive=ns.timeout_keep_alive,
             log_level=ns.log_level,
             access_log=ns.access_log,
+            event_loop=ns.event_loop,
         )
 
 
@@ -270,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--timeout_keep_alive", type=int, default=65)
     server.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     server.add_argument("--access_log", action=argparse.BooleanOptionalAction, default=False)
+    server.add_argument(
+        "--event_loop", default="auto", choices=["auto", "uvloop", "asyncio"],
+        help="auto: uvloop when installed (more requests/s); asyncio: the standard loop, fairer to connections when "
+        "the server is saturated (small MLP at 64 connections: p99 25 against 71-101 ms, 12%% fewer requests/s)",
+    )
     providers.add_arguments(parser)
     return parser
 

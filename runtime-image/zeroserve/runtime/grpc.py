@@ -309,10 +309,10 @@ class GrpcServer:
 
 def serve_grpc(config: RuntimeConfig) -> int:
     """Serve gRPC alone (``--protocol grpc``) until SIGTERM/SIGINT; returns the process exit code."""
-    try:
-        import uvloop
-    except ModuleNotFoundError:
+    if not config.uses_uvloop:
         return asyncio.run(_serve_grpc(config))
+    import uvloop
+
     return uvloop.run(_serve_grpc(config))
 
 

@@ -76,7 +76,7 @@ def _uvicorn_config(app: Any, config: RuntimeConfig, **extra: Any) -> uvicorn.Co
         app,
         host=config.host,
         port=config.http_port,
-        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        loop="uvloop" if config.uses_uvloop else "asyncio",
         http="httptools" if importlib.util.find_spec("httptools") else "h11",
         lifespan="on",
         log_config=None,

@@ -1,0 +1,49 @@
+"""``--event_loop``: a real server on the standard asyncio loop (REST and gRPC), and on uvloop by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+from conftest import ServerProcess, start_server, unused_port
+
+ADD = {
+    "inputs": [
+        {"name": "a", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]},
+        {"name": "b", "shape": [1, 4], "datatype": "FP32", "data": [10, 20, 30, 40]},
+    ]
+}
+
+
+def uses_uvloop(server: ServerProcess) -> bool:
+    """Whether uvloop's extension is mapped into the server process (nothing else here imports it)."""
+    return "uvloop" in Path(f"/proc/{server.process.pid}/maps").read_text()
+
+
+@pytest.mark.parametrize(("argv", "uvloop"), [([], True), (["--event_loop", "asyncio"], False)])
+def test_the_server_answers_on_the_loop_it_was_given(
+    model_repository: Path, tmp_path: Path, argv: list[str], uvloop: bool
+) -> None:
+    grpc_port = unused_port()
+    args = ["--model_dir", str(model_repository), "--grpc_port", str(grpc_port), *argv]
+    server = start_server(args, tmp_path / "server.log")
+    try:
+        answer = httpx.post(f"{server.url}/v2/models/add/versions/1/infer", json=ADD, timeout=10)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["outputs"][0]["data"] == [11, 22, 33, 44]
+        request = pb.ModelInferRequest(model_name="add", model_version="1")  # version 2 multiplies
+        for name in ("a", "b"):
+            request.inputs.add(name=name, datatype="FP32", shape=[1, 4])
+        request.raw_input_contents.extend([np.float32([1, 2, 3, 4]).tobytes(), np.float32([10, 20, 30, 40]).tobytes()])
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+        np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], "<f4"), [11, 22, 33, 44])
+        assert uses_uvloop(server) is uvloop
+    finally:
+        server.stop()
