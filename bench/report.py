@@ -11,7 +11,8 @@ from typing import Any
 import matrix
 
 Result = dict[str, Any]
-ZEROSERVES = ("zeroserve", "zeroserve+batching", "zeroserve+latency")  # the servers the goals are computed for
+# The servers the goals are computed for.
+ZEROSERVES = ("zeroserve", "zeroserve+batching", "zeroserve+latency", "zeroserve+asyncio")
 
 
 def _get(data: Any, *keys: str) -> Any:

@@ -88,6 +88,14 @@ KINDS: dict[str, ServerKind] = {
         ("--host", HOST, "--performance_hint", "latency"),
         probe=_PROBE_ZEROSERVE,
     ),
+    # The standard asyncio loop instead of uvloop (--event_loop): opt-in, to see its tail latency against its
+    # throughput in the same run.
+    "zeroserve+asyncio": ServerKind(
+        "zeroserve+asyncio",
+        ("-m", "zeroserve.runtime"),
+        ("--host", HOST, "--event_loop", "asyncio"),
+        probe=_PROBE_ZEROSERVE,
+    ),
     "kserve": ServerKind("kserve", (str(BENCH_DIR / "peers" / "kserve_onnx.py"),), grpc_always_on=True),
     # MLServer 1.7.1 from its own virtualenv (see bench/README.md); it listens on 127.0.0.1 (peer settings.json).
     "mlserver": ServerKind(
