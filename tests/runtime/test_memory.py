@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import start_server
 from zeroserve.runtime import memory
+
+from conftest import start_server
 
 # 16 buffers of 600 KB (an image request's tensor) in flight, all freed, 20 times over; the minor page faults
 # of the last 10 rounds. glibc's adaptive trim threshold hands the freed buffers back to the kernel every round.
