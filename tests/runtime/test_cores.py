@@ -348,10 +348,10 @@ class RecordedPlane:
         self.images = [rng.standard_normal((1, 3, 96, 96)).astype(np.float32) for _ in range(4)]
         self.expected = [reference.run(None, {"input": image})[0] for image in self.images]
 
-    async def infer(self, index: int, copies: int = 1) -> None:
+    async def infer(self, index: int, copies: int = 1, extra_turn: bool = False) -> None:
         image = np.repeat(self.images[index], copies, axis=0)
         request = InferRequest([InputTensor("input", "FP32", list(image.shape), image)])
-        result = await self.plane.infer("conv", None, request)
+        result = await self.plane.infer("conv", None, request, extra_turn=extra_turn)
         want = np.repeat(self.expected[index], copies, axis=0)
         np.testing.assert_allclose(result.outputs[0].array, want, rtol=1e-4, atol=1e-4)
 
@@ -438,3 +438,52 @@ def test_a_request_whose_body_is_still_arriving_keeps_others_off_the_loop(record
     recorded.plane.receiving = 1
     asyncio.run(recorded.infer(0))
     assert recorded.threads and recorded.threads[0] != here, recorded.threads
+
+
+def test_a_short_rest_run_waits_one_more_turn_of_the_loop_only_when_others_are_in_flight(
+    recorded: RecordedPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Runs short enough to stay on the event loop (the tiny-model path) let the loop turn once before running, and
+    # for REST (extra_turn) once more when other requests are in flight: on uvloop a saturated loop otherwise leaves
+    # some connections waiting many rounds (dataplane.py has the numbers). A lone request must not pay for it.
+    monkeypatch.setattr(recorded.plane, "inline_seconds", 10.0)
+    monkeypatch.setattr(dataplane_module, "INLINE_MAX_INPUT_BYTES", 1 << 30)
+    turns_at_run: list[int] = []
+    turns = 0
+    run = recorded.model.run
+
+    def counted_run(feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
+        turns_at_run.append(turns)
+        return run(feeds, output_names)
+
+    monkeypatch.setattr(recorded.model, "run", counted_run)
+
+    async def scenario() -> tuple[list[int], list[int], list[int]]:
+        nonlocal turns
+        loop = asyncio.get_running_loop()
+        ticking = True
+
+        def tick() -> None:  # one call per turn of the loop
+            nonlocal turns
+            turns += 1
+            if ticking:
+                loop.call_soon(tick)
+
+        async def turns_before_runs(requests: int, extra_turn: bool) -> list[int]:
+            nonlocal turns
+            turns_at_run.clear()
+            turns = 0
+            await asyncio.gather(*(recorded.infer(index, extra_turn=extra_turn) for index in range(requests)))
+            return list(turns_at_run)
+
+        loop.call_soon(tick)
+        lone = await turns_before_runs(1, extra_turn=True)
+        together = await turns_before_runs(3, extra_turn=True)
+        together_grpc = await turns_before_runs(3, extra_turn=False)
+        ticking = False
+        return lone, together, together_grpc
+
+    lone, together, together_grpc = asyncio.run(scenario())
+    assert len(lone) == 1 and len(together) == 3
+    assert together == [lone[0] + 1] * 3, (lone, together)
+    assert together_grpc == lone * 3, (lone, together_grpc)

@@ -68,7 +68,7 @@ class InferEndpoint:
             request = codec.decode_request(
                 body, header_length.decode("latin-1") if header_length is not None else None, self.limits
             )
-            result = await self.dataplane.infer(name, version, request)
+            result = await self.dataplane.infer(name, version, request, extra_turn=True)
             content, response_headers = codec.encode_result(result, request)
             response_headers["server-timing"] = self.dataplane.server_timing(result)
             status = 200
