@@ -459,7 +459,6 @@ def test_a_short_rest_run_waits_one_more_turn_of_the_loop_only_when_others_are_i
     monkeypatch.setattr(recorded.model, "run", counted_run)
 
     async def scenario() -> tuple[list[int], list[int], list[int]]:
-        nonlocal turns
         loop = asyncio.get_running_loop()
         ticking = True
 
@@ -484,6 +483,7 @@ def test_a_short_rest_run_waits_one_more_turn_of_the_loop_only_when_others_are_i
         return lone, together, together_grpc
 
     lone, together, together_grpc = asyncio.run(scenario())
+    assert recorded.threads == [threading.current_thread().name] * 7, "every run took the event loop's path"
     assert len(lone) == 1 and len(together) == 3
     assert together == [lone[0] + 1] * 3, (lone, together)
     assert together_grpc == lone * 3, (lone, together_grpc)

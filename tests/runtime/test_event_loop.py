@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -10,6 +12,9 @@ import numpy as np
 import pytest
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+from zeroserve.runtime.app import create_app
+from zeroserve.runtime.config import RuntimeConfig
 
 from conftest import ServerProcess, start_server, unused_port
 
@@ -47,3 +52,36 @@ def test_the_server_answers_on_the_loop_it_was_given(
         assert uses_uvloop(server) is uvloop
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(("event_loop", "extra_turn"), [("uvloop", True), ("asyncio", False)])
+def test_rest_asks_for_the_extra_turn_of_the_loop_on_uvloop_only(
+    model_repository: Path, event_loop: str, extra_turn: bool
+) -> None:
+    # The second turn before a short run (DataPlane.infer) answers uvloop's unfairness to connections when it is
+    # saturated; the standard loop does not need it. In process, through the app the server runs.
+    app = create_app(RuntimeConfig(model_dir=str(model_repository), event_loop=event_loop))
+    dataplane = app.state.dataplane
+    asked: list[bool] = []
+    infer = dataplane.infer
+
+    async def recorded_infer(*args: Any, extra_turn: bool = False) -> Any:
+        asked.append(extra_turn)
+        return await infer(*args, extra_turn=extra_turn)
+
+    dataplane.infer = recorded_infer
+
+    async def scenario() -> httpx.Response:
+        async with app.router.lifespan_context(app):
+            for _ in range(400):  # bounded: loading a small model takes well under a second
+                if app.state.repository.all_ready():
+                    break
+                await asyncio.sleep(0.01)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await client.post("/v2/models/add/versions/1/infer", json=ADD)
+
+    answer = asyncio.run(scenario())
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outputs"][0]["data"] == [11, 22, 33, 44]
+    assert asked == [extra_turn]

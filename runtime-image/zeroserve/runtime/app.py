@@ -59,7 +59,7 @@ def create_app(
     telemetry = telemetry or Telemetry()
     repository = ModelRepository()
     dataplane = DataPlane.from_config(repository, config)
-    infer = InferEndpoint(dataplane, config.limits, telemetry)
+    infer = InferEndpoint(dataplane, config.limits, telemetry, extra_turn=config.uses_uvloop)
     api = RestApi(dataplane, infer.route)
     grpc_server = None
     if config.serves_grpc:  # imported only when asked for: grpc adds to every cold start

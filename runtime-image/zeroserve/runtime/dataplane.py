@@ -179,7 +179,7 @@ class DataPlane:
         self, name: str, version: str | None, request: InferRequest, *, extra_turn: bool = False
     ) -> InferResult:
         """Run one request. ``extra_turn``: a run short enough for the event loop lets the loop turn once more
-        first when other requests are in flight (REST asks for it; see below)."""
+        first when other requests are in flight (REST on uvloop asks for it; see below)."""
         model = self.repository.ready_model(name, version)
         feeds = model.feeds(request.inputs)
         output_names: list[str] | None = None
@@ -207,12 +207,14 @@ class DataPlane:
                 # Turns of the event loop first: on uvloop, a saturated loop that runs requests as soon as it has
                 # read them serves some connections far later than others. One turn: tiny model, 64 connections,
                 # p99 284 -> 80-87 ms, 3,100 -> 3,400 req/s (1 connection: p50 within noise). A second one for
-                # REST while others are in flight: binary p99 101 -> 47 ms, JSON 93 -> 56 ms, req/s within noise
-                # (a bare uvicorn app with a 150 us handler: 206, 63, 27 ms for none, one, two). Not when alone,
-                # and not for gRPC, whose calls arrive through grpc's own queue: there it did not help (64 calls
-                # in flight: p99 47 -> 60 ms over six rounds, within their spread).
+                # REST on uvloop while others are in flight (read after the first turn, which admits requests
+                # scheduled beside this one): 64 connections, binary p99 101-115 -> 47-53 ms, JSON 93-96 -> 49-56
+                # ms over two A/Bs, req/s within 2% at 4, 16 and 64 (a bare uvicorn app with a 150 us handler:
+                # 206, 63, 27 ms for none, one, two; on the standard loop 18 ms with none). Not when alone, and not
+                # for gRPC, whose calls arrive through grpc's own queue: there it did not help (64 calls in
+                # flight: p99 47 -> 60 ms over six rounds, within their spread).
                 await asyncio.sleep(0)
-                if extra_turn and self.in_flight > 1:
+                if extra_turn and (self.in_flight > 1 or self.receiving):
                     await asyncio.sleep(0)
                 arrays, started, finished = timed_run(model.run, feeds, output_names)
             elif self.cores is not None and model.cpu_only and model.fastest_run_seconds >= SHARE_MIN_RUN_SECONDS:

@@ -39,10 +39,14 @@ class ClientGone(Exception):
 
 
 class InferEndpoint:
-    def __init__(self, dataplane: DataPlane, limits: Limits, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self, dataplane: DataPlane, limits: Limits, telemetry: Telemetry | None = None, *, extra_turn: bool = False
+    ) -> None:
         self.dataplane = dataplane
         self.limits = limits
         self.telemetry = telemetry or Telemetry()
+        # A second turn of the loop before a short run while others are in flight (DataPlane.infer): on uvloop.
+        self.extra_turn = extra_turn
 
     async def route(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The endpoint of the Starlette route (reached when the app runs without the front)."""
@@ -68,7 +72,7 @@ class InferEndpoint:
             request = codec.decode_request(
                 body, header_length.decode("latin-1") if header_length is not None else None, self.limits
             )
-            result = await self.dataplane.infer(name, version, request, extra_turn=True)
+            result = await self.dataplane.infer(name, version, request, extra_turn=self.extra_turn)
             content, response_headers = codec.encode_result(result, request)
             response_headers["server-timing"] = self.dataplane.server_timing(result)
             status = 200
