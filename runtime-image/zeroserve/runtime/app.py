@@ -59,7 +59,7 @@ def create_app(
     telemetry = telemetry or Telemetry()
     repository = ModelRepository()
     dataplane = DataPlane.from_config(repository, config)
-    infer = InferEndpoint(dataplane, config.limits, telemetry, extra_turn=config.uses_uvloop)
+    infer = InferEndpoint(dataplane, config.limits, telemetry)
     api = RestApi(dataplane, infer.route)
     grpc_server = None
     if config.serves_grpc:  # imported only when asked for: grpc adds to every cold start
@@ -73,6 +73,8 @@ def create_app(
             coroutine = load_in_background(config, repository, on_load_failure, telemetry)
             return asyncio.create_task(coroutine, name="zeroserve-load")
 
+        # The loop the app really runs on (an embedding server may bring its own), not the one config asked for.
+        infer.extra_turn = type(asyncio.get_running_loop()).__module__.startswith("uvloop")
         loading: asyncio.Task[None] | None = None
         try:
             if load_before_serving:

@@ -45,7 +45,8 @@ class InferEndpoint:
         self.dataplane = dataplane
         self.limits = limits
         self.telemetry = telemetry or Telemetry()
-        # A second turn of the loop before a short run while others are in flight (DataPlane.infer): on uvloop.
+        # A second turn of the loop before a short run while others are in flight (DataPlane.infer): on uvloop,
+        # which the app's lifespan finds out.
         self.extra_turn = extra_turn
 
     async def route(self, scope: Scope, receive: Receive, send: Send) -> None:
