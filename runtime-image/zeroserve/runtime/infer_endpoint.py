@@ -39,15 +39,13 @@ class ClientGone(Exception):
 
 
 class InferEndpoint:
-    def __init__(
-        self, dataplane: DataPlane, limits: Limits, telemetry: Telemetry | None = None, *, extra_turn: bool = False
-    ) -> None:
+    def __init__(self, dataplane: DataPlane, limits: Limits, telemetry: Telemetry | None = None) -> None:
         self.dataplane = dataplane
         self.limits = limits
         self.telemetry = telemetry or Telemetry()
         # A second turn of the loop before a short run while others are in flight (DataPlane.infer): on uvloop,
         # which the app's lifespan finds out.
-        self.extra_turn = extra_turn
+        self.extra_turn = False
 
     async def route(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The endpoint of the Starlette route (reached when the app runs without the front)."""
