@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument(
         "--event_loop", default="auto", choices=["auto", "uvloop", "asyncio"],
         help="auto: uvloop when installed (more requests/s); asyncio: the standard loop, fairer to connections when "
-        "the server is saturated (small MLP at 64 connections: p99 25 against 71-101 ms, 12%% fewer requests/s)",
+        "the server is saturated (small MLP at 64 connections: p99 27-29 against 28-51 ms, 14-17%% fewer requests/s)",
     )
     providers.add_arguments(parser)
     return parser
