@@ -29,7 +29,7 @@ def start_dev_front() -> tuple[subprocess.Popen[bytes], str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     front = subprocess.Popen(
-        [sys.executable, "-m", "zeroserve.runtime.scale_to_zero", "--port", str(port), "--model_name", "mlp",
+        [sys.executable, "-m", "zeroserve.activator", "--port", str(port), "--model_name", "mlp",
          "--model_dir", str(MODEL_DIR), "--idle_timeout", "60"],
         stderr=subprocess.DEVNULL,
     )

@@ -4,7 +4,7 @@ scale-down. The README's first command runs this.
     python examples/quickstart.py            # then keeps serving (and scaling to zero) until Ctrl-C
     python examples/quickstart.py --once     # stops after the scale-down
 
-It runs `python -m zeroserve.runtime.scale_to_zero` (the same as `zeroserve dev`): the port is held, the first
+It runs `python -m zeroserve.activator` (the same as `zeroserve dev`): the port is held, the first
 request starts a model server process, and the process stops after --idle_timeout seconds without requests.
 The model (examples/models/mlp/model.onnx) is a small dense classifier: 16 features in, 4 scores out.
 """
@@ -61,7 +61,7 @@ def main() -> int:
     idle = args.idle_timeout or (3.0 if args.once else 30.0)
     url = f"http://127.0.0.1:{args.port}"
 
-    command = [sys.executable, "-m", "zeroserve.runtime.scale_to_zero", "--port", str(args.port),
+    command = [sys.executable, "-m", "zeroserve.activator", "--port", str(args.port),
                "--idle_timeout", str(idle), "--model_name", "mlp", "--model_dir", str(MODEL_DIR)]
     print("$ zeroserve dev", " ".join(command[3:]), flush=True)
     front = subprocess.Popen(command, stderr=subprocess.PIPE if args.once else None)

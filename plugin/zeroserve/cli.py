@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(command: str, args: list[str]) -> int:
     try:
         if command == "dev":
-            from zeroserve.runtime.scale_to_zero import main as run
+            from zeroserve.activator.dev import main as run
         else:
             from zeroserve.runtime.__main__ import main as run
     except ImportError as exc:

@@ -327,7 +327,7 @@ class DevFront:
 
 @pytest.fixture
 def dev_front(tmp_path: Path) -> Iterator[Callable[..., DevFront]]:
-    """Factory: ``dev_front(*args)`` starts ``python -m zeroserve.runtime.scale_to_zero`` on a free port."""
+    """Factory: ``dev_front(*args)`` starts ``python -m zeroserve.activator`` on a free port."""
     import os
     import signal
     import subprocess
@@ -340,7 +340,7 @@ def dev_front(tmp_path: Path) -> Iterator[Callable[..., DevFront]]:
         log_path = tmp_path / f"front{len(fronts)}.log"
         with log_path.open("wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "zeroserve.runtime.scale_to_zero", "--port", str(port), *args],
+                [sys.executable, "-m", "zeroserve.activator", "--port", str(port), *args],
                 stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(),
             )
         front = DevFront(process, port, log_path)

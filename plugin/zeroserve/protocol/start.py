@@ -28,6 +28,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Final, Literal
 
 START_HEADER: Final = "zeroserve-start"
+# On the answers a server process gives while its cold start is news (the first ones), when it traces: the
+# W3C traceparent of its ``zeroserve.init`` span, so a caller in another trace can link its span to it.
+INIT_SPAN_HEADER: Final = "zeroserve-init-traceparent"
 LOADING: Final = "loading"
 FAILED: Final = "failed"
 

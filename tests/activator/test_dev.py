@@ -29,7 +29,7 @@ class Front:
         self.log_path = log
         with log.open("wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "zeroserve.runtime.scale_to_zero", "--port", str(self.port), *args],
+                [sys.executable, "-m", "zeroserve.activator", "--port", str(self.port), *args],
                 stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(),
             )
         deadline = time.monotonic() + 30

@@ -195,8 +195,8 @@ def _stop(process: subprocess.Popen[bytes], grace: float) -> None:
             process.wait()
 
 
-class Front:
-    """The ASGI app holding the port: every request goes through a scaler-managed server process."""
+class Activator:
+    """The ASGI app holding the port (the activator): every request goes through a scaler-managed server process."""
 
     def __init__(self, scaler: Scaler) -> None:
         self.scaler = scaler
@@ -316,9 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness probe otherwise
     port = ns.port if ns.port is not None else int(os.environ.get("PORT", "8080"))
-    front = Front(Scaler(server_args, settings))
+    activator = Activator(Scaler(server_args, settings))
     logger.info("holding http://%s:%d; the model server starts on the first request", ns.host, port)
-    uvicorn.run(front, host=ns.host, port=port, log_config=None, access_log=False, lifespan="on")
+    uvicorn.run(activator, host=ns.host, port=port, log_config=None, access_log=False, lifespan="on")
     return 0
 
 
