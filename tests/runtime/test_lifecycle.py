@@ -44,11 +44,16 @@ def test_not_ready_while_loading_then_ready(gated_model_server, tmp_path: Path) 
         wait_for(lambda: answers(f"{server.url}/v2/health/live"))
         assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
         ready = httpx.get(f"{server.url}/v2/health/ready")
-        assert ready.status_code == 503 and ready.json() == {"ready": False}
+        assert ready.status_code == 503 and ready.json()["ready"] is False
+        assert ready.headers["zeroserve-start"] == "loading"
         infer = httpx.post(f"{server.url}/v2/models/mlp/infer", content=MLP_BODY)
         assert infer.status_code == 503
         assert int(infer.headers["retry-after"]) >= 1
         assert "still loading" in infer.json()["error"]
+        # The marker says "still loading", not "failed", with the phase the start is in.
+        assert infer.headers["zeroserve-start"] == "loading"
+        start = infer.json()["start"]
+        assert start["state"] == "loading" and start["phase"] == "fetch" and start["elapsed_s"] > 0
         assert httpx.get(f"{server.url}/v2/models/mlp").status_code == 503
 
         gate.set()
@@ -82,6 +87,29 @@ def test_missing_model_without_exit_keeps_serving_errors(tmp_path: Path) -> None
         response = httpx.post(f"{server.url}/v2/models/m/infer", content=MLP_BODY)
         assert response.status_code == 503
         assert "does not exist" in response.json()["error"]
+        assert response.headers["zeroserve-start"] == "failed"
+        assert "does not exist" in response.json()["start"]["reason"]
+    finally:
+        server.stop()
+
+
+def test_corrupt_model_without_exit_answers_failed_with_onnx_runtimes_reason(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"this is not a protobuf")
+    server = start_server(
+        ["--model_name", "m", "--model_dir", str(tmp_path / "model.onnx"), "--no-exit_on_error"],
+        tmp_path / "log",
+        wait_ready=False,
+    )
+    try:
+        wait_for(lambda: "model loading failed" in server.log())
+        for path in ("/v2/models/m/infer", "/v2/models/m/ready"):
+            response = httpx.request("POST" if path.endswith("infer") else "GET", server.url + path, content=MLP_BODY)
+            assert response.status_code == 503
+            assert response.headers["zeroserve-start"] == "failed"
+            assert "Protobuf parsing failed" in response.json()["start"]["reason"]
+        ready = httpx.get(f"{server.url}/v2/health/ready")
+        assert ready.status_code == 503 and ready.headers["zeroserve-start"] == "failed"
+        assert ready.json()["ready"] is False and "Protobuf parsing failed" in ready.json()["start"]["reason"]
     finally:
         server.stop()
 

@@ -61,6 +61,13 @@ class ColdStart:
         phase.end_ns = time.time_ns()
         phase.attributes.update(attributes)
 
+    def current_phase(self) -> str:
+        """The phase under way (``fetch``, ``session``, ``warmup``), or ``process`` before the first one."""
+        for phase in reversed(self.phases):
+            if not phase.end_ns:
+                return phase.name
+        return self.phases[-1].name if self.phases else "process"
+
     @property
     def init_seconds(self) -> float | None:
         if self.ready_ns is None:

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import os
 import signal
 import sys
@@ -35,6 +34,7 @@ except ModuleNotFoundError as exc:  # only a missing package; an error inside on
         raise
     raise ImportError(f"serving gRPC needs the '{exc.name}' package: pip install 'zeroserve[grpc]'") from exc
 
+from zeroserve.protocol.start import START_HEADER, retry_after_value
 from zeroserve.runtime import grpc_codec
 from zeroserve.runtime._proto import open_inference_grpc_pb2 as pb
 from zeroserve.runtime.config import RuntimeConfig
@@ -88,8 +88,13 @@ def _rpc(
 
 
 async def _abort(context: Context, error: ServerError) -> NoReturn:
-    if isinstance(error, ModelNotReady):
-        context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(error.retry_after)))),))
+    metadata = []
+    if error.retry_after is not None:
+        metadata.append(("retry-after", retry_after_value(error.retry_after)))
+    if error.start is not None:
+        metadata.append((START_HEADER, error.start.state))
+    if metadata:
+        context.set_trailing_metadata(tuple(metadata))
     await context.abort(_status_code(error), error.message)
 
 

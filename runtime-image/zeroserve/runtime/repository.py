@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from zeroserve.protocol.start import StartState
 from zeroserve.runtime.coldstart import ColdStart
 from zeroserve.runtime.errors import ModelLoadError, ModelNotFound, ModelNotReady
 from zeroserve.runtime.model import OnnxModel
@@ -39,6 +40,10 @@ class ModelRepository:
         (a start that has taken long is likely to take a while more), between 1 and 30."""
         return min(30.0, max(1.0, self.coldstart.elapsed_seconds() / 2))
 
+    def loading(self) -> StartState:
+        """What a request for a model still loading is told: the phase the start is in and its time so far."""
+        return StartState("loading", phase=self.coldstart.current_phase(), elapsed_s=self.coldstart.elapsed_seconds())
+
     def add(self, model: OnnxModel) -> Entry:
         entry = Entry(model)
         self._models.setdefault(model.name, {})[model.version] = entry
@@ -57,16 +62,38 @@ class ModelRepository:
         entries = self.entries()
         return not self.discovering and bool(entries) and all(e.state is State.READY for e in entries)
 
+    def start_state(self) -> StartState | None:
+        """Why the server is not ready: a model failed to start, or they are still loading; None when ready."""
+        if self.discovery_error is not None:
+            return StartState("failed", reason=self.discovery_error)
+        for entry in self.entries():
+            if entry.state is State.FAILED:
+                return StartState("failed", reason=f"model '{entry.model.name}': {entry.error}")
+        return None if self.all_ready() else self.loading()
+
+    def model_start_state(self, name: str, version: str | None = None) -> StartState | None:
+        """Why one model is not ready (failed or loading); None when it is. Raises ModelNotFound."""
+        try:
+            self.ready_model(name, version)
+        except (ModelNotReady, ModelLoadError) as exc:
+            return exc.start
+        return None
+
     def find(self, name: str, version: str | None = None) -> Entry:
         """The entry for a model (its newest version when none is given), in whatever state."""
         versions = self._models.get(name)
         if versions is None:
             if self.discovering:
                 raise ModelNotReady(
-                f"model '{name}' is not ready: the server is still loading its models", self.retry_after()
-            )
+                    f"model '{name}' is not ready: the server is still loading its models",
+                    self.retry_after(),
+                    self.loading(),
+                )
             if self.discovery_error is not None:
-                raise ModelLoadError(f"model '{name}' is not available: {self.discovery_error}")
+                raise ModelLoadError(
+                    f"model '{name}' is not available: {self.discovery_error}",
+                    StartState("failed", reason=self.discovery_error),
+                )
             known = ", ".join(repr(n) for n in self._models) or "none"
             raise ModelNotFound(f"model '{name}' not found; models served here: {known}")
         if version is None:
@@ -84,8 +111,10 @@ class ModelRepository:
         if entry.state is State.READY:
             return entry.model
         if entry.state is State.LOADING:
-            raise ModelNotReady(f"model '{name}' is still loading", self.retry_after())
-        raise ModelLoadError(f"model '{name}' failed to load: {entry.error}")
+            raise ModelNotReady(f"model '{name}' is still loading", self.retry_after(), self.loading())
+        raise ModelLoadError(
+            f"model '{name}' failed to load: {entry.error}", StartState("failed", reason=entry.error)
+        )
 
 
 def _version_key(version: str) -> tuple[int, int | str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import orjson
@@ -13,8 +12,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
+from zeroserve.protocol.start import START_HEADER, StartState, retry_after_value
 from zeroserve.runtime.dataplane import DataPlane
-from zeroserve.runtime.errors import ModelNotReady, ServerError
+from zeroserve.runtime.errors import ServerError
 
 logger = logging.getLogger("zeroserve.runtime")
 
@@ -30,14 +30,24 @@ def json_response(content: Any, status: int = 200, headers: dict[str, str] | Non
 def error_body(exc: ServerError) -> tuple[int, dict[str, str], bytes]:
     """Status, headers and body of the V2 error answer for ``exc``."""
     headers = {"content-type": "application/json"}
-    if isinstance(exc, ModelNotReady):
-        headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
-    return exc.status, headers, orjson.dumps({"error": exc.message})
+    if exc.retry_after is not None:
+        headers["retry-after"] = retry_after_value(exc.retry_after)
+    if exc.start is None:
+        return exc.status, headers, orjson.dumps({"error": exc.message})
+    headers[START_HEADER] = exc.start.state
+    return exc.status, headers, orjson.dumps({"error": exc.message, "start": exc.start.to_json()})
 
 
 def error_response(exc: ServerError) -> Response:
     status, headers, body = error_body(exc)
     return Response(body, status, headers=headers)
+
+
+def not_ready(start: StartState | None) -> Response:
+    """503 ``{"ready": false}``, with the start-state marker that says whether waiting will help."""
+    if start is None:
+        return Response(_NOT_READY, 503, headers=_JSON)
+    return json_response({"ready": False, "start": start.to_json()}, 503, {START_HEADER: start.state})
 
 
 async def http_exception(request: Request, exc: Exception) -> Response:
@@ -90,7 +100,7 @@ class RestApi:
         # Kubernetes and Knative read the status code: not ready must not be 2xx.
         if self.dataplane.ready():
             return Response(_READY, 200, headers=_JSON)
-        return Response(_NOT_READY, 503, headers=_JSON)
+        return not_ready(self.dataplane.repository.start_state())
 
     async def metrics(self, request: Request) -> Response:
         return Response(
@@ -111,7 +121,7 @@ class RestApi:
     async def model_ready(self, request: Request) -> Response:
         params = request.path_params
         try:
-            ready = self.dataplane.model_ready(params["model_name"], params.get("model_version"))
+            start = self.dataplane.repository.model_start_state(params["model_name"], params.get("model_version"))
         except ServerError as exc:
             return error_response(exc)
-        return Response(_READY if ready else _NOT_READY, 200 if ready else 503, headers=_JSON)
+        return Response(_READY, 200, headers=_JSON) if start is None else not_ready(start)
