@@ -10,8 +10,9 @@ import numpy as np
 import orjson
 
 from zeroserve.protocol import binary, dtypes
+from zeroserve.protocol.start import START_HEADER, retry_after_value
 from zeroserve.runtime.messages import InferRequest, InferResult, InputTensor, RequestedOutput
-from zeroserve.runtime.server_errors import InvalidInput
+from zeroserve.runtime.server_errors import InvalidInput, ServerError
 from zeroserve.runtime.settings import Limits
 from zeroserve.runtime.tensors import array_from_raw, check_datatype, check_shape, count_error, raw_from_array
 
@@ -200,3 +201,15 @@ def _to_json_data(array: np.ndarray, datatype: str) -> Any:
     if datatype == "BYTES":
         return [element.decode("utf-8", "replace") if isinstance(element, bytes) else str(element) for element in flat]
     return flat  # orjson serializes numpy arrays natively
+
+
+def encode_error(exc: ServerError) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of the V2 error answer for ``exc``: ``{"error": ...}``, with ``Retry-After`` and
+    the start-state marker and ``start`` object when the error carries them (zeroserve.protocol.start)."""
+    headers = {"content-type": JSON_CONTENT_TYPE}
+    if exc.retry_after is not None:
+        headers["retry-after"] = retry_after_value(exc.retry_after)
+    if exc.start is None:
+        return exc.status, headers, orjson.dumps({"error": exc.message})
+    headers[START_HEADER] = exc.start.state
+    return exc.status, headers, orjson.dumps({"error": exc.message, "start": exc.start.to_json()})

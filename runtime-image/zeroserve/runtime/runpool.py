@@ -111,12 +111,12 @@ def _run(
             error = RuntimeError("the job raised StopIteration")
             error.__cause__ = exc
             exc = error
-        _resolve(loop, _set_exception, future, exc)
+        _settle(loop, _set_exception, future, exc)
         # The exception's traceback keeps this frame alive: it must not keep the future (a cycle) or the job's
         # arrays (views over a whole request) until the cyclic collector runs.
         del future, function, args
         return
-    _resolve(loop, _set_result, future, result)
+    _settle(loop, _set_result, future, result)
 
 
 def _withdraw_if_cancelled(claim: threading.Lock, skipped: Callable[[], None], future: asyncio.Future[Any]) -> None:
@@ -133,7 +133,7 @@ def _call_skipped(skipped: Callable[[], None] | None) -> None:
         logger.exception("a skipped job's callback failed")
 
 
-def _resolve(loop: asyncio.AbstractEventLoop, setter: Callable[..., None], *args: Any) -> None:
+def _settle(loop: asyncio.AbstractEventLoop, setter: Callable[..., None], *args: Any) -> None:
     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
         loop.call_soon_threadsafe(setter, *args)
 
