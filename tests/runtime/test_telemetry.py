@@ -28,12 +28,12 @@ from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
 from zeroserve.runtime._proto import open_inference_grpc_pb2 as pb
-from zeroserve.runtime._proto import open_inference_grpc_pb2_grpc as pb_grpc
 from zeroserve.runtime.app import create_app
 from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.telemetry import Telemetry, from_environment, rpc_conventions
 
 import models as test_models
+import open_inference_grpc_pb2_grpc as pb_grpc
 from conftest import start_server, unused_port
 
 BODY = {"id": "req-7", "inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}
