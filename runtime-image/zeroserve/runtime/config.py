@@ -70,9 +70,7 @@ class RuntimeConfig:
     providers: ProviderSettings = field(default_factory=ProviderSettings)
     performance_hint: PerformanceHint = "adaptive"
     # With the latency hint, session.run calls at once: ONNX Runtime already spreads one run over the CPU
-    # quota, and two concurrent runs on every thread measured ~12% slower (bench/) than one.
-    # With the latency hint, session.run calls at once: ONNX Runtime already spreads one run over the CPU
-    # quota. The throughput hint sets it from the CPU quota when the configuration is loaded.
+    # quota, so more runs at once only compete for it. The throughput hint sets it from the CPU quota in ``load``.
     inference_threads: int = 1
     inline_run_ms: float = 0.3  # session.run shorter than this runs on the event loop (0: never)
     batching: BatchSettings = field(default_factory=BatchSettings)
