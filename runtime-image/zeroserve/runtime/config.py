@@ -61,6 +61,7 @@ class RuntimeConfig:
     warmup: bool = True
     warmup_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # input name -> shape for the warmup run
     exit_on_error: bool = True
+    progress_interval: float = 5.0  # seconds between "still starting" log lines while loading; 0: none
     shutdown_timeout: float = 30.0
     timeout_keep_alive: int = 65  # outlive the idle timeout of proxies in front (Envoy: 60 s)
     log_level: str = "info"
@@ -189,6 +190,7 @@ class RuntimeConfig:
             warmup=ns.warmup,
             warmup_shapes=flags.warmup_shapes(ns, provider_settings, parser),
             exit_on_error=ns.exit_on_error,
+            progress_interval=ns.progress_interval,
             shutdown_timeout=ns.shutdown_timeout,
             timeout_keep_alive=ns.timeout_keep_alive,
             log_level=ns.log_level,

@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
         "default: --trt_profile_opt_shapes when given, so TensorRT builds its engine before readiness)",
     )
     model.add_argument(
+        "--progress_interval", type=float, default=5.0, metavar="SECONDS",
+        help="while models load, log the phase and its progress (bytes fetched of the total, throughput, time "
+        "left) this often (default 5; 0: never)",
+    )
+    model.add_argument(
         "--exit_on_error", action=argparse.BooleanOptionalAction, default=True,
         help="exit when a model fails to load, so the platform shows the failure (default on)",
     )
