@@ -22,6 +22,7 @@ logger = logging.getLogger("zeroserve.runtime")
 
 DEFAULT_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts the model
 DEFAULT_GRPC_PORT = 8081
+DEFAULT_INFLIGHT_SHARE = 0.125
 DEFAULT_HTTP_PORT = flags.DEFAULT_HTTP_PORT
 EventLoop = Literal["auto", "uvloop", "asyncio"]
 
@@ -62,6 +63,9 @@ class RuntimeConfig:
     warmup_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # input name -> shape for the warmup run
     exit_on_error: bool = True
     progress_interval: float = 5.0  # seconds between "still starting" log lines while loading; 0: none
+    # The share of the memory limit that request bytes in flight may take (limits.max_inflight_bytes), when
+    # --max_inflight_mib does not say; 0: no budget. docs/hardening.md has the formula behind it.
+    inflight_share: float = DEFAULT_INFLIGHT_SHARE
     shutdown_timeout: float = 30.0
     timeout_keep_alive: int = 65  # outlive the idle timeout of proxies in front (Envoy: 60 s)
     log_level: str = "info"
@@ -76,7 +80,7 @@ class RuntimeConfig:
         """Resolve what depends on this machine, as uvicorn's ``Config.load`` does: the CPU quota and the
         thread counts that follow from it, the event loop, and whether the packages asked for are installed.
         Parsing (``from_args``) does no I/O; the entrypoint calls this once. Raises ConfigError."""
-        from zeroserve.runtime.cgroup import cpu_quota
+        from zeroserve.runtime.cgroup import cpu_quota, memory_limit, physical_memory
 
         missing = [name for name in ("onnxruntime",) if importlib.util.find_spec(name) is None]
         if missing:
@@ -93,6 +97,11 @@ class RuntimeConfig:
                               "asyncio)")
         loop: EventLoop = self.event_loop if self.event_loop != "auto" else ("uvloop" if has_uvloop else "asyncio")
         cpus = cpu_quota()
+        limits = self.limits
+        if self.inflight_share and not limits.max_inflight_bytes:
+            memory = memory_limit() or physical_memory()
+            budget = max(limits.max_body_bytes, int(memory * self.inflight_share)) if memory else 0
+            limits = replace(limits, max_inflight_bytes=budget)
         providers = self.providers
         inference_threads = self.inference_threads
         if self.performance_hint == "throughput":
@@ -102,7 +111,9 @@ class RuntimeConfig:
         elif self.workers > 1 and providers.intra_op_threads is None:
             # N worker processes split the quota, so they do not oversubscribe it.
             providers = replace(providers, intra_op_threads=max(1, cpus // self.workers))
-        return replace(self, event_loop=loop, cpus=cpus, providers=providers, inference_threads=inference_threads)
+        return replace(
+            self, event_loop=loop, cpus=cpus, providers=providers, inference_threads=inference_threads, limits=limits
+        )
 
     @property
     def loaded(self) -> bool:
@@ -141,9 +152,16 @@ class RuntimeConfig:
             parser.error(str(exc))
         http_port = ns.http_port if ns.http_port is not None else flags.port(environ.get("PORT"), parser)
         cache_dir = ns.cache_dir or environ.get("ZEROSERVE_CACHE_DIR") or _default_cache_dir(environ)
+        for flag in ("max_request_mib", "max_tensor_elements", "max_bytes_elements"):
+            if getattr(ns, flag) < 1:
+                parser.error(f"--{flag} must be at least 1")
+        if ns.max_inflight_mib is not None and ns.max_inflight_mib < 0:
+            parser.error("--max_inflight_mib must not be negative (0: no budget)")
         limits = Limits(
             max_body_bytes=ns.max_request_mib * MiB,
             max_tensor_elements=ns.max_tensor_elements,
+            max_bytes_elements=ns.max_bytes_elements,
+            max_inflight_bytes=(ns.max_inflight_mib or 0) * MiB,
         )
         if ns.workers < 1:
             parser.error("--workers must be at least 1")
@@ -191,6 +209,7 @@ class RuntimeConfig:
             warmup_shapes=flags.warmup_shapes(ns, provider_settings, parser),
             exit_on_error=ns.exit_on_error,
             progress_interval=ns.progress_interval,
+            inflight_share=DEFAULT_INFLIGHT_SHARE if ns.max_inflight_mib is None else 0.0,
             shutdown_timeout=ns.shutdown_timeout,
             timeout_keep_alive=ns.timeout_keep_alive,
             log_level=ns.log_level,

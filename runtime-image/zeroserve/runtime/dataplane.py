@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from zeroserve.runtime import memory
 from zeroserve.runtime.batching import Batcher, batchable
 from zeroserve.runtime.cores import CoreScheduler
 from zeroserve.runtime.messages import InferRequest, InferResult, OutputTensor
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
     from zeroserve.runtime.config import RuntimeConfig
 
 SERVER_NAME = "zeroserve"
+# After requests that held this much at once, freed buffers are handed back to the kernel once none is held.
+TRIM_AFTER_BYTES = 64 * 1024 * 1024
 EXTENSIONS = ["binary_tensor_data"]
 
 
@@ -36,12 +40,17 @@ class DataPlane:
         *,
         batching: BatchSettings | None = None,
         max_queue: int = 0,
+        max_inflight_bytes: int = 0,
         metrics: ServerMetrics | None = None,
     ) -> None:
         self.repository = repository
         self.placement = placement or PlacementSettings()
         self.batching = batching or BatchSettings()
         self.max_queue = max_queue  # requests admitted past validation at once; 0: no bound
+        self.max_inflight_bytes = max_inflight_bytes  # request bytes held at once; 0: no budget
+        self.bytes_held = 0
+        self._peak_held = 0  # the most bytes held since the heap was last trimmed
+        self._trimming = False
         self.traffic = Traffic()
         self.metrics = metrics or ServerMetrics()
         self.metrics.add_gauge(Gauge("zeroserve_queue_depth", "Requests waiting for a batch, per model", self._depths))
@@ -76,7 +85,8 @@ class DataPlane:
             inline_run_seconds=config.inline_run_ms / 1000, share_cores=config.adaptive_cores()
         )
         return cls(
-            repository, config.inference_threads, placement, batching=config.batching, max_queue=config.max_queue_size
+            repository, config.inference_threads, placement, batching=config.batching, max_queue=config.max_queue_size,
+            max_inflight_bytes=config.limits.max_inflight_bytes,
         )
 
     def running_on(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -84,6 +94,46 @@ class DataPlane:
         embedding server may bring its own): uvloop gets REST's extra turn (placement.extra_turn)."""
         uvloop = type(loop).__module__.startswith("uvloop")
         self.placement = replace(self.placement, rest_extra_turn=uvloop)
+
+    def admit(self, nbytes: int) -> None:
+        """Refuse a request before its body is read (REST) or decoded (gRPC) when the server is full, with
+        ServerBusy (503 and Retry-After): ``--max_queue_size`` requests already admitted, or ``nbytes`` more would
+        take the request bytes held past ``--max_inflight_mib``. A request alone is always let in (up to
+        ``--max_request_mib``), so the budget never refuses what the server would take when idle."""
+        if self.max_queue and self.traffic.in_flight >= self.max_queue:
+            raise ServerBusy(f"server is at its limit of {self.max_queue} queued inferences; retry shortly")
+        self._check_budget(nbytes)
+
+    def _check_budget(self, nbytes: int, own: int = 0) -> None:
+        budget = self.max_inflight_bytes
+        if budget and self.bytes_held > own and self.bytes_held + nbytes > budget:
+            raise ServerBusy(
+                f"server is holding {self.bytes_held >> 20} MiB of requests, and {nbytes >> 20} MiB more would pass "
+                f"its budget of {budget >> 20} MiB (--max_inflight_mib); retry shortly"
+            )
+
+    @contextlib.contextmanager
+    def holding(self, nbytes: int) -> Iterator[Holding]:
+        """Count a request's bytes against the budget from now until the block ends (its answer sent); the
+        ``Holding`` grows as a body of unknown length arrives. Once none are held after large requests, the heap's
+        free memory goes back to the kernel (memory.release_free_memory)."""
+        held = Holding(self, nbytes)
+        self.bytes_held += nbytes
+        try:
+            yield held
+        finally:
+            self.bytes_held -= held.nbytes
+            self._peak_held = max(self._peak_held, self.bytes_held + held.nbytes)
+            if not self.bytes_held and self._peak_held >= TRIM_AFTER_BYTES and not self._trimming:
+                self._trimming = True
+                self._peak_held = 0
+                asyncio.get_running_loop().create_task(self._trim())
+
+    async def _trim(self) -> None:
+        try:
+            await asyncio.to_thread(memory.release_free_memory)
+        finally:
+            self._trimming = False
 
     def arriving(self) -> contextlib.AbstractContextManager[None]:
         """Count a REST request whose body is still being read: it is in flight before it is admitted."""
@@ -237,3 +287,19 @@ def _run_with_cores(
         return timed_run(run, feeds, output_names)
     finally:
         cores.release(granted)
+
+
+class Holding:
+    """The bytes one request holds against the data plane's budget."""
+
+    __slots__ = ("_dataplane", "nbytes")
+
+    def __init__(self, dataplane: DataPlane, nbytes: int) -> None:
+        self._dataplane = dataplane
+        self.nbytes = nbytes
+
+    def grow(self, nbytes: int) -> None:
+        """Hold ``nbytes`` more (a body of unknown length arriving); ServerBusy when that passes the budget."""
+        self._dataplane._check_budget(nbytes, own=self.nbytes)
+        self._dataplane.bytes_held += nbytes
+        self.nbytes += nbytes

@@ -131,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument("--max_request_mib", type=int, default=256, help="largest request body accepted")
     server.add_argument("--max_tensor_elements", type=int, default=2**28, help="largest tensor accepted")
+    server.add_argument(
+        "--max_inflight_mib", type=int, metavar="MIB",
+        help="request bytes in flight at once; a request past it is answered 503 with Retry-After before its body "
+        "is read (default: an eighth of the container's memory limit, at least --max_request_mib; 0: no budget)",
+    )
+    server.add_argument(
+        "--max_bytes_elements", type=int, default=2**20,
+        help="most elements in one BYTES (string) tensor: each costs far more memory than its bytes (default 2^20)",
+    )
     server.add_argument("--shutdown_timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
     server.add_argument("--timeout_keep_alive", type=int, default=65)
     server.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -13,6 +13,7 @@ from the error tree (``errors.py``) to gRPC codes. ``ModelInfer`` is observed as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -28,7 +29,7 @@ except ModuleNotFoundError as exc:  # only a missing package; an error inside on
     raise ImportError(f"serving gRPC needs the '{exc.name}' package: pip install 'zeroserve[grpc]'") from exc
 
 from zeroserve.protocol.start import START_HEADER, retry_after_value
-from zeroserve.runtime import grpc_codec
+from zeroserve.runtime import grpc_codec, rest_codec
 from zeroserve.runtime._proto import open_inference_grpc_pb2 as pb
 from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.dataplane import DataPlane
@@ -40,6 +41,7 @@ from zeroserve.runtime.telemetry import Telemetry
 logger = logging.getLogger("zeroserve.runtime")
 
 SERVICE = "inference.GRPCInferenceService"
+HEAVY_MESSAGE_BYTES = 1024 * 1024  # a ModelInfer message decoded in a thread rather than on the event loop
 
 STATUS_CODES: dict[HTTPStatus, grpc.StatusCode] = {
     HTTPStatus.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
@@ -139,23 +141,39 @@ class InferenceServicer:
         trailing metadata ``server-timing`` on success."""
         invocation = Invocation(self.dataplane, self.telemetry, "grpc", span, self._span_outcome)
         request: pb.ModelInferRequest | None = None
-        try:
-            request, raw_contents = grpc_codec.parse_infer_request(data)
-            decoded, raw_outputs = grpc_codec.decode_request(request, self.limits, raw_contents)
-            result = await self.dataplane.infer(request.model_name, request.model_version or None, decoded)
-            response = grpc_codec.encode_result(result, raw_outputs)
-        except ServerError as exc:
-            error = exc
-        except Exception:
-            logger.exception("unexpected error in ModelInfer for model '%s'", request.model_name if request else "")
-            error = ServerError("internal server error")
-        else:
-            context.set_trailing_metadata(tuple(invocation.answered(result)))
-            return response
-        # A parsed message names its request even when refused (REST's JSON may not parse).
-        name, version = (request.model_name, request.model_version or None) if request else ("", None)
-        invocation.failed(error.status, name, version, (request.id or None) if request else None)
-        await _abort(context, error)
+        with contextlib.ExitStack() as holding:  # the message counts against the budget until answered
+            try:
+                self.dataplane.admit(len(data))  # before decoding
+                holding.enter_context(self.dataplane.holding(len(data)))
+                heavy = len(data) > HEAVY_MESSAGE_BYTES  # typed contents and BYTES cost Python work per value
+                if heavy:
+                    message, raw_contents = await asyncio.to_thread(grpc_codec.parse_infer_request, data)
+                else:
+                    message, raw_contents = grpc_codec.parse_infer_request(data)
+                request = message
+                if heavy:
+                    decoded, raw_outputs = await asyncio.to_thread(
+                        grpc_codec.decode_request, message, self.limits, raw_contents
+                    )
+                else:
+                    decoded, raw_outputs = grpc_codec.decode_request(message, self.limits, raw_contents)
+                result = await self.dataplane.infer(message.model_name, message.model_version or None, decoded)
+                if rest_codec.encode_is_heavy(result):
+                    response = await asyncio.to_thread(grpc_codec.encode_result, result, raw_outputs)
+                else:
+                    response = grpc_codec.encode_result(result, raw_outputs)
+            except ServerError as exc:
+                error = exc
+            except Exception:
+                logger.exception("unexpected error in ModelInfer for model '%s'", request.model_name if request else "")
+                error = ServerError("internal server error")
+            else:
+                context.set_trailing_metadata(tuple(invocation.answered(result)))
+                return response
+            # A parsed message names its request even when refused (REST's JSON may not parse).
+            name, version = (request.model_name, request.model_version or None) if request else ("", None)
+            invocation.failed(error.status, name, version, (request.id or None) if request else None)
+            await _abort(context, error)
 
     def _span_outcome(self, span: Span, status: int, coldstart: bool, request_id: str | None) -> None:
         code = STATUS_CODES.get(HTTPStatus(status), grpc.StatusCode.INTERNAL) if status != 200 else grpc.StatusCode.OK

@@ -8,6 +8,8 @@ Starlette route's endpoint too, so there is one implementation of the endpoint.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import zlib
 from typing import TYPE_CHECKING
@@ -17,7 +19,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from zeroserve.protocol.binary import HEADER_LENGTH
 from zeroserve.runtime import rest_codec
-from zeroserve.runtime.dataplane import DataPlane
+from zeroserve.runtime.dataplane import DataPlane, Holding
 from zeroserve.runtime.invocation import Invocation
 from zeroserve.runtime.messages import InferRequest
 from zeroserve.runtime.server_errors import InvalidInput, PayloadTooLarge, ServerError
@@ -78,43 +80,55 @@ class InferEndpoint:
         invocation = Invocation(self.dataplane, self.telemetry, "rest", span, set_result)
         headers = dict(scope["headers"])
         request: InferRequest | None = None
-        try:
-            with self.dataplane.arriving():  # in flight already, for the placement policy
-                body = await self._read_body(headers, receive)
-            header_length = headers.get(_HEADER_LENGTH)
-            request = rest_codec.decode_request(
-                body, header_length.decode("latin-1") if header_length is not None else None, self.limits
-            )
-            result = await self.dataplane.infer(name, version, request, rest=True)
-            content, response_headers = rest_codec.encode_result(result, request)
-            response_headers.update(invocation.answered(result))
-            status = 200
-        except ServerError as exc:
-            status, response_headers, content = rest_codec.encode_error(exc)
-            invocation.failed(status, name, version, request.id if request is not None else None)
-        except ClientGone:
-            return  # nobody is listening
-        except Exception:
-            logger.exception("unexpected error in inference for model '%s'", name)
-            status, response_headers, content = rest_codec.encode_error(ServerError("internal server error"))
-            invocation.failed(status, name, version, None)
-        raw_headers = [(key.encode(), value.encode()) for key, value in response_headers.items()]
-        raw_headers.append((b"content-length", str(len(content)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": content})
+        with contextlib.ExitStack() as holding:  # the request's bytes count against the budget until answered
+            try:
+                declared = _declared_length(headers, self.limits.max_body_bytes)
+                self.dataplane.admit(declared or 0)  # before the body is read
+                held = holding.enter_context(self.dataplane.holding(declared or 0))
+                with self.dataplane.arriving():  # in flight already, for the placement policy
+                    body = await self._read_body(headers, receive, held if declared is None else None)
+                encoding = headers.get(b"content-encoding")
+                if encoding:
+                    compressed = len(body)
+                    body = _decompress(body, encoding.decode("latin-1").strip().lower(), self.limits.max_body_bytes)
+                    held.grow(max(0, len(body) - compressed))
+                raw_length = headers.get(_HEADER_LENGTH)
+                header_length = raw_length.decode("latin-1") if raw_length is not None else None
+                if rest_codec.decode_is_heavy(body, header_length):
+                    request = await asyncio.to_thread(rest_codec.decode_request, body, header_length, self.limits)
+                else:
+                    request = rest_codec.decode_request(body, header_length, self.limits)
+                result = await self.dataplane.infer(name, version, request, rest=True)
+                if rest_codec.encode_is_heavy(result):
+                    content, response_headers = await asyncio.to_thread(rest_codec.encode_result, result, request)
+                else:
+                    content, response_headers = rest_codec.encode_result(result, request)
+                response_headers.update(invocation.answered(result))
+                status = 200
+            except ServerError as exc:
+                status, response_headers, content = rest_codec.encode_error(exc)
+                invocation.failed(status, name, version, request.id if request is not None else None)
+            except ClientGone:
+                return  # nobody is listening
+            except Exception:
+                logger.exception("unexpected error in inference for model '%s'", name)
+                status, response_headers, content = rest_codec.encode_error(ServerError("internal server error"))
+                invocation.failed(status, name, version, None)
+            raw_headers = [(key.encode(), value.encode()) for key, value in response_headers.items()]
+            raw_headers.append((b"content-length", str(len(content)).encode()))
+            await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+            await send({"type": "http.response.body", "body": content})
 
-    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
+    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive, growing: Holding | None) -> bytes:
+        """The whole body, within ``--max_request_mib``; ``growing`` holds the bytes of a body of unknown length
+        as they arrive (refused with 503 once the budget is passed)."""
         limit = self.limits.max_body_bytes
-        declared = headers.get(b"content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                raise InvalidInput(f"Content-Length must be a number, got {declared.decode('latin-1')!r}")
-            if int(declared) > limit:
-                raise PayloadTooLarge(f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
         message: Message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
         body: bytes = message.get("body", b"")
+        if growing is not None:
+            growing.grow(len(body))
         if message.get("more_body", False):
             chunks = [body]
             received = len(body)
@@ -126,14 +140,25 @@ class InferEndpoint:
                 received += len(chunk)
                 if received > limit:
                     raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+                if growing is not None:
+                    growing.grow(len(chunk))
                 chunks.append(chunk)
             body = b"".join(chunks)
         elif len(body) > limit:
             raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        encoding = headers.get(b"content-encoding")
-        if encoding:
-            body = _decompress(body, encoding.decode("latin-1").strip().lower(), limit)
         return body
+
+
+def _declared_length(headers: dict[bytes, bytes], limit: int) -> int | None:
+    """The body's Content-Length, checked against ``--max_request_mib``; None when the body is chunked."""
+    declared = headers.get(b"content-length")
+    if declared is None:
+        return None
+    if not declared.isdigit():
+        raise InvalidInput(f"Content-Length must be a number, got {declared.decode('latin-1')!r}")
+    if int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
+    return int(declared)
 
 
 def infer_target(path: str) -> tuple[str, str | None] | None:

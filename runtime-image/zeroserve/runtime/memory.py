@@ -86,3 +86,14 @@ def _is_glibc() -> bool:
     except (AttributeError, ValueError, OSError):  # no confstr (Windows), or the name is unknown (musl, macOS)
         return False
     return bool(version and version.startswith("glibc"))
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free memory back to the kernel (glibc's ``malloc_trim``): after large requests, whose
+    buffers leave free space scattered through the heap that the trim threshold alone never returns. Blocking
+    (it walks the heap): call it from a thread, when no large request is in flight."""
+    if not _is_glibc():
+        return
+    import ctypes
+
+    ctypes.CDLL(None).malloc_trim(0)

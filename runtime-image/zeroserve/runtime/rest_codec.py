@@ -14,13 +14,47 @@ from zeroserve.protocol.start import START_HEADER, retry_after_value
 from zeroserve.runtime.messages import InferRequest, InferResult, InputTensor, RequestedOutput
 from zeroserve.runtime.server_errors import InvalidInput, ServerError
 from zeroserve.runtime.settings import Limits
-from zeroserve.runtime.tensors import array_from_raw, check_datatype, check_shape, count_error, raw_from_array
+from zeroserve.runtime.tensors import (
+    array_from_raw,
+    check_datatype,
+    check_shape,
+    check_size,
+    count_error,
+    raw_from_array,
+)
 
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 
 # What a JSON array may hold for each kind of numpy target: ints never arrive as floats, bools only as bools.
 _ACCEPTED_KINDS = {"b": "b", "u": "iub", "i": "iub", "f": "iubf"}
+
+
+# Decoding or encoding this much on the event loop would hold every other connection meanwhile (JSON parsing and
+# BYTES elements cost Python work per value; raw numeric tensors are views and cost nothing): it runs in a thread.
+HEAVY_JSON_BYTES = 256 * 1024
+HEAVY_RAW_BYTES = 1024 * 1024
+HEAVY_BYTES_ELEMENTS = 64 * 1024
+
+
+def decode_is_heavy(body: bytes, header_length: str | None) -> bool:
+    """Whether decoding ``body`` is worth a thread: a large JSON part, or large raw data with BYTES tensors."""
+    if header_length is None or not header_length.isdigit():
+        return len(body) > HEAVY_JSON_BYTES
+    json_length = int(header_length)
+    if json_length > HEAVY_JSON_BYTES:
+        return True
+    return len(body) - json_length > HEAVY_RAW_BYTES and b'"BYTES"' in body[:json_length]
+
+
+def encode_is_heavy(result: InferResult) -> bool:
+    """Whether encoding ``result`` is worth a thread: many BYTES elements, or large outputs as JSON."""
+    for output in result.outputs:
+        if output.datatype == "BYTES" and output.array.size > HEAVY_BYTES_ELEMENTS:
+            return True
+        if output.array.nbytes > HEAVY_RAW_BYTES:
+            return True
+    return False
 
 
 def decode_request(body: bytes, header_length: str | None, limits: Limits) -> InferRequest:
@@ -84,21 +118,22 @@ def _decode_input(item: Any, position: int, raw: memoryview, limits: Limits) -> 
                 f"input '{name}' claims {size} binary bytes but only {len(raw)} remain in the body "
                 "(truncated request?)"
             )
-        array = array_from_raw(raw[:size], datatype, shape, count, name)
+        array = array_from_raw(raw[:size], datatype, shape, count, name, limits)
         return InputTensor(name, datatype, shape, array), size
     if "data" not in item:
         raise InvalidInput(f"input '{name}' has neither 'data' nor a binary_data_size parameter")
-    array = _from_json(item["data"], datatype, shape, count, name)
+    array = _from_json(item["data"], datatype, shape, count, name, limits)
     return InputTensor(name, datatype, shape, array), 0
 
 
-def _from_json(data: Any, datatype: str, shape: list[int], count: int, name: str) -> np.ndarray:
+def _from_json(data: Any, datatype: str, shape: list[int], count: int, name: str, limits: Limits) -> np.ndarray:
     if not isinstance(data, list):
         data = [data]
     if datatype == "BYTES":
         array = np.array(data, dtype=object)
         if array.size != count:
             raise count_error(name, array.size, shape, count)
+        check_size(name, datatype, shape, count, limits)
         flat = array.reshape(-1)
         for index, element in enumerate(flat):
             if not isinstance(element, str):
@@ -111,6 +146,7 @@ def _from_json(data: Any, datatype: str, shape: list[int], count: int, name: str
         raise InvalidInput(f"input '{name}': 'data' is not a regular (rectangular) array of numbers") from None
     if array.size != count:
         raise count_error(name, array.size, shape, count)
+    check_size(name, datatype, shape, count, limits)
     if count == 0:
         return np.zeros(shape, dtype=target)
     if target.kind in "iu" and array.dtype.kind in "fO":
