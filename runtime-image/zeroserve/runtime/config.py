@@ -68,6 +68,8 @@ class RuntimeConfig:
     inflight_share: float = DEFAULT_INFLIGHT_SHARE
     shutdown_timeout: float = 30.0
     timeout_keep_alive: int = 65  # outlive the idle timeout of proxies in front (Envoy: 60 s)
+    # Open connections at once (http_server.py); 0 until ``load`` derives it from the file descriptors allowed.
+    max_connections: int = 0
     log_level: str = "info"
     access_log: bool = False
     # auto: uvloop when installed (faster); asyncio: the standard loop (fairer to connections when saturated).
@@ -111,8 +113,10 @@ class RuntimeConfig:
         elif self.workers > 1 and providers.intra_op_threads is None:
             # N worker processes split the quota, so they do not oversubscribe it.
             providers = replace(providers, intra_op_threads=max(1, cpus // self.workers))
+        max_connections = self.max_connections or _connections_allowed()
         return replace(
-            self, event_loop=loop, cpus=cpus, providers=providers, inference_threads=inference_threads, limits=limits
+            self, event_loop=loop, cpus=cpus, providers=providers, inference_threads=inference_threads, limits=limits,
+            max_connections=max_connections,
         )
 
     @property
@@ -155,6 +159,8 @@ class RuntimeConfig:
         for flag in ("max_request_mib", "max_tensor_elements", "max_bytes_elements"):
             if getattr(ns, flag) < 1:
                 parser.error(f"--{flag} must be at least 1")
+        if ns.max_connections < 0:
+            parser.error("--max_connections must not be negative (0: from the open-file limit)")
         if ns.max_inflight_mib is not None and ns.max_inflight_mib < 0:
             parser.error("--max_inflight_mib must not be negative (0: no budget)")
         limits = Limits(
@@ -212,10 +218,25 @@ class RuntimeConfig:
             inflight_share=DEFAULT_INFLIGHT_SHARE if ns.max_inflight_mib is None else 0.0,
             shutdown_timeout=ns.shutdown_timeout,
             timeout_keep_alive=ns.timeout_keep_alive,
+            max_connections=ns.max_connections,
             log_level=ns.log_level,
             access_log=ns.access_log,
             event_loop=ns.event_loop,
         )
+
+
+# File descriptors kept for what is not a client connection: model files, threads' pipes, gRPC, the cache.
+_RESERVED_DESCRIPTORS = 128
+
+
+def _connections_allowed() -> int:
+    """Client connections this process can hold: its open-file limit less what the server itself needs."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 65536
+    return max(16, soft - _RESERVED_DESCRIPTORS)
 
 
 def _default_cache_dir(environ: Mapping[str, str]) -> str:

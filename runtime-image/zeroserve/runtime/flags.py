@@ -141,7 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="most elements in one BYTES (string) tensor: each costs far more memory than its bytes (default 2^20)",
     )
     server.add_argument("--shutdown_timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
-    server.add_argument("--timeout_keep_alive", type=int, default=65)
+    server.add_argument(
+        "--timeout_keep_alive", type=int, default=65,
+        help="seconds a connection may stay idle between requests, or take to send a request's headers (default 65)",
+    )
+    server.add_argument(
+        "--max_connections", type=int, default=0,
+        help="open connections at once; past it the one idle longest is closed, or the new one is answered 503 "
+        "(default 0: the open-file limit less 128)",
+    )
     server.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     server.add_argument("--access_log", action=argparse.BooleanOptionalAction, default=False)
     server.add_argument(

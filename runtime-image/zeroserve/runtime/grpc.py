@@ -29,7 +29,7 @@ except ModuleNotFoundError as exc:  # only a missing package; an error inside on
     raise ImportError(f"serving gRPC needs the '{exc.name}' package: pip install 'zeroserve[grpc]'") from exc
 
 from zeroserve.protocol.start import START_HEADER, retry_after_value
-from zeroserve.runtime import grpc_codec, rest_codec
+from zeroserve.runtime import grpc_codec
 from zeroserve.runtime._proto import open_inference_grpc_pb2 as pb
 from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.dataplane import DataPlane
@@ -37,6 +37,7 @@ from zeroserve.runtime.invocation import Invocation
 from zeroserve.runtime.repository import ModelRepository, State
 from zeroserve.runtime.server_errors import ModelLoadError, ModelNotReady, ServerError
 from zeroserve.runtime.telemetry import Telemetry
+from zeroserve.runtime.tensors import encode_is_heavy
 
 logger = logging.getLogger("zeroserve.runtime")
 
@@ -158,7 +159,7 @@ class InferenceServicer:
                 else:
                     decoded, raw_outputs = grpc_codec.decode_request(message, self.limits, raw_contents)
                 result = await self.dataplane.infer(message.model_name, message.model_version or None, decoded)
-                if rest_codec.encode_is_heavy(result):
+                if encode_is_heavy(result):
                     response = await asyncio.to_thread(grpc_codec.encode_result, result, raw_outputs)
                 else:
                     response = grpc_codec.encode_result(result, raw_outputs)

@@ -25,6 +25,7 @@ from zeroserve.runtime.messages import InferRequest
 from zeroserve.runtime.server_errors import InvalidInput, PayloadTooLarge, ServerError
 from zeroserve.runtime.settings import Limits
 from zeroserve.runtime.telemetry import Telemetry, set_result
+from zeroserve.runtime.tensors import encode_is_heavy
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -99,7 +100,7 @@ class InferEndpoint:
                 else:
                     request = rest_codec.decode_request(body, header_length, self.limits)
                 result = await self.dataplane.infer(name, version, request, rest=True)
-                if rest_codec.encode_is_heavy(result):
+                if encode_is_heavy(result):
                     content, response_headers = await asyncio.to_thread(rest_codec.encode_result, result, request)
                 else:
                     content, response_headers = rest_codec.encode_result(result, request)

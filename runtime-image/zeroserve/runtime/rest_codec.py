@@ -15,6 +15,7 @@ from zeroserve.runtime.messages import InferRequest, InferResult, InputTensor, R
 from zeroserve.runtime.server_errors import InvalidInput, ServerError
 from zeroserve.runtime.settings import Limits
 from zeroserve.runtime.tensors import (
+    HEAVY_RAW_BYTES,
     array_from_raw,
     check_datatype,
     check_shape,
@@ -33,8 +34,6 @@ _ACCEPTED_KINDS = {"b": "b", "u": "iub", "i": "iub", "f": "iubf"}
 # Decoding or encoding this much on the event loop would hold every other connection meanwhile (JSON parsing and
 # BYTES elements cost Python work per value; raw numeric tensors are views and cost nothing): it runs in a thread.
 HEAVY_JSON_BYTES = 256 * 1024
-HEAVY_RAW_BYTES = 1024 * 1024
-HEAVY_BYTES_ELEMENTS = 64 * 1024
 
 
 def decode_is_heavy(body: bytes, header_length: str | None) -> bool:
@@ -45,16 +44,6 @@ def decode_is_heavy(body: bytes, header_length: str | None) -> bool:
     if json_length > HEAVY_JSON_BYTES:
         return True
     return len(body) - json_length > HEAVY_RAW_BYTES and b'"BYTES"' in body[:json_length]
-
-
-def encode_is_heavy(result: InferResult) -> bool:
-    """Whether encoding ``result`` is worth a thread: many BYTES elements, or large outputs as JSON."""
-    for output in result.outputs:
-        if output.datatype == "BYTES" and output.array.size > HEAVY_BYTES_ELEMENTS:
-            return True
-        if output.array.nbytes > HEAVY_RAW_BYTES:
-            return True
-    return False
 
 
 def decode_request(body: bytes, header_length: str | None, limits: Limits) -> InferRequest:

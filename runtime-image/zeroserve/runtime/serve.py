@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import importlib.util
 import logging
 import os
 import pickle
@@ -133,14 +132,15 @@ async def _grpc_only(config: RuntimeConfig) -> int:
 
 
 def _uvicorn_config(app: Any, config: RuntimeConfig, **extra: Any) -> uvicorn.Config:
-    import uvicorn
+    from zeroserve.runtime.http_server import ConnectionLimits, ServerConfig
 
-    return uvicorn.Config(
+    limits = ConnectionLimits(head_timeout=config.timeout_keep_alive, max_connections=config.max_connections)
+    return ServerConfig(
         app,
+        connection_limits=limits,
         host=config.host,
         port=config.http_port,
         loop="uvloop" if config.uses_uvloop else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
         lifespan="on",
         log_config=None,
         access_log=config.access_log,

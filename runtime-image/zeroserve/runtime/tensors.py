@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from zeroserve.protocol import binary, dtypes
+from zeroserve.runtime.messages import InferResult
 from zeroserve.runtime.server_errors import InvalidInput, PayloadTooLarge
 from zeroserve.runtime.settings import Limits
 
@@ -133,3 +134,18 @@ def raw_from_array(array: np.ndarray, datatype: str) -> bytes | memoryview:
 
 def as_bytes(element: Any) -> bytes:
     return element if isinstance(element, bytes) else str(element).encode("utf-8")
+
+
+# Encoding this much on the event loop would hold every other connection meanwhile: it runs in a thread.
+HEAVY_RAW_BYTES = 1024 * 1024
+HEAVY_BYTES_ELEMENTS = 64 * 1024
+
+
+def encode_is_heavy(result: InferResult) -> bool:
+    """Whether encoding ``result`` (REST or gRPC) is worth a thread: many BYTES elements, or large outputs."""
+    for output in result.outputs:
+        if output.datatype == "BYTES" and output.array.size > HEAVY_BYTES_ELEMENTS:
+            return True
+        if output.array.nbytes > HEAVY_RAW_BYTES:
+            return True
+    return False
