@@ -6,8 +6,10 @@ readiness and start-up progress probed, the reason it failed read from what it s
   prints a ``KeyboardInterrupt`` traceback of its own. Signals go to the child's group, which holds the
   workers of ``--workers N`` too.
 - stderr: read by the event loop in chunks, echoed to the activator's stderr as it comes (the developer sees
-  the server's log), the last ``TAIL_LINES`` lines kept. When the process exits during its start, the reason
-  is its last ``zeroserve: <reason>`` line (the server's own message for a failed start), else the last line
+  the server's log), the last ``TAIL_LINES`` lines kept. Readiness is probed every 50 ms (Knative's aggressive
+  probing) and at once whenever the process writes to stderr: the server logs when its models become ready,
+  so the probe that finds it ready follows at once. When the process exits during its start, the reason is
+  its last ``zeroserve: <reason>`` line (the server's own message for a failed start), else the last line
   that names an error, else the signal that killed it.
 - Trace context: the request that starts the process passes ``TRACEPARENT``/``TRACESTATE`` in the child's
   environment (OpenTelemetry's environment carrier); the server parents its ``zeroserve.init`` span there.
@@ -59,6 +61,7 @@ class ServerProcess:
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._server_progress: StartState | None = None  # the last "loading" state the server reported
         self.echo = True  # stderr goes on to ours until writing there fails
+        self._said = asyncio.Event()  # set on output: the server logs as its state changes, so probe now
         assert process.stderr is not None
         self._reader = asyncio.get_running_loop().create_task(self._echo(process.stderr))
 
@@ -116,7 +119,10 @@ class ServerProcess:
                 if time.monotonic() > deadline:
                     phase = self.progress().phase
                     return StartFailure(f"not ready within --start_timeout {timeout:g} s (still in phase {phase})")
-                await asyncio.wait([exited], timeout=_PROBE_INTERVAL)
+                self._said.clear()
+                spoke = asyncio.ensure_future(self._said.wait())
+                await asyncio.wait([exited, spoke], timeout=_PROBE_INTERVAL, return_when=asyncio.FIRST_COMPLETED)
+                spoke.cancel()
         finally:
             exited.cancel()
 
@@ -170,6 +176,7 @@ class ServerProcess:
             chunk = await stream.read(65536)
             if not chunk:
                 break
+            self._said.set()
             if out is not None and self.echo:
                 try:
                     out.write(chunk)

@@ -212,7 +212,7 @@ class Activator:
         except TimeoutError:
             if result.responded:
                 raise
-            return answers.request_timeout(timeout, None if delivered else hold.progress or self.scaler.progress())
+            return answers.request_timeout(timeout, None if delivered else self.scaler.progress() or hold.progress)
         except QueueFull:
             return answers.queue_full()
         except StartFailed as exc:

@@ -33,6 +33,8 @@ from zeroserve.protocol.start import StartState
 
 logger = logging.getLogger("zeroserve.activator")
 
+_UNREADY_GRACE = 5.0  # SIGTERM to SIGKILL for a process that never became ready: it has no requests to drain
+
 
 class QueueFull(Exception):
     pass
@@ -231,7 +233,7 @@ class Scaler:
                      backend.pid, status, failure.reason, self.settings.backoff.delay(recorded.streak))
         self._on_start(False)
         if backend.process is not None:
-            self._stop(backend.process)
+            self._stop(backend.process, _UNREADY_GRACE)
 
     async def _watch(self, backend: Backend, process: ServerProcess) -> None:
         """Drop a ready process the moment it exits on its own (a crash, for the backoff)."""
@@ -247,9 +249,9 @@ class Scaler:
         self._processes.discard(process)
         self._notify()
 
-    def _stop(self, process: ServerProcess) -> None:
+    def _stop(self, process: ServerProcess, grace: float | None = None) -> None:
         async def stop() -> None:
-            await process.stop(self.settings.stop_grace)
+            await process.stop(self.settings.stop_grace if grace is None else grace)
             self._processes.discard(process)
 
         self._spawn_task(stop())
@@ -280,7 +282,7 @@ class Scaler:
         starting = self.starting
         if starting is not None and starting.process is not None:
             self.backends.remove(starting)
-            self._stop(starting.process)
+            self._stop(starting.process, _UNREADY_GRACE)
         self._notify()
 
     async def close(self) -> None:
@@ -293,7 +295,7 @@ class Scaler:
                 await self._start_task
         for backend in self.backends:
             if backend.process is not None:
-                self._stop(backend.process)
+                self._stop(backend.process, None if backend.ready_at is not None else _UNREADY_GRACE)
         self.backends.clear()
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
         # Processes retired before (idle, failed) have stopped with their tasks; anything left is stopped here.
