@@ -48,6 +48,13 @@ def test_the_minute_bound_holds_even_with_no_backoff() -> None:
     assert len(starts) == 8  # four a minute, for two minutes
 
 
+def test_starts_without_failures_are_not_bounded() -> None:
+    ledger = StartLedger(BackoffPolicy(starts_per_minute=10))
+    for second in range(30):  # scale from zero every 2 s, as a short --idle_timeout does
+        assert ledger.decide(second * 2.0).start
+        ledger.started(second * 2.0)
+
+
 def test_a_failed_start_is_answered_with_the_time_to_the_next() -> None:
     ledger = StartLedger(BackoffPolicy())
     ledger.started(0.0)

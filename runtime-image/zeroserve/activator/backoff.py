@@ -4,14 +4,15 @@ A *failure* is a start that failed (the process exited, reported a failed load o
 was not ready within ``--start_timeout``) or a *crash* (a process that had become ready died without being
 asked to). Failures in a row make a streak; after the n-th the next start waits
 ``delay(n) = min(backoff_max, backoff_initial * 2 ** (n - 1))``. A process that stays ready for
-``backoff_reset`` seconds ends the streak. Whatever the streak, at most ``starts_per_minute`` processes start
-in any 60 s.
+``backoff_reset`` seconds ends the streak. While a streak lasts, whatever the delays, at most
+``starts_per_minute`` processes start in any 60 s. Without failures starts are not bounded: scaling from zero
+again and again (a short ``--idle_timeout``) is what the tool is for.
 
 Defaults (1 s doubling to 30 s, reset after 60 s ready, 10 starts a minute) and why: kubelet waits 10 s doubling
 to 5 min and resets after 10 min of running, which suits a cluster; a developer who fixes a model file wants the
 next start within seconds. With a start that fails in about a second, a model that can never start is tried at
 0, 2, 5, 10 and 19 s: five processes in the first 30 s, six in the first minute, and only while requests keep
-coming (a start happens on demand). The per-minute bound also holds when a user sets a tiny backoff.
+coming (a start happens on demand). The per-minute bound holds when a user sets a tiny backoff.
 
 The difference between the two kinds of failure is what waiting requests are told. After a failed start they
 are answered at once, with the reason (waiting will not help until the model is fixed, or the next start
@@ -89,23 +90,26 @@ class StartLedger:
         ========================  ==========================  ===========================================
         last failure              the next start may begin    verdict
         ========================  ==========================  ===========================================
-        none (streak 0)           now (under the minute cap)  start
-        any                       now                         start
+        none (no streak)          -                           start
+        a failed start or crash   now                         start
         a failed start            later (backoff or cap)      ``failure``: answer it, Retry-After = the wait
-        a crash, or none          later (backoff or cap)      wait that long, then ask again
+        a crash                   later (backoff or cap)      wait that long, then ask again
         ========================  ==========================  ===========================================
 
-        The next start may begin at the later of: the last failure plus ``delay(streak)``, and the moment
-        the oldest of the last minute's starts leaves the window when ``starts_per_minute`` is reached.
+        During a streak, the next start may begin at the later of: the last failure plus ``delay(streak)``,
+        and, when ``starts_per_minute`` is reached, the moment the oldest of the last minute's starts leaves
+        the window.
         """
         self._forget(now)
-        allowed = self.last_failure.next_start if self.last_failure is not None else now
+        failure = self.last_failure
+        if failure is None:
+            return Verdict(start=True)
+        allowed = failure.next_start
         if len(self._recent) >= self.policy.starts_per_minute:
             allowed = max(allowed, self._recent[0] + WINDOW)
         if allowed <= now:
             return Verdict(start=True)
-        failure = self.last_failure
-        if failure is not None and failure.kind == "start":
+        if failure.kind == "start":
             failure = Failure(failure.kind, failure.reason, failure.exit_status, failure.at, failure.streak, allowed)
             return Verdict(start=False, wait_s=allowed - now, failure=failure)
         return Verdict(start=False, wait_s=allowed - now)
