@@ -51,17 +51,17 @@ class Log:
         self._thread.join(timeout)
 
 
-def wait_until_holding(front: subprocess.Popen[bytes], log: Log, port: int, timeout: float = 30.0) -> None:
+def wait_until_holding(dev: subprocess.Popen[bytes], log: Log, port: int, timeout: float = 30.0) -> None:
     """Until zeroserve dev says it holds the port: a port something else holds is never mistaken for ours."""
     deadline = time.monotonic() + timeout
     while not log.holding.wait(0.05):
-        if front.poll() is not None:
+        if dev.poll() is not None:
             log.join(5)
             said = "\n".join(log.lines[-5:])
             if "already in use" in said:
                 raise SystemExit(f"{said}\n\nport {port} is taken by another program; pick another port:\n"
                                  f"  ./scripts/quickstart --port {port + 1}")
-            raise SystemExit(f"{said}\n\nzeroserve dev exited with status {front.returncode}")
+            raise SystemExit(f"{said}\n\nzeroserve dev exited with status {dev.returncode}")
         if time.monotonic() > deadline:
             raise SystemExit(f"zeroserve dev did not take port {port} within {timeout:.0f} s")
 
@@ -94,11 +94,11 @@ def main() -> int:
     command = [sys.executable, "-m", "zeroserve.activator", "--port", str(args.port),
                "--idle_timeout", str(idle), "--model_name", "mlp", "--model_dir", str(MODEL_DIR)]
     print("$ zeroserve dev", " ".join(command[3:]), flush=True)
-    front = subprocess.Popen(command, stderr=subprocess.PIPE)
-    assert front.stderr is not None
-    log = Log(front.stderr, show=not args.once)
+    dev = subprocess.Popen(command, stderr=subprocess.PIPE)
+    assert dev.stderr is not None
+    log = Log(dev.stderr, show=not args.once)
     try:
-        wait_until_holding(front, log, args.port)
+        wait_until_holding(dev, log, args.port)
         with httpx.Client() as client:
             infer(client, url, "cold")
             infer(client, url, "warm")
@@ -108,15 +108,15 @@ def main() -> int:
             return 0
         print(f"\nserving at {url}; try:\n  curl -s {url}/v2/models/mlp/infer -d '{json.dumps(REQUEST)}'\n"
               "Ctrl-C stops it.", flush=True)
-        front.wait()
-        return front.returncode
+        dev.wait()
+        return dev.returncode
     except KeyboardInterrupt:  # zeroserve dev got the same Ctrl-C and stops by itself
         return 0
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C reaches zeroserve dev, which stops at once
-        if front.poll() is None:
-            front.send_signal(signal.SIGTERM)
-        front.wait(60)
+        if dev.poll() is None:
+            dev.send_signal(signal.SIGTERM)
+        dev.wait(60)
         log.join(5)
         said = [line for line in log.lines if "zeroserve.activator" in line or "ready on" in line]
         if args.once and said:

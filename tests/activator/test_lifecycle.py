@@ -18,45 +18,45 @@ from tests.activator.conftest import ActivatorProcess, infer, wait_until
 Start = Callable[..., ActivatorProcess]
 
 
-def stopped_cleanly(front: ActivatorProcess, signum: int) -> None:
+def stopped_cleanly(dev: ActivatorProcess, signum: int) -> None:
     if signum == signal.SIGINT:
-        front.signal_group(signal.SIGINT)  # what Ctrl-C in a terminal does: every process in the group
+        dev.signal_group(signal.SIGINT)  # what Ctrl-C in a terminal does: every process in the group
     else:
-        front.process.send_signal(signum)
+        dev.process.send_signal(signum)
     began = time.monotonic()
-    code = front.process.wait(30)
-    log = front.log()
+    code = dev.process.wait(30)
+    log = dev.log()
     assert code == 0, log
     assert time.monotonic() - began < 15, log
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
-    wait_until(lambda: not front.leftover_children(), 10, "server processes gone")
+    wait_until(lambda: not dev.leftover_children(), 10, "server processes gone")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_stop_after_serving(activator: Start, model_dir: Path, signum: int) -> None:
-    front = activator("--model_name", "mlp", "--model_dir", str(model_dir))
-    assert infer(front.url).status_code == 200
-    stopped_cleanly(front, signum)
+    dev = activator("--model_name", "mlp", "--model_dir", str(model_dir))
+    assert infer(dev.url).status_code == 200
+    stopped_cleanly(dev, signum)
 
 
 def test_ctrl_c_during_a_start_answers_the_held_requests(
     activator: Start, gated_model_server: tuple[str, threading.Event], tmp_path: Path
 ) -> None:
     uri, gate = gated_model_server
-    front = activator("--model_name", "mlp", "--model_dir", uri, "--cache_dir", str(tmp_path / "cache"))
+    dev = activator("--model_name", "mlp", "--model_dir", uri, "--cache_dir", str(tmp_path / "cache"))
     held: list[httpx.Response] = []
-    thread = threading.Thread(target=lambda: held.append(infer(front.url)))
+    thread = threading.Thread(target=lambda: held.append(infer(dev.url)))
     thread.start()
-    front.wait_log("Uvicorn running on")  # the server process is up, its model download held at the gate
-    stopped_cleanly(front, signal.SIGINT)
+    dev.wait_log("Uvicorn running on")  # the server process is up, its model download held at the gate
+    stopped_cleanly(dev, signal.SIGINT)
     thread.join(30)
     assert held[0].status_code == 503
     assert held[0].json() == {"error": "zeroserve dev is shutting down"}
 
 
 def test_ctrl_c_while_idle(activator: Start, model_dir: Path) -> None:
-    front = activator("--model_name", "mlp", "--model_dir", str(model_dir))
-    stopped_cleanly(front, signal.SIGINT)
+    dev = activator("--model_name", "mlp", "--model_dir", str(model_dir))
+    stopped_cleanly(dev, signal.SIGINT)
 
 
 def test_a_taken_port_is_said_to_be_taken(activator: Start, model_dir: Path) -> None:
@@ -64,7 +64,7 @@ def test_a_taken_port_is_said_to_be_taken(activator: Start, model_dir: Path) -> 
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        front = activator("--model_dir", str(model_dir), port=port, wait=False)
-        assert front.process.wait(30) == 1
-    assert f"zeroserve dev: port {port} on 127.0.0.1 is already in use" in front.log()
-    assert "--port" in front.log() and "Traceback" not in front.log()
+        dev = activator("--model_dir", str(model_dir), port=port, wait=False)
+        assert dev.process.wait(30) == 1
+    assert f"zeroserve dev: port {port} on 127.0.0.1 is already in use" in dev.log()
+    assert "--port" in dev.log() and "Traceback" not in dev.log()

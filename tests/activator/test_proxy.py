@@ -44,14 +44,14 @@ def test_only_origin_form_targets_are_forwarded(activator: Start, model_dir: Pat
     other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Other)
     threading.Thread(target=other.serve_forever, daemon=True).start()
     try:
-        front = activator("--model_name", "mlp", "--model_dir", str(model_dir))
+        dev = activator("--model_name", "mlp", "--model_dir", str(model_dir))
         other_port = other.server_address[1]
         for target in (f"*@127.0.0.1:{other_port}/x", "*"):
-            answer = raw_request(front.port, f"GET {target} HTTP/1.1".encode())
+            answer = raw_request(dev.port, f"GET {target} HTTP/1.1".encode())
             assert answer.startswith(b"HTTP/1.1 400 "), answer
             assert b"the request target must be a path starting with '/'" in answer
         # Absolute-form names a host, but only the path is used: the activator's own process answers.
-        answer = raw_request(front.port, f"GET http://127.0.0.1:{other_port}/v2/health/live HTTP/1.1".encode())
+        answer = raw_request(dev.port, f"GET http://127.0.0.1:{other_port}/v2/health/live HTTP/1.1".encode())
         assert answer.startswith(b"HTTP/1.1 200 ") and b'{"live":true}' in answer
         assert hits == []
     finally:
@@ -63,16 +63,16 @@ def test_a_child_killed_under_load_fails_only_what_it_was_running(activator: Sta
     """Requests that reach the dead port are not 502: the connection was refused, so they never ran, and
     they go to the next process. Only requests in flight on the killed process may get 502."""
     clients = 8
-    front = activator("--model_name", "mlp", "--model_dir", str(model_dir), "--max_concurrency", "16")
-    assert infer(front.url).status_code == 200
-    [pid] = front.server_pids()
+    dev = activator("--model_name", "mlp", "--model_dir", str(model_dir), "--max_concurrency", "16")
+    assert infer(dev.url).status_code == 200
+    [pid] = dev.server_pids()
     statuses: list[int] = []
     stop = threading.Event()
 
     def load() -> None:
         with httpx.Client(timeout=60) as client:
             while not stop.is_set():
-                statuses.append(client.post(f"{front.url}/v2/models/mlp/infer",
+                statuses.append(client.post(f"{dev.url}/v2/models/mlp/infer",
                                             json={"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32",
                                                               "data": [0.5] * 16}]}).status_code)
 
@@ -82,8 +82,8 @@ def test_a_child_killed_under_load_fails_only_what_it_was_running(activator: Sta
     time.sleep(1.0)
     before = len(statuses)
     os.kill(pid, signal.SIGKILL)
-    front.wait_log("cold start: server process", count=2)
-    front.wait_log("ready after", count=2)
+    dev.wait_log("cold start: server process", count=2)
+    dev.wait_log("ready after", count=2)
     time.sleep(0.5)
     stop.set()
     for thread in threads:
@@ -93,7 +93,7 @@ def test_a_child_killed_under_load_fails_only_what_it_was_running(activator: Sta
     assert before > 0 and after.count(200) > clients
     assert set(failed) <= {502}
     assert len(failed) <= clients, failed  # at most the requests in flight at the kill
-    assert front.starts() == 2
+    assert dev.starts() == 2
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -104,15 +104,15 @@ def _peak_rss_mib(pid: int) -> float:
 
 
 def test_bodies_are_streamed_within_the_size_limit(activator: Start, model_dir: Path) -> None:
-    front = activator("--model_name", "mlp", "--model_dir", str(model_dir), "--max_request_mib", "64")
+    dev = activator("--model_name", "mlp", "--model_dir", str(model_dir), "--max_request_mib", "64")
     limit = 64 * 2**20
 
     # Declared too large: answered before any process starts.
-    response = httpx.post(f"{front.url}/v2/models/mlp/infer", content=b"x" * (limit + 1), timeout=60)
+    response = httpx.post(f"{dev.url}/v2/models/mlp/infer", content=b"x" * (limit + 1), timeout=60)
     assert response.status_code == 413
     assert response.json()["error"] == f"request body of {limit + 1} bytes is over the limit of {limit} bytes " \
                                        "(--max_request_mib)"
-    assert front.starts() == 0
+    assert dev.starts() == 0
 
     # Not declared (chunked), and too large: cut off while streaming.
     def chunks(total: int) -> Iterator[bytes]:
@@ -120,14 +120,14 @@ def test_bodies_are_streamed_within_the_size_limit(activator: Start, model_dir: 
         for _ in range(total // len(piece)):
             yield piece
 
-    assert infer(front.url).status_code == 200
-    baseline = _peak_rss_mib(front.process.pid)
-    response = httpx.post(f"{front.url}/v2/models/mlp/infer", content=chunks(limit + 2**20), timeout=60)
+    assert infer(dev.url).status_code == 200
+    baseline = _peak_rss_mib(dev.process.pid)
+    response = httpx.post(f"{dev.url}/v2/models/mlp/infer", content=chunks(limit + 2**20), timeout=60)
     assert response.status_code == 413
     assert "over the limit" in response.json()["error"]
 
     # Within the limit: the activator passes it on without holding it (the server answers, here 400).
-    response = httpx.post(f"{front.url}/v2/models/mlp/infer", content=chunks(limit - 2**20), timeout=60,
+    response = httpx.post(f"{dev.url}/v2/models/mlp/infer", content=chunks(limit - 2**20), timeout=60,
                           headers={"content-type": "application/json"})
     assert response.status_code == 400
-    assert _peak_rss_mib(front.process.pid) - baseline < 32  # a 63 MiB body never sat in the activator
+    assert _peak_rss_mib(dev.process.pid) - baseline < 32  # a 63 MiB body never sat in the activator

@@ -16,23 +16,23 @@ Start = Callable[..., ActivatorProcess]
 
 
 def test_cold_start_warm_request_and_scale_down(activator: Start, model_dir: Path) -> None:
-    front = activator("--model_name", "mlp", "--model_dir", str(model_dir), "--idle_timeout", "1")
-    assert front.starts() == 0  # nothing runs before the first request
+    dev = activator("--model_name", "mlp", "--model_dir", str(model_dir), "--idle_timeout", "1")
+    assert dev.starts() == 0  # nothing runs before the first request
 
-    cold = infer(front.url)
+    cold = infer(dev.url)
     assert cold.status_code == 200, cold.text
     assert cold.json()["outputs"][0]["shape"] == [1, 4]
     cold_wait = activator_ms(cold)
     assert cold_wait > 50  # held while the process started and loaded the model
 
-    warm = infer(front.url, timeout=10)
+    warm = infer(dev.url, timeout=10)
     assert warm.json() == cold.json()
     assert activator_ms(warm) < cold_wait / 5
 
-    front.wait_log("scaled to zero", timeout=15)
-    again = infer(front.url)
+    dev.wait_log("scaled to zero", timeout=15)
+    again = infer(dev.url)
     assert again.status_code == 200
-    assert front.starts() == 2
+    assert dev.starts() == 2
     # One Date header (the activator's), no Server header: the process's own are not passed on as well.
     assert len(again.headers.get_list("date")) == 1 and "server" not in again.headers
 
@@ -41,13 +41,13 @@ def test_full_queue_answers_503_and_held_requests_are_answered(
     activator: Start, gated_model_server: tuple[str, threading.Event], tmp_path: Path
 ) -> None:
     uri, gate = gated_model_server
-    front = activator("--model_name", "mlp", "--model_dir", uri, "--cache_dir", str(tmp_path / "cache"),
+    dev = activator("--model_name", "mlp", "--model_dir", uri, "--cache_dir", str(tmp_path / "cache"),
                       "--queue_depth", "1")
     held: list[httpx.Response] = []
-    first = threading.Thread(target=lambda: held.append(infer(front.url)))
+    first = threading.Thread(target=lambda: held.append(infer(dev.url)))
     first.start()
-    front.wait_log("cold start: server process")
-    overflow = infer(front.url, timeout=10)
+    dev.wait_log("cold start: server process")
+    overflow = infer(dev.url, timeout=10)
     assert overflow.status_code == 503
     assert overflow.json() == {"error": "pending request queue full"}  # Knative's words
     assert "zeroserve-start" not in overflow.headers
@@ -60,10 +60,10 @@ def test_request_timeout_answers_504_with_the_progress(
     activator: Start, gated_model_server: tuple[str, threading.Event], tmp_path: Path
 ) -> None:
     uri, gate = gated_model_server
-    front = activator("--model_name", "mlp", "--model_dir", uri, "--cache_dir", str(tmp_path / "cache"),
+    dev = activator("--model_name", "mlp", "--model_dir", uri, "--cache_dir", str(tmp_path / "cache"),
                       "--request_timeout", "2")
     started = time.monotonic()
-    response = infer(front.url, timeout=30)
+    response = infer(dev.url, timeout=30)
     assert response.status_code == 504
     assert 1.9 < time.monotonic() - started < 10
     body = response.json()
@@ -73,17 +73,17 @@ def test_request_timeout_answers_504_with_the_progress(
     assert body["start"]["phase"] in ("process", "fetch")
     assert response.headers["zeroserve-start"] == "loading"
     gate.set()
-    front.wait_log("ready after")
-    assert infer(front.url, timeout=30).status_code == 200
+    dev.wait_log("ready after")
+    assert infer(dev.url, timeout=30).status_code == 200
 
 
 def test_more_processes_start_when_all_are_busy(activator: Start, model_dir: Path) -> None:
-    front = activator("--model_name", "mlp", "--model_dir", str(model_dir), "--max_concurrency", "1",
+    dev = activator("--model_name", "mlp", "--model_dir", str(model_dir), "--max_concurrency", "1",
                       "--max_processes", "2")
     results: list[int] = []
 
     def call() -> None:
-        results.append(infer(front.url).status_code)
+        results.append(infer(dev.url).status_code)
 
     threads = [threading.Thread(target=call) for _ in range(6)]
     for thread in threads:
@@ -91,4 +91,4 @@ def test_more_processes_start_when_all_are_busy(activator: Start, model_dir: Pat
     for thread in threads:
         thread.join(60)
     assert results == [200] * 6
-    assert 1 <= front.starts() <= 2
+    assert 1 <= dev.starts() <= 2

@@ -29,7 +29,7 @@ def attributes(span: OtlpSpan) -> dict[str, Any]:
     return {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in span.attributes}
 
 
-def traced_call(front: ActivatorProcess, client: httpx.Client) -> tuple[ReadableSpan, int]:
+def traced_call(dev: ActivatorProcess, client: httpx.Client) -> tuple[ReadableSpan, int]:
     """One inference inside a CLIENT span of the caller's own; the span and the answer's status."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -37,7 +37,7 @@ def traced_call(front: ActivatorProcess, client: httpx.Client) -> tuple[Readable
     with provider.get_tracer("caller").start_as_current_span("infer mlp", kind=SpanKind.CLIENT):
         carrier: dict[str, str] = {}
         TraceContextTextMapPropagator().inject(carrier)
-        status = client.post(f"{front.url}/v2/models/mlp/infer", json=BODY, headers=carrier).status_code
+        status = client.post(f"{dev.url}/v2/models/mlp/infer", json=BODY, headers=carrier).status_code
     [span] = exporter.get_finished_spans()
     return span, status
 
@@ -61,13 +61,13 @@ def covered(client: ReadableSpan, spans: list[OtlpSpan]) -> float:
 
 
 def test_one_trace_explains_a_cold_start(activator: Start, model_dir: Path, receiver: Receiver) -> None:
-    front = activator("--model_name", "mlp", "--model_dir", str(model_dir), env=receiver.env)
+    dev = activator("--model_name", "mlp", "--model_dir", str(model_dir), env=receiver.env)
     with httpx.Client(timeout=60) as client:
-        cold, status = traced_call(front, client)
+        cold, status = traced_call(dev, client)
         assert status == 200
-        warm, status = traced_call(front, client)
+        warm, status = traced_call(dev, client)
         assert status == 200
-    front.stop()  # the activator flushes; so does the server process it stops
+    dev.stop()  # the activator flushes; so does the server process it stops
 
     names = {"POST", "zeroserve.activator.wait", "zeroserve.init", "fetch", "session", "warmup", SERVER_INFER}
     wait_until(lambda: names <= {s.name for s in in_trace(receiver, cold)}, 15, "spans of the cold call")
@@ -116,11 +116,11 @@ def test_one_trace_explains_a_cold_start(activator: Start, model_dir: Path, rece
 
 def test_a_failed_start_is_in_the_callers_trace(activator: Start, corrupt_model_dir: Path,
                                                 receiver: Receiver) -> None:
-    front = activator("--model_name", "mlp", "--model_dir", str(corrupt_model_dir), env=receiver.env)
+    dev = activator("--model_name", "mlp", "--model_dir", str(corrupt_model_dir), env=receiver.env)
     with httpx.Client(timeout=60) as client:
-        call, status = traced_call(front, client)
+        call, status = traced_call(dev, client)
     assert status == 503
-    front.stop()
+    dev.stop()
     wait_until(lambda: {"POST", "zeroserve.init"} <= {s.name for s in in_trace(receiver, call)}, 15, "spans")
     by_name = {span.name: span for span in in_trace(receiver, call)}
     held = attributes(by_name["POST"])
@@ -135,10 +135,10 @@ def test_a_failed_start_is_in_the_callers_trace(activator: Start, corrupt_model_
 def test_traces_and_metrics_follow_their_own_exporter(activator: Start, model_dir: Path, receiver: Receiver,
                                                       traces: str, metrics: str) -> None:
     env = {**receiver.env, "OTEL_TRACES_EXPORTER": traces, "OTEL_METRICS_EXPORTER": metrics}
-    front = activator("--model_name", "mlp", "--model_dir", str(model_dir), env=env)
-    assert infer(front.url).status_code == 200
-    front.stop()
-    log = front.log()
+    dev = activator("--model_name", "mlp", "--model_dir", str(model_dir), env=env)
+    assert infer(dev.url).status_code == 200
+    dev.stop()
+    log = dev.log()
     if traces == "console":
         assert '"name": "zeroserve.activator.wait"' in log
         wait_until(lambda: "zeroserve.activator.starts" in receiver.metric_names("zeroserve-activator"), 10)
