@@ -161,12 +161,13 @@ class Scaler:
 
     def progress(self) -> StartState | None:
         """The progress of the start requests wait for: the one in flight, or ``scheduled`` when the next
-        one waits for the backoff; None when a ready process exists or nothing is starting."""
+        one waits for the backoff. None when a process is ready (requests then wait for room on it, which is
+        no cold start, even while another process starts) or when nothing is starting."""
+        if any(backend.ready for backend in self.backends):
+            return None
         if self.starting is not None:
             process = self.starting.process
             return process.progress() if process is not None else StartState("loading", phase="process", elapsed_s=0.0)
-        if any(backend.ready for backend in self.backends):
-            return None
         return StartState("loading", phase="scheduled") if self.waiting else None
 
     def _take(self) -> Backend | None:

@@ -129,18 +129,22 @@ class RequestTrace:
 
     def finish(self, status: int, waited_s: float, cold: bool, started: bool, duration_s: float,
                method: str) -> None:
+        """``status`` 0: the client left before it was answered."""
         span = self.span
         if span.is_recording():
             span.set_attributes({
-                "http.response.status_code": status, "faas.coldstart": cold,
-                "zeroserve.activator.wait_s": round(waited_s, 6), "zeroserve.activator.started_process": started,
-                **self.attributes,
+                "faas.coldstart": cold, "zeroserve.activator.wait_s": round(waited_s, 6),
+                "zeroserve.activator.started_process": started, **self.attributes,
             })
-            if status >= 500:
-                span.set_attribute("error.type", str(status))
+            if status:
+                span.set_attribute("http.response.status_code", status)
+            if status >= 500 or not status:
+                span.set_attribute("error.type", str(status) if status else "client_disconnected")
                 span.set_status(StatusCode.ERROR)
         span.end()
         telemetry = self._telemetry
         telemetry.wait_duration.record(waited_s, {"faas.coldstart": cold})
-        telemetry.request_duration.record(duration_s, {"http.request.method": method,
-                                                       "http.response.status_code": status})
+        attributes: dict[str, str | int] = {"http.request.method": method}
+        if status:
+            attributes["http.response.status_code"] = status
+        telemetry.request_duration.record(duration_s, attributes)
