@@ -807,8 +807,8 @@ def test_sigterm_stops_both_listeners_at_once_and_drains_both(tmp_path: Path) ->
             assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
             response = call.result(timeout=60)
         np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], "<f4").reshape(384, 384), x)
-        # uvicorn re-raises the SIGTERM it handled once the drain is done
-        assert server.process.wait(30) in (0, -signal.SIGTERM)
+        # A stop asked for is a clean exit.
+        assert server.process.wait(30) == 0
     finally:
         server.stop()
 

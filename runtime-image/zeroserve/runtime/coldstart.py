@@ -49,7 +49,12 @@ class ColdStart:
         self.process_start_ns = process_start_ns()
         self.phases: list[Phase] = []
         self.ready_ns: int | None = None
-        self.first_response_pending = True
+        self._first_answer_pending = True
+
+    def take_first_answer(self) -> bool:
+        """True once: for the first inference this process answers, by either protocol (its cold start)."""
+        first, self._first_answer_pending = self._first_answer_pending, False
+        return first
 
     def begin(self, name: str, **attributes: Any) -> Phase:
         phase = Phase(name, time.time_ns(), attributes=attributes)

@@ -1,27 +1,27 @@
 """POST /v2/models/{m}[/versions/{v}]/infer on raw ASGI.
 
-Inference is the hot path, so it skips Starlette's request object, route table and middleware
-layers: the server app recognises the two infer paths by hand (``infer_target``) and calls
-``handle``; everything else (health, metadata, lifespan) goes through Starlette. The same handler
-is the Starlette route's endpoint too, so there is one implementation of the endpoint.
+Inference is the hot path, so it skips Starlette's request object, route table and middleware layers:
+``InferFastPath`` recognises the two infer paths by hand (``infer_target``) and calls ``InferEndpoint.handle``;
+everything else (health, metadata, lifespan) goes to the Starlette app behind it. The same handler is the
+Starlette route's endpoint too, so there is one implementation of the endpoint.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 import zlib
 from typing import TYPE_CHECKING
 
+from starlette.applications import Starlette
 from starlette.types import Message, Receive, Scope, Send
 
 from zeroserve.protocol.binary import HEADER_LENGTH
-from zeroserve.runtime import codec
-from zeroserve.runtime.config import Limits
+from zeroserve.runtime import rest_codec
 from zeroserve.runtime.dataplane import DataPlane
-from zeroserve.runtime.errors import InvalidInput, PayloadTooLarge, ServerError
-from zeroserve.runtime.messages import InferResult
-from zeroserve.runtime.rest import error_body
+from zeroserve.runtime.invocation import Invocation
+from zeroserve.runtime.messages import InferRequest
+from zeroserve.runtime.server_errors import InvalidInput, PayloadTooLarge, ServerError
+from zeroserve.runtime.settings import Limits
 from zeroserve.runtime.telemetry import Telemetry, set_result
 
 if TYPE_CHECKING:
@@ -38,14 +38,27 @@ class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
 
+class InferFastPath:
+    """The server's ASGI app: inference POSTs straight to the endpoint, everything else to ``fallback``."""
+
+    def __init__(self, endpoint: InferEndpoint, fallback: Starlette) -> None:
+        self.endpoint = endpoint
+        self.fallback = fallback
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            target = infer_target(scope["path"])
+            if target is not None:
+                await self.endpoint.handle(scope, receive, send, *target)
+                return
+        await self.fallback(scope, receive, send)
+
+
 class InferEndpoint:
     def __init__(self, dataplane: DataPlane, limits: Limits, telemetry: Telemetry | None = None) -> None:
         self.dataplane = dataplane
         self.limits = limits
         self.telemetry = telemetry or Telemetry()
-        # A second turn of the loop before a short run while others are in flight (DataPlane.infer): on uvloop,
-        # which the app's lifespan finds out.
-        self.extra_turn = False
 
     async def route(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The endpoint of the Starlette route (reached when the app runs without the front)."""
@@ -62,41 +75,33 @@ class InferEndpoint:
     async def _handle(
         self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None, span: Span | None
     ) -> None:
-        received = time.perf_counter()
+        invocation = Invocation(self.dataplane, self.telemetry, "rest", span, set_result)
         headers = dict(scope["headers"])
-        result: InferResult | None = None
+        request: InferRequest | None = None
         try:
-            body = await self._read_counted(headers, receive)
+            with self.dataplane.arriving():  # in flight already, for the placement policy
+                body = await self._read_body(headers, receive)
             header_length = headers.get(_HEADER_LENGTH)
-            request = codec.decode_request(
+            request = rest_codec.decode_request(
                 body, header_length.decode("latin-1") if header_length is not None else None, self.limits
             )
-            result = await self.dataplane.infer(name, version, request, extra_turn=self.extra_turn)
-            content, response_headers = codec.encode_result(result, request)
-            response_headers["server-timing"] = self.dataplane.server_timing(result)
+            result = await self.dataplane.infer(name, version, request, rest=True)
+            content, response_headers = rest_codec.encode_result(result, request)
+            response_headers.update(invocation.answered(result))
             status = 200
         except ServerError as exc:
-            status, response_headers, content = error_body(exc)
+            status, response_headers, content = rest_codec.encode_error(exc)
+            invocation.failed(status, name, version, request.id if request is not None else None)
         except ClientGone:
             return  # nobody is listening
         except Exception:
             logger.exception("unexpected error in inference for model '%s'", name)
-            status, response_headers, content = error_body(ServerError("internal server error"))
-        if span is not None:
-            set_result(span, status, result.coldstart if result else False, result.id if result else None)
-        self.dataplane.observe(name, version, result, status, time.perf_counter() - received, "rest")
+            status, response_headers, content = rest_codec.encode_error(ServerError("internal server error"))
+            invocation.failed(status, name, version, None)
         raw_headers = [(key.encode(), value.encode()) for key, value in response_headers.items()]
         raw_headers.append((b"content-length", str(len(content)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": content})
-
-    async def _read_counted(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
-        # Counted while the body arrives: the data plane must see this request as in flight already.
-        self.dataplane.receiving += 1
-        try:
-            return await self._read_body(headers, receive)
-        finally:
-            self.dataplane.receiving -= 1
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
         limit = self.limits.max_body_bytes

@@ -18,9 +18,9 @@ import anyio.to_thread
 from zeroserve.runtime import layout, memory, storage
 from zeroserve.runtime.coldstart import ColdStart
 from zeroserve.runtime.config import RuntimeConfig
-from zeroserve.runtime.errors import InvalidInput, ServerError
 from zeroserve.runtime.model import OnnxModel
 from zeroserve.runtime.repository import Entry, ModelRepository, State
+from zeroserve.runtime.server_errors import InvalidInput, ServerError
 from zeroserve.runtime.telemetry import Telemetry
 
 logger = logging.getLogger("zeroserve.runtime")
@@ -50,7 +50,7 @@ async def load_models(config: RuntimeConfig, repository: ModelRepository) -> Non
         raise
     artifacts = None
     if config.cache_uri:  # imported only when used
-        from zeroserve.runtime.artifacts import ArtifactStore
+        from zeroserve.runtime.artifact_cache import ArtifactStore
 
         artifacts = ArtifactStore(config.cache_uri, config.cache_dir)
     entries = [
