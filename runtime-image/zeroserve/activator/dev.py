@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--backoff_reset", type=float, default=backoff.reset,
         help="seconds a process must stay ready to end a streak of failures (default %(default)g)")
     add("--max_starts_per_minute", type=int, default=backoff.starts_per_minute,
-        help="server processes started in any 60 s at most (default %(default)d)")
+        help="while starts keep failing, server processes started in any 60 s at most (default %(default)d)")
     add("--drain_timeout", type=float, default=defaults.drain_timeout,
         help="seconds forwarded requests may take to finish on shutdown (default %(default)g)")
     return parser
