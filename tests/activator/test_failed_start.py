@@ -66,7 +66,7 @@ def test_the_backoff_doubles_between_starts(activator: Start, corrupt_model_dir:
             time.sleep(float(response.headers["retry-after"]) / 4)  # an impatient client: 4x too often
     assert first_answer is not None and first_answer < 15
     assert {(r.status_code, r.headers["zeroserve-start"]) for r in answers} == {(503, "failed")}
-    assert 3 <= dev.starts() <= 4, dev.log()
+    assert 2 <= dev.starts() <= 4, dev.log()  # 4 when a failed start takes a second or less
     times = start_times(dev)
     failed_at = [datetime.strptime(s, "%Y-%m-%d %H:%M:%S,%f").timestamp()
                  for s in re.findall(r"^(\S+ \S+) ERROR zeroserve.activator: server process \d+ failed to start",
