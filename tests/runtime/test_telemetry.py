@@ -187,15 +187,23 @@ def test_otlp_over_http_from_a_server_process(receiver: Receiver, tmp_path: Path
     try:
         response = httpx.post(f"{server.url}/v2/models/mlp/infer", json=BODY)
         assert response.status_code == 200
+        warm = httpx.post(f"{server.url}/v2/models/mlp/infer", json=BODY)
     finally:
         server.stop()  # SIGTERM: the lifespan flushes the exporters
+    # The first answer names the init span, so a caller in another trace can link to it; later ones do not.
+    init_traceparent = response.headers["zeroserve-init-traceparent"]
+    assert "zeroserve-init-traceparent" not in warm.headers
 
     deadline = time.monotonic() + 10
     while not ({"zeroserve.init", "POST /v2/models/{model_name}/infer"} <= {s.name for s in receiver.spans()}):
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.05)
     spans = {span.name: span for span in receiver.spans()}
-    attributes = {a.key: a.value for a in spans["POST /v2/models/{model_name}/infer"].attributes}
+    init = spans["zeroserve.init"]
+    assert init_traceparent.startswith(f"00-{init.trace_id.hex()}-{init.span_id.hex()}-")
+    posts = [span for span in receiver.spans() if span.name == "POST /v2/models/{model_name}/infer"]
+    first = min(posts, key=lambda span: span.start_time_unix_nano)
+    attributes = {a.key: a.value for a in first.attributes}
     assert attributes["faas.coldstart"].bool_value is True
     resource = {a.key: a.value.string_value for a in receiver.traces[0].resource_spans[0].resource.attributes}
     assert resource["faas.name"] == "mlp-knative" and resource["faas.version"] == "mlp-knative-00001"

@@ -86,9 +86,8 @@ class Batcher:
         if alone or rows is None or rows == 0 or rows >= self.settings.max_batch_size:
             # Alone (nothing else in flight, here or anywhere in the server), too big, or unbatchable: run it now.
             # It counts as running here, so a request arriving meanwhile does not wait for it as for company. It
-            # holds no slot: that request then goes to the workers' queue as a batch of one, behind this run, which
-            # keeps the worker busy from one run to the next (the small MLP over gRPC, 4 calls in flight: 1,344
-            # calls/s, against 1,149 when a lone run held a slot and the next batch formed only after it).
+            # holds no slot: that request then goes to the run pool's queue as a batch of one, behind this run,
+            # which keeps the pool busy from one run to the next.
             self._running += 1
             try:
                 arrays, started, finished = await self._pool.run(timed_run, self.model.run, feeds, output_names)

@@ -1,4 +1,4 @@
-"""The transport-neutral V2 operations: health, metadata and inference. REST (and gRPC) are thin over it."""
+"""The transport-neutral V2 operations: health, metadata and inference. REST and gRPC are thin over it."""
 
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ class DataPlane:
         return self.repository.all_ready()
 
     def server_metadata(self) -> dict[str, Any]:
-        from zeroserve.runtime import version
+        from zeroserve._version import version
 
         return {"name": SERVER_NAME, "version": version(), "extensions": EXTENSIONS}
 

@@ -1,10 +1,9 @@
 """Threads that run blocking calls (``session.run``) for the event loop, with a cheap hand-off.
 
 ``loop.run_in_executor`` pays for a ``concurrent.futures.Future`` with its condition lock, the pool's own
-bookkeeping and the chaining of that future to an asyncio one, all in Python: about 45 µs of CPU per call on
-this project's 2-core machines, against 8 µs for one put on a ``queue.SimpleQueue`` and one
-``call_soon_threadsafe`` (16 calls in flight, a no-op job; the threads' wake-ups are coalesced by the loop).
-Under load that CPU is the event loop's, the one thread every request goes through.
+bookkeeping and the chaining of that future to an asyncio one, all in Python, several times what one put on a
+``queue.SimpleQueue`` and one ``call_soon_threadsafe`` cost (bench/README.md, "Where a request runs"). Under
+load that CPU is the event loop's, the one thread every request goes through.
 """
 
 from __future__ import annotations

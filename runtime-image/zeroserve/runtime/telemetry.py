@@ -62,7 +62,7 @@ class Telemetry:
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
         if tracer_provider is not None:
-            from zeroserve.runtime import version
+            from zeroserve._version import version
 
             self._tracer = tracer_provider.get_tracer("zeroserve.runtime", version())
         if meter_provider is not None:

@@ -60,8 +60,8 @@ def array_from_raw(raw: memoryview | bytes, datatype: str, shape: list[int], cou
     array = np.frombuffer(raw, dtype=dtypes.to_numpy(datatype), count=count)
     if not array.flags.aligned:
         # Where it starts depends on what precedes it (a REST JSON header's length, a gRPC message's other fields).
-        # ONNX Runtime converts a misaligned array element by element: 210 µs for 600 KB of FP32, against 30 µs
-        # for this one memcpy and 50 µs for the whole run of a model that reads it once.
+        # ONNX Runtime converts a misaligned array element by element, several times slower than one memcpy
+        # (bench/README.md, "Where a request runs").
         array = array.copy()
     return array.reshape(shape)
 
