@@ -32,7 +32,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from zeroserve.runtime import otel_sdk
+from zeroserve.runtime.otel_sdk import SdkProviders, environment_carrier, providers_from_environment
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -45,7 +45,7 @@ SCOPE = "zeroserve.activator"
 class ActivatorTelemetry:
     def __init__(self, tracer_provider: trace.TracerProvider | None = None,
                  meter_provider: metrics.MeterProvider | None = None,
-                 sdk: otel_sdk.SdkProviders | None = None) -> None:
+                 sdk: SdkProviders | None = None) -> None:
         self.tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer(SCOPE)
         self.tracing = tracer_provider is not None
         meter = (meter_provider or metrics.NoOpMeterProvider()).get_meter(SCOPE)
@@ -60,7 +60,7 @@ class ActivatorTelemetry:
     @classmethod
     def from_environment(cls, environ: Mapping[str, str]) -> ActivatorTelemetry:
         resource = {} if "OTEL_SERVICE_NAME" in environ else {"service.name": "zeroserve-activator"}
-        sdk = otel_sdk.providers_from_environment(environ, resource, set_global=False)
+        sdk = providers_from_environment(environ, resource, set_global=False)
         return cls(sdk.tracer_provider, sdk.meter_provider, sdk)
 
     def start_outcome(self, ready: bool) -> None:
@@ -107,7 +107,7 @@ class RequestTrace:
         """``TRACEPARENT``/``TRACESTATE`` for a process this request starts (parented on its wait span)."""
         if self.wait_context is None:
             return {}
-        return otel_sdk.environment_carrier(self.wait_context)
+        return environment_carrier(self.wait_context)
 
     @property
     def link(self) -> object | None:
