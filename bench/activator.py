@@ -1,8 +1,8 @@
 """Measures of ``zeroserve dev`` (not a test; pytest does not collect it). Run from the repository root:
 
-    .venv/bin/python tests/activator/measure.py coldstart [--rounds 10] [--baseline d28015c]
-    .venv/bin/python tests/activator/measure.py never [--seconds 30]
-    .venv/bin/python tests/activator/measure.py coverage [--rounds 8]
+    .venv/bin/python bench/activator.py coldstart [--rounds 10] [--baseline d28015c]
+    .venv/bin/python bench/activator.py never [--seconds 30]
+    .venv/bin/python bench/activator.py coverage [--rounds 8]
 
 - coldstart: a request sent to a scaled-to-zero activator, to its first 200 (POST /v2/models/mlp/infer), rounds
   interleaved with the activator of ``--baseline`` (its ``dev.py`` from git, run as a script) in the same run.
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import httpx  # noqa: E402
