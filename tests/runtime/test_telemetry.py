@@ -42,6 +42,7 @@ PARENT_ID = "00f067aa0ba902b7"
 
 
 GRPC_SPAN = "inference.GRPCInferenceService/ModelInfer"
+BILL_ATTRIBUTES = ("zeroserve.billed_duration_ms", "zeroserve.billed_gb_seconds", "zeroserve.cpu_seconds")
 
 
 def mlp_request(request_id: str = "", model: str = "mlp", shape: tuple[int, ...] = (1, 16)) -> pb.ModelInferRequest:
@@ -85,7 +86,7 @@ def test_init_spans_server_spans_and_metrics_in_process(tmp_path: Path) -> None:
     # Server-Timing: init phases on the first answer only; queue and compute on every answer.
     first_timing, second_timing = timings(first.headers["server-timing"]), timings(second.headers["server-timing"])
     assert {"init", "fetch", "session", "warmup", "queue", "infer"} <= set(first_timing)
-    assert set(second_timing) == {"queue", "infer"}
+    assert set(second_timing) == {"billed", "queue", "infer"}
     assert first_timing["init"] >= first_timing["session"] + first_timing["warmup"]
 
     spans = {span.name: span for span in exporter.get_finished_spans()}
@@ -257,13 +258,14 @@ def test_grpc_only_server_traces_times_and_counts_calls(receiver: Receiver, tmp_
                 with pytest.raises(grpc.RpcError) as info:
                     stub.ModelInfer(request, timeout=10)
                 failures[request.id] = info.value.code()
-                assert "server-timing" not in dict(info.value.trailing_metadata() or ())
+                # An error is billed too; it carries no run's timings.
+                assert dict(info.value.trailing_metadata() or ())["server-timing"].startswith("billed;dur=")
         assert failures == {"grpc-3": grpc.StatusCode.NOT_FOUND, "grpc-4": grpc.StatusCode.INVALID_ARGUMENT}
 
         # The first answer tells where the cold start went; every answer its queue and compute time.
         first_timing = timings(dict(first.trailing_metadata())["server-timing"])
         assert {"init", "fetch", "session", "warmup", "queue", "infer"} <= set(first_timing)
-        assert set(timings(dict(second.trailing_metadata())["server-timing"])) == {"queue", "infer"}
+        assert set(timings(dict(second.trailing_metadata())["server-timing"])) == {"billed", "queue", "infer"}
 
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
         assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -297,6 +299,8 @@ def test_grpc_only_server_traces_times_and_counts_calls(receiver: Receiver, tmp_
     assert cold.trace_state == "vendor=7"
     attributes = otlp_attributes(cold)
     assert 0 < float(attributes.pop("zeroserve.init.duration")) < 60  # type: ignore[arg-type]
+    bill = {key: attributes.pop(key) for key in BILL_ATTRIBUTES}
+    assert bill["zeroserve.billed_duration_ms"] >= 1 and bill["zeroserve.cpu_seconds"] > 0  # type: ignore[operator]
     assert attributes == {
         "rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService", "rpc.method": "ModelInfer",
         "rpc.grpc.status_code": 0, "faas.trigger": "http", "faas.coldstart": True, "faas.invocation_id": "grpc-1",
@@ -367,7 +371,7 @@ def test_grpc_span_in_process_with_new_rpc_names(
     assert early.kind is SpanKind.SERVER
     assert {key: early.attributes[key] for key in expected} == expected
     assert set(early.attributes) - set(expected) == {"faas.trigger", "faas.coldstart", "faas.invocation_id",
-                                                     "error.type"}
+                                                     "error.type", *BILL_ATTRIBUTES}
     assert early.status.status_code is StatusCode.ERROR and early.attributes["error.type"] == "UNAVAILABLE"
     assert ready.status.status_code is StatusCode.UNSET and "error.type" not in ready.attributes
     assert ready.attributes["rpc.response.status_code"] == "OK" and ready.attributes["faas.coldstart"] is True

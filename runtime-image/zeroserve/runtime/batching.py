@@ -29,7 +29,8 @@ from zeroserve.runtime.settings import BatchSettings
 if TYPE_CHECKING:
     import numpy as np
 
-BatchResult = tuple[list[Any], float, float, int]  # ... and the rows of the run it was part of
+# A run's result (run_stats.RunResult, its CPU time shared by rows) and the rows of the run it was part of.
+BatchResult = tuple[list[Any], float, float, float, int]
 
 
 def batchable(model: OnnxModel) -> bool:
@@ -90,10 +91,10 @@ class Batcher:
             # which keeps the pool busy from one run to the next.
             self._running += 1
             try:
-                arrays, started, finished = await self._pool.run(timed_run, self.model.run, feeds, output_names)
+                arrays, started, finished, cpu = await self._pool.run(timed_run, self.model.run, feeds, output_names)
             finally:
                 self._running -= 1
-            return arrays, started, finished, rows or 1
+            return arrays, started, finished, cpu, rows or 1
         key = (
             tuple(output_names) if output_names is not None else None,
             tuple((name, array.dtype.str, array.shape[1:]) for name, array in sorted(feeds.items())),
@@ -178,7 +179,7 @@ class Batcher:
                 await self._run_alone(batch)
                 return
             try:
-                arrays, started, finished = await self._pool.run(_run_merged, self.model, batch)
+                arrays, started, finished, cpu = await self._pool.run(_run_merged, self.model, batch)
             except Exception:
                 await self._run_alone(batch)  # find the request that failed; the others still succeed
                 return
@@ -187,7 +188,7 @@ class Batcher:
             for pending in batch:
                 parts = [array[offset : offset + pending.rows] for array in arrays]
                 offset += pending.rows
-                _answer(pending, (parts, started, finished, total))
+                _answer(pending, (parts, started, finished, cpu * pending.rows / total, total))
         except BaseException as exc:  # no caller may wait forever on a future this task owned
             for pending in batch:
                 if pending.future.done():
@@ -203,14 +204,14 @@ class Batcher:
     async def _run_alone(self, batch: list[_Pending]) -> None:
         for pending in batch:
             try:
-                arrays, started, finished = await self._pool.run(
+                arrays, started, finished, cpu = await self._pool.run(
                     timed_run, self.model.run, pending.feeds, pending.output_names
                 )
             except Exception as exc:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             else:
-                _answer(pending, (arrays, started, finished, pending.rows))
+                _answer(pending, (arrays, started, finished, cpu, pending.rows))
 
 
 def _rows(feeds: dict[str, np.ndarray]) -> int | None:
@@ -224,11 +225,11 @@ def _run_merged(model: OnnxModel, batch: list[_Pending]) -> RunResult:
 
     names = batch[0].feeds.keys()
     merged = {name: np.concatenate([p.feeds[name] for p in batch]) for name in names}
-    arrays, started, finished = timed_run(model.run, merged, batch[0].output_names)
+    arrays, started, finished, cpu = timed_run(model.run, merged, batch[0].output_names)
     total = sum(p.rows for p in batch)
     if any(array.ndim == 0 or array.shape[0] != total for array in arrays):
         raise ValueError("an output does not keep the batch dimension")
-    return arrays, started, finished
+    return arrays, started, finished, cpu
 
 
 def _answer(pending: _Pending, value: BatchResult) -> None:

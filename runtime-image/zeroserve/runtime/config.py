@@ -68,6 +68,8 @@ class RuntimeConfig:
     inflight_share: float = DEFAULT_INFLIGHT_SHARE
     shutdown_timeout: float = 30.0
     timeout_keep_alive: int = 65  # outlive the idle timeout of proxies in front (Envoy: 60 s)
+    # The memory invocations are billed for (metering.py); 0 until ``load`` reads the container's memory limit.
+    billing_memory_bytes: int = 0
     # Open connections at once (http_server.py); 0 until ``load`` derives it from the file descriptors allowed.
     max_connections: int = 0
     log_level: str = "info"
@@ -114,9 +116,10 @@ class RuntimeConfig:
             # N worker processes split the quota, so they do not oversubscribe it.
             providers = replace(providers, intra_op_threads=max(1, cpus // self.workers))
         max_connections = self.max_connections or _connections_allowed()
+        billing_memory = self.billing_memory_bytes or memory_limit() or physical_memory()
         return replace(
             self, event_loop=loop, cpus=cpus, providers=providers, inference_threads=inference_threads, limits=limits,
-            max_connections=max_connections,
+            max_connections=max_connections, billing_memory_bytes=billing_memory,
         )
 
     @property
@@ -159,6 +162,8 @@ class RuntimeConfig:
         for flag in ("max_request_mib", "max_tensor_elements", "max_bytes_elements"):
             if getattr(ns, flag) < 1:
                 parser.error(f"--{flag} must be at least 1")
+        if ns.billing_memory_mib is not None and ns.billing_memory_mib < 1:
+            parser.error("--billing_memory_mib must be at least 1")
         if ns.max_connections < 0:
             parser.error("--max_connections must not be negative (0: from the open-file limit)")
         if ns.max_inflight_mib is not None and ns.max_inflight_mib < 0:
@@ -219,6 +224,7 @@ class RuntimeConfig:
             shutdown_timeout=ns.shutdown_timeout,
             timeout_keep_alive=ns.timeout_keep_alive,
             max_connections=ns.max_connections,
+            billing_memory_bytes=(ns.billing_memory_mib or 0) * MiB,
             log_level=ns.log_level,
             access_log=ns.access_log,
             event_loop=ns.event_loop,

@@ -13,6 +13,7 @@ from zeroserve.runtime import memory
 from zeroserve.runtime.batching import Batcher, batchable
 from zeroserve.runtime.cores import CoreScheduler
 from zeroserve.runtime.messages import InferRequest, InferResult, OutputTensor
+from zeroserve.runtime.metering import Metering
 from zeroserve.runtime.metrics import CallbackCounter, Gauge, Labels, Protocol, ServerMetrics
 from zeroserve.runtime.model import OnnxModel
 from zeroserve.runtime.placement import Placement, PlacementSettings, Traffic, choose, extra_turn
@@ -42,6 +43,7 @@ class DataPlane:
         max_queue: int = 0,
         max_inflight_bytes: int = 0,
         metrics: ServerMetrics | None = None,
+        billing_memory_bytes: int = 0,
     ) -> None:
         self.repository = repository
         self.placement = placement or PlacementSettings()
@@ -53,6 +55,7 @@ class DataPlane:
         self._trimming = False
         self.traffic = Traffic()
         self.metrics = metrics or ServerMetrics()
+        self.metering = Metering(billing_memory_bytes, self.metrics)
         self.metrics.add_gauge(Gauge("zeroserve_queue_depth", "Requests waiting for a batch, per model", self._depths))
         self.metrics.add_gauge(
             Gauge("zeroserve_inference_in_flight", "Inferences admitted and not yet answered", self._in_flight)
@@ -86,7 +89,7 @@ class DataPlane:
         )
         return cls(
             repository, config.inference_threads, placement, batching=config.batching, max_queue=config.max_queue_size,
-            max_inflight_bytes=config.limits.max_inflight_bytes,
+            max_inflight_bytes=config.limits.max_inflight_bytes, billing_memory_bytes=config.billing_memory_bytes,
         )
 
     def running_on(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -198,10 +201,14 @@ class DataPlane:
         if result is not None:
             self.metrics.observe(result.model_name, result.model_version, status, seconds, protocol)
             return
-        # Label failures with names the server serves only: a client must not mint new series at will.
+        self.metrics.observe(*self.model_label(name, version), status, seconds, protocol)
+
+    def model_label(self, name: str, version: str | None) -> tuple[str, str]:
+        """The (model, version) labels of a request that failed: names the server serves only, so that a client
+        cannot mint new metric series at will."""
         repository = self.repository
         known = name in repository.names() and version in (None, *repository.versions(name))
-        self.metrics.observe(name if known else "", (version or "") if known else "", status, seconds, protocol)
+        return (name, version or "") if known else ("", "")
 
     async def infer(self, name: str, version: str | None, request: InferRequest, *, rest: bool = False) -> InferResult:
         """Run one request where the placement policy says (placement.py). ``rest``: it came over REST."""
@@ -234,21 +241,21 @@ class DataPlane:
                     placement = Placement.CORES
             if placement is Placement.BATCH:
                 assert batcher is not None
-                arrays, started, finished, batch_size = await batcher.run(feeds, output_names)
+                arrays, started, finished, cpu, batch_size = await batcher.run(feeds, output_names)
             elif placement is Placement.LOOP:
                 await asyncio.sleep(0)
                 if extra_turn(self.placement, rest=rest, others_in_flight=traffic.others):
                     await asyncio.sleep(0)
-                arrays, started, finished = timed_run(model.run, feeds, output_names)
+                arrays, started, finished, cpu = timed_run(model.run, feeds, output_names)
             elif placement is Placement.LOOP_ALONE:
                 assert cores is not None
                 cores.ran_alone()
-                arrays, started, finished = timed_run(model.run, feeds, output_names)
+                arrays, started, finished, cpu = timed_run(model.run, feeds, output_names)
             elif placement is Placement.CORES:
                 assert cores is not None
-                arrays, started, finished = await self._run_on_cores(cores, model, feeds, output_names)
+                arrays, started, finished, cpu = await self._run_on_cores(cores, model, feeds, output_names)
             else:
-                arrays, started, finished = await self._pool.run(timed_run, model.run, feeds, output_names)
+                arrays, started, finished, cpu = await self._pool.run(timed_run, model.run, feeds, output_names)
         self.metrics.observe_run(model.name, model.version, started - submitted, finished - started, batch_size)
         specs = {spec.name: spec for spec in model.outputs}
         names = output_names if output_names is not None else [spec.name for spec in model.outputs]
@@ -258,7 +265,7 @@ class DataPlane:
         ]
         return InferResult(
             model.name, model.version, outputs, request.id,
-            queue_seconds=started - submitted, compute_seconds=finished - started,
+            queue_seconds=started - submitted, compute_seconds=finished - started, cpu_seconds=cpu,
         )
 
     async def _run_on_cores(

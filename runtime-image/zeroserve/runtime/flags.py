@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a connection may stay idle between requests, or take to send a request's headers (default 65)",
     )
     server.add_argument(
+        "--billing_memory_mib", type=int, metavar="MIB",
+        help="the memory each invocation is billed for, in GB-seconds (default: the container's memory limit)",
+    )
+    server.add_argument(
         "--max_connections", type=int, default=0,
         help="open connections at once; past it the one idle longest is closed, or the new one is answered 503 "
         "(default 0: the open-file limit less 128)",

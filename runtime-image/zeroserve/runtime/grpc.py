@@ -83,8 +83,8 @@ def _rpc(
     return call
 
 
-async def _abort(context: Context, error: ServerError) -> NoReturn:
-    metadata = []
+async def _abort(context: Context, error: ServerError, extra: list[tuple[str, str]] | None = None) -> NoReturn:
+    metadata = list(extra or ())
     if error.retry_after is not None:
         metadata.append(("retry-after", retry_after_value(error.retry_after)))
     if error.start is not None:
@@ -147,22 +147,13 @@ class InferenceServicer:
                 self.dataplane.admit(len(data))  # before decoding
                 holding.enter_context(self.dataplane.holding(len(data)))
                 heavy = len(data) > HEAVY_MESSAGE_BYTES  # typed contents and BYTES cost Python work per value
-                if heavy:
-                    message, raw_contents = await asyncio.to_thread(grpc_codec.parse_infer_request, data)
-                else:
-                    message, raw_contents = grpc_codec.parse_infer_request(data)
+                message, raw_contents = await invocation.work(heavy, grpc_codec.parse_infer_request, data)
                 request = message
-                if heavy:
-                    decoded, raw_outputs = await asyncio.to_thread(
-                        grpc_codec.decode_request, message, self.limits, raw_contents
-                    )
-                else:
-                    decoded, raw_outputs = grpc_codec.decode_request(message, self.limits, raw_contents)
+                decoded, raw_outputs = await invocation.work(
+                    heavy, grpc_codec.decode_request, message, self.limits, raw_contents
+                )
                 result = await self.dataplane.infer(message.model_name, message.model_version or None, decoded)
-                if encode_is_heavy(result):
-                    response = await asyncio.to_thread(grpc_codec.encode_result, result, raw_outputs)
-                else:
-                    response = grpc_codec.encode_result(result, raw_outputs)
+                response = await invocation.work(encode_is_heavy(result), grpc_codec.encode_result, result, raw_outputs)
             except ServerError as exc:
                 error = exc
             except Exception:
@@ -173,8 +164,8 @@ class InferenceServicer:
                 return response
             # A parsed message names its request even when refused (REST's JSON may not parse).
             name, version = (request.model_name, request.model_version or None) if request else ("", None)
-            invocation.failed(error.status, name, version, (request.id or None) if request else None)
-            await _abort(context, error)
+            billed = invocation.failed(error.status, name, version, (request.id or None) if request else None)
+            await _abort(context, error, billed)
 
     def _span_outcome(self, span: Span, status: int, coldstart: bool, request_id: str | None) -> None:
         code = STATUS_CODES.get(HTTPStatus(status), grpc.StatusCode.INTERNAL) if status != 200 else grpc.StatusCode.OK

@@ -8,7 +8,6 @@ Starlette route's endpoint too, so there is one implementation of the endpoint.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import zlib
@@ -95,26 +94,25 @@ class InferEndpoint:
                     held.grow(max(0, len(body) - compressed))
                 raw_length = headers.get(_HEADER_LENGTH)
                 header_length = raw_length.decode("latin-1") if raw_length is not None else None
-                if rest_codec.decode_is_heavy(body, header_length):
-                    request = await asyncio.to_thread(rest_codec.decode_request, body, header_length, self.limits)
-                else:
-                    request = rest_codec.decode_request(body, header_length, self.limits)
+                heavy = rest_codec.decode_is_heavy(body, header_length)
+                request = await invocation.work(heavy, rest_codec.decode_request, body, header_length, self.limits)
                 result = await self.dataplane.infer(name, version, request, rest=True)
-                if encode_is_heavy(result):
-                    content, response_headers = await asyncio.to_thread(rest_codec.encode_result, result, request)
-                else:
-                    content, response_headers = rest_codec.encode_result(result, request)
+                content, response_headers = await invocation.work(
+                    encode_is_heavy(result), rest_codec.encode_result, result, request
+                )
                 response_headers.update(invocation.answered(result))
                 status = 200
             except ServerError as exc:
                 status, response_headers, content = rest_codec.encode_error(exc)
-                invocation.failed(status, name, version, request.id if request is not None else None)
+                response_headers.update(
+                    invocation.failed(status, name, version, request.id if request is not None else None)
+                )
             except ClientGone:
                 return  # nobody is listening
             except Exception:
                 logger.exception("unexpected error in inference for model '%s'", name)
                 status, response_headers, content = rest_codec.encode_error(ServerError("internal server error"))
-                invocation.failed(status, name, version, None)
+                response_headers.update(invocation.failed(status, name, version, None))
             raw_headers = [(key.encode(), value.encode()) for key, value in response_headers.items()]
             raw_headers.append((b"content-length", str(len(content)).encode()))
             await send({"type": "http.response.start", "status": status, "headers": raw_headers})

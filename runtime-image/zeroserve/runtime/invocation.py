@@ -1,16 +1,19 @@
-"""What REST and gRPC do alike around one inference: its time from received to answered, its outcome in the
-request metrics and on its SERVER span, whether it is this process's first answer (its cold start), and the
-``Server-Timing`` it answers with. The transports decode, call the data plane and encode; this does the rest.
+"""What REST and gRPC do alike around one inference: its time from received to answered, its bill (metering.py),
+its outcome in the request metrics and on its SERVER span, whether it is this process's first answer (its cold
+start), and the ``Server-Timing`` it answers with. The transports decode, call the data plane and encode, through
+``work`` so that the CPU it costs is counted; this does the rest.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from zeroserve.protocol.start import INIT_SPAN_HEADER
 from zeroserve.runtime.messages import InferResult
+from zeroserve.runtime.metering import cpu_timed
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -19,6 +22,8 @@ if TYPE_CHECKING:
     from zeroserve.runtime.metrics import Protocol
     from zeroserve.runtime.telemetry import Telemetry
 
+T = TypeVar("T")
+
 # Records a span's outcome: the span, the HTTP status (gRPC: its error's), cold start, the request's id.
 SpanOutcome = Callable[["Span", int, bool, "str | None"], None]
 
@@ -26,7 +31,7 @@ SpanOutcome = Callable[["Span", int, bool, "str | None"], None]
 class Invocation:
     """One inference request, from received to answered. Create it when the request arrives."""
 
-    __slots__ = ("_dataplane", "_telemetry", "_protocol", "_span", "_outcome", "received")
+    __slots__ = ("_dataplane", "_telemetry", "_protocol", "_span", "_outcome", "received", "cpu_seconds")
 
     def __init__(
         self,
@@ -42,14 +47,33 @@ class Invocation:
         self._span = span
         self._outcome = outcome
         self.received = time.perf_counter()
+        self.cpu_seconds = 0.0  # decoding and encoding; the run's own comes with its result
+
+    async def work(self, off_loop: bool, function: Callable[..., T], *args: object) -> T:
+        """``function(*args)`` (a decode or an encode), its CPU time counted: on the event loop, or in a thread of
+        its own when ``off_loop`` (large work would hold every other connection)."""
+        if off_loop:
+            result, cpu = await asyncio.to_thread(cpu_timed, function, *args)
+        else:
+            result, cpu = cpu_timed(function, *args)
+        self.cpu_seconds += cpu
+        return result
+
+    def _bill(self, model: str) -> str:
+        seconds = time.perf_counter() - self.received
+        bill = self._dataplane.metering.bill(model, seconds, self.cpu_seconds)
+        if self._span is not None:
+            self._telemetry.set_bill(self._span, bill)
+        return bill.server_timing()
 
     def answered(self, result: InferResult) -> list[tuple[str, str]]:
         """Record a success; returns the headers (REST) or trailing metadata (gRPC) the answer carries:
-        ``server-timing`` (queue and compute; the cold start's phases on the process's first answer) and, on that
-        first answer of a traced process, the init span's traceparent."""
+        ``server-timing`` (the bill, queue and compute; the cold start's phases on the process's first answer) and,
+        on that first answer of a traced process, the init span's traceparent."""
         coldstart = self._dataplane.repository.coldstart
         first = coldstart.take_first_answer()
-        timing = result.server_timing()
+        self.cpu_seconds += result.cpu_seconds
+        timing = f"{self._bill(result.model_name)}, {result.server_timing()}"
         extra: list[tuple[str, str]] = []
         if first:
             timing = f"{coldstart.server_timing()}, {timing}"
@@ -65,8 +89,11 @@ class Invocation:
         )
         return [("server-timing", timing), *extra]
 
-    def failed(self, status: int, name: str, version: str | None, request_id: str | None) -> None:
-        """Record an error answer with its HTTP status (gRPC: the status of the error it answers with)."""
+    def failed(self, status: int, name: str, version: str | None, request_id: str | None) -> list[tuple[str, str]]:
+        """Record an error answer with its HTTP status (gRPC: the status of the error it answers with); returns
+        the headers (trailing metadata) it carries: its bill, for an error is an invocation too."""
         if self._span is not None:
             self._outcome(self._span, status, False, request_id)
+        timing = self._bill(self._dataplane.model_label(name, version)[0])
         self._dataplane.observe(name, version, None, status, time.perf_counter() - self.received, self._protocol)
+        return [("server-timing", timing)]

@@ -58,6 +58,7 @@ class InferResult:
     id: str | None = None
     queue_seconds: float = 0.0  # waiting for an inference thread
     compute_seconds: float = 0.0  # session.run
+    cpu_seconds: float = 0.0  # the CPU time of the thread that ran it (its share of a batch's)
 
     def server_timing(self) -> str:
         """The Server-Timing entries for this inference (milliseconds)."""

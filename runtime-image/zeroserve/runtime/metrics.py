@@ -96,12 +96,20 @@ class ServerMetrics:
         )
         self.batch_size = Histogram("zeroserve_batch_size", "Rows per session.run that served a request", BATCH_BUCKETS)
         self._gauges: list[Gauge] = []
+        self._counters: list[Counter] = []
 
     def add_gauge(self, gauge: Gauge) -> None:
         self._gauges.append(gauge)
 
     def add_counter_callback(self, counter: CallbackCounter) -> None:
         self._gauges.append(counter)
+
+    def add_counter(self, counter: Counter) -> None:
+        self._counters.append(counter)
+
+    def add_gauge_value(self, name: str, help_text: str, value: float) -> None:
+        """A gauge that never changes (a setting worth seeing beside the counters it scales)."""
+        self._gauges.append(Gauge(name, help_text, lambda: {(): value}))
 
     def observe(self, model: str, version: str, status: int, seconds: float, protocol: Protocol) -> None:
         """One answered inference request. ``status`` is the HTTP status, for gRPC that of the error it
@@ -120,7 +128,7 @@ class ServerMetrics:
     def render(self) -> str:
         families: list[Counter | Histogram | Gauge] = [
             self.requests, self.request_seconds, self.queue_seconds, self.compute_seconds, self.batch_size,
-            *self._gauges,
+            *self._counters, *self._gauges,
         ]
         lines = [line for family in families for line in family.render()]
         return "\n".join(lines) + "\n"

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, SpanContext, TracerProvider
     from opentelemetry.util.types import Attributes
 
+    from zeroserve.runtime.metering import Bill
+
 logger = logging.getLogger("zeroserve.runtime")
 
 INFER_ROUTE = "/v2/models/{model_name}/infer"
@@ -127,6 +129,13 @@ class Telemetry:
                 )
         if coldstart.init_seconds is not None:
             span.set_attribute("zeroserve.init.duration", coldstart.init_seconds)
+
+    @staticmethod
+    def set_bill(span: Span, bill: Bill) -> None:
+        """What the invocation is billed (metering.py): milliseconds, GB-seconds and CPU seconds."""
+        span.set_attribute("zeroserve.billed_duration_ms", bill.billed_ms)
+        span.set_attribute("zeroserve.billed_gb_seconds", bill.gb_seconds)
+        span.set_attribute("zeroserve.cpu_seconds", bill.cpu_seconds)
 
     @contextmanager
     def server_span(self, name: str, carrier: Mapping[str, str], attributes: Attributes) -> Iterator[Span]:
