@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from zeroserve._version import version
 from zeroserve.errors import RemoteModelError
 
 if TYPE_CHECKING:
@@ -52,8 +53,9 @@ WAKE_PROBES = "zeroserve.wake.probes"
 SERVER_TIMING_PREFIX = "zeroserve.server_timing."
 
 
-class Telemetry:
-    """Span factory for one remote model (its name, provider and address are on every span)."""
+class CallSpans:
+    """The spans of one remote model's calls (its name, provider and address are on every span). Not the
+    server's ``zeroserve.runtime.telemetry.Telemetry``, which records the server's own spans and metrics."""
 
     def __init__(
         self,
@@ -66,7 +68,7 @@ class Telemetry:
         tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.model = model
-        self.tracer = trace.get_tracer("zeroserve", _version(), tracer_provider=tracer_provider)
+        self.tracer = trace.get_tracer("zeroserve", version(), tracer_provider=tracer_provider)
         self.common: dict[str, str | int] = {
             FAAS_INVOKED_NAME: invoked_name,
             FAAS_INVOKED_PROVIDER: provider,
@@ -128,7 +130,6 @@ class Telemetry:
                 span.set_status(Status(StatusCode.ERROR, str(error)))
         span.end()
 
-
     @staticmethod
     def end_wake(span: Span, report: WakeReport | None, error: BaseException | None) -> None:
         if span.is_recording():
@@ -183,15 +184,6 @@ def server_init_seconds(timings: Mapping[str, float]) -> float | None:
         return timings["init"]
     phases = [seconds for name, seconds in timings.items() if name[:5] in ("init.", "init-", "init_")]
     return sum(phases) if phases else None
-
-
-def _version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("zeroserve")
-    except PackageNotFoundError:
-        return None
 
 
 def incoming_context(headers: Mapping[str, str]) -> Context | None:

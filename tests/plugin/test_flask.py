@@ -17,7 +17,7 @@ from flask.typing import ResponseReturnValue
 from tests.plugin.conftest import Activator, FaultProxy, Spans, waitress_server
 from zeroserve import ColdStartPolicy, RemoteModel, RetryPolicy
 from zeroserve.flask import ZeroServe
-from zeroserve.protocol.types import encode_request
+from zeroserve.protocol.client_codec import encode_request
 
 from conftest import ServerProcess
 

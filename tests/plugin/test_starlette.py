@@ -29,7 +29,7 @@ from tests.plugin.conftest import (
     wait_until,
 )
 from zeroserve import AsyncRemoteModel, ColdStartPolicy, RemoteModel, RetryPolicy
-from zeroserve.protocol.types import encode_request
+from zeroserve.protocol.client_codec import encode_request
 from zeroserve.starlette import ModelRoute, mount_model
 
 from conftest import ServerProcess
