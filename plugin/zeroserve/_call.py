@@ -6,6 +6,7 @@ request (``Attempt``: its span, its headers, the classification of how it ended)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -13,8 +14,9 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 import httpx
 from opentelemetry import context as otel_context
 
-from zeroserve import _flow
-from zeroserve._flow import CallReport, Kind, Outcome, Probe, Send, Sleep, Wake, WakeReport, WakeResult
+from zeroserve._flow import CallReport, Probe, Send, Sleep, Wake, WakeReport, WakeResult
+from zeroserve._outcome import Outcome, classify_error, classify_response
+from zeroserve.protocol.start import INIT_SPAN_HEADER, START_HEADER
 from zeroserve.tracing import CallSpans
 
 if TYPE_CHECKING:
@@ -75,20 +77,24 @@ class _Steps(Generic[S, R, V]):
 
 class CallScope:
     """A logical call in progress: its span (attached as the current context while the call runs, so that a
-    wake-up it starts is its child), the flow deciding its steps, its report, and the last answer.
+    wake-up it starts is its child), the flows deciding its steps, its report, and the last answer.
 
-    ``with`` ends the span however the call ends; ``begin(spec)`` starts a flow for one request, and
-    ``next(reply)`` steps it (None when the flow has returned).
+    ``with`` ends the span however the call ends; ``begin(spec)`` starts a flow for one request (a call may
+    send two: an infer with plain lists first fetches the model's metadata), ``next(reply)`` steps it (None
+    when the flow has returned). ``report`` adds up the call's requests; ``part`` is the current request's.
     """
 
-    __slots__ = ("_make_flow", "_steps", "_token", "context", "report", "response", "span", "spans")
+    __slots__ = ("_make_flow", "_steps", "_token", "context", "init_traceparent", "part", "report", "response",
+                 "span", "started")
 
-    def __init__(self, spans: CallSpans, spec: CallSpec,
-                 make_flow: Callable[[CallSpec, CallReport], CallFlow]) -> None:
-        self.spans = spans
+    def __init__(self, spans: CallSpans, spec: CallSpec, started: float,
+                 make_flow: Callable[[CallSpec, CallReport, float], CallFlow]) -> None:
         self.span, self.context = spans.start_call(spec.operation, spec.context)
+        self.started = started
         self.report = CallReport()
+        self.part = self.report
         self.response: httpx.Response | None = None
+        self.init_traceparent: str | None = None
         self._make_flow = make_flow
         self._steps: _Steps[CallStep, Outcome | WakeResult, CallReport] | None = None
         self._token: object = None
@@ -101,16 +107,27 @@ class CallScope:
                  traceback: TracebackType | None) -> None:
         if self._steps is not None:
             self._steps.flow.close()
+            self._absorb()
         otel_context.detach(self._token)  # type: ignore[arg-type]
         timing = self.response.headers.get("server-timing") if self.response is not None else None
+        self.report.init_traceparent = self.init_traceparent or self.report.init_traceparent
         CallSpans.end_call(self.span, self.report, error, timing)
 
     def begin(self, spec: CallSpec) -> None:
-        self._steps = _Steps(self._make_flow(spec, self.report))
+        """Start the flow of one request of this call."""
+        if self._steps is not None:
+            self._steps.flow.close()
+            self._absorb()
+        self.part = CallReport()
+        self._steps = _Steps(self._make_flow(spec, self.part, self.started))
 
     def next(self, reply: Outcome | WakeResult | None) -> CallStep | None:
         assert self._steps is not None
         return self._steps.next(reply)
+
+    def _absorb(self) -> None:
+        if self.part is not self.report:
+            self.report.absorb(self.part)
 
     @property
     def answer(self) -> httpx.Response:
@@ -122,11 +139,12 @@ class CallScope:
 class WakeScope:
     """A wake-up in progress: its span (a child of the call that started it) and its flow."""
 
-    __slots__ = ("_steps", "context", "response", "span")
+    __slots__ = ("_steps", "context", "init_traceparent", "response", "span")
 
     def __init__(self, spans: CallSpans, flow: WakeFlow) -> None:
         self.span, self.context = spans.start_call("wake", None)
         self.response: httpx.Response | None = None
+        self.init_traceparent: str | None = None
         self._steps: _Steps[Probe | Sleep, Outcome, WakeReport] = _Steps(flow)
 
     def __enter__(self) -> WakeScope:
@@ -135,26 +153,31 @@ class WakeScope:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self._steps.flow.close()
-        CallSpans.end_wake(self.span, self._steps.value, error)
+        CallSpans.end_wake(self.span, self._steps.value, error, self.init_traceparent)
 
     def next(self, reply: Outcome | None) -> Probe | Sleep | None:
         return self._steps.next(reply)
 
     @property
     def result(self) -> WakeReport:
-        assert self._steps.value is not None
-        return self._steps.value
+        """The finished wake-up's report, with the server's init span when an answer named it."""
+        report = self._steps.value
+        assert report is not None
+        if self.init_traceparent is not None:
+            report = dataclasses.replace(report, init_traceparent=self.init_traceparent)
+        return report
 
 
 class Attempt:
     """One physical request: its CLIENT span, the headers to send (trace context included), and how it ended."""
 
-    __slots__ = ("headers", "httpx_timeout", "scope", "span", "timeout")
+    __slots__ = ("address", "headers", "httpx_timeout", "scope", "span", "timeout")
 
     def __init__(self, spans: CallSpans, spec: CallSpec, url: str, template: str, resend_count: int,
                  timeout: float, connect_timeout: float, scope: CallScope | WakeScope) -> None:
         self.scope = scope
         self.timeout = timeout
+        self.address = spans.address
         self.span, carrier = spans.start_attempt(spec.method, url, template, resend_count, scope.context)
         self.headers = dict(spec.headers) if spec.headers else {}
         self.headers.update(carrier)
@@ -162,36 +185,20 @@ class Attempt:
 
     def answered(self, response: httpx.Response) -> Outcome:
         self.scope.response = response
-        outcome = classify(response)
-        CallSpans.end_attempt(self.span, outcome, None, response.headers.get("server-timing"))
+        headers = response.headers
+        init = headers.get(INIT_SPAN_HEADER)
+        if init is not None:
+            self.scope.init_traceparent = init
+        outcome = classify_response(response.status_code, headers.get("retry-after"), response.content,
+                                    headers.get(START_HEADER) if response.status_code == 503 else None)
+        CallSpans.end_attempt(self.span, outcome, None, headers.get("server-timing"))
         return outcome
 
     def failed(self, error: httpx.RequestError) -> Outcome:
-        outcome = outcome_of_error(error, self.timeout)
+        outcome = classify_error(error, self.timeout, self.address)
         CallSpans.end_attempt(self.span, outcome, error, None)
         return outcome
 
     def abandoned(self) -> None:
         """Cancelled or failed outside the transport: the span ends, the error goes on up."""
         self.span.end()
-
-
-def classify(response: httpx.Response) -> Outcome:
-    return _flow.classify_response(response.status_code, response.headers.get("retry-after"), response.content)
-
-
-def outcome_of_error(exc: Exception, timeout: float) -> Outcome:
-    """Classify a transport error: was the request sent, and is it a sign of a cold start."""
-    detail = str(exc) or type(exc).__name__
-    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-        return Outcome(Kind.NOT_SENT, cold=True, reason=f"could not connect ({detail})")
-    if isinstance(exc, httpx.PoolTimeout):
-        return Outcome(Kind.NOT_SENT, reason="no free connection in the client's pool")
-    if isinstance(exc, (httpx.WriteError, httpx.WriteTimeout)):
-        # The body did not all leave, and a V2 server reads the whole body before it runs anything.
-        return Outcome(Kind.NOT_SENT, reason=f"the request could not be written ({detail})")
-    if isinstance(exc, httpx.ReadTimeout):
-        return Outcome(Kind.MAYBE, reason=f"no answer within {timeout:.1f} s")
-    if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
-        return Outcome(Kind.MAYBE, reason=f"the connection broke before an answer ({detail})")
-    return Outcome(Kind.MAYBE, reason=f"{type(exc).__name__}: {detail}")

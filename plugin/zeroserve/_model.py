@@ -4,6 +4,7 @@ decoding answers, and the sans-I/O flows they drive (``zeroserve._flow``)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import re
 import time
@@ -16,7 +17,8 @@ import httpx
 
 from zeroserve import _flow
 from zeroserve._call import Attempt, CallFlow, CallScope, CallSpec, WakeScope
-from zeroserve._flow import CallReport, Kind, Outcome, WakeReport, WakeResult
+from zeroserve._flow import CallReport, WakeReport, WakeResult
+from zeroserve._outcome import Kind, Outcome, error_message
 from zeroserve._single_flight import Flight, TaskSingleFlight, ThreadSingleFlight
 from zeroserve._state import EndpointState
 from zeroserve.errors import ProtocolError, RemoteModelError, RequestRejected, Unavailable
@@ -108,17 +110,17 @@ class _BaseRemoteModel:
         return self._call_spans
 
     def _scope(self, spec: CallSpec) -> CallScope:
-        """The scope of one logical call; ``begin`` starts a flow for ``spec`` in it."""
-        return CallScope(self._spans, spec, self._call_flow)
+        """The scope of one logical call; ``begin`` starts a flow for one of its requests."""
+        return CallScope(self._spans, spec, time.monotonic(), self._call_flow)
 
-    def _call_flow(self, spec: CallSpec, report: CallReport) -> CallFlow:
+    def _call_flow(self, spec: CallSpec, report: CallReport, started: float) -> CallFlow:
         idempotent = spec.idempotent
         if idempotent is None and spec.method in ("GET", "HEAD"):
             idempotent = True
         return _flow.call_flow(
             endpoint=self._public_url + spec.path, state=self.state, retry=self.retry, cold=self.cold_start,
             now=time.monotonic, random=random.random, idempotent=idempotent, deadline=spec.timeout,
-            cold_wait=spec.cold_wait, report=report,
+            cold_wait=spec.cold_wait, report=report, started=started,
         )
 
     def _wake_scope(self) -> WakeScope:
@@ -133,6 +135,11 @@ class _BaseRemoteModel:
 
     def _probe_spec(self) -> CallSpec:
         return CallSpec("wake", "GET", self._ready_path)
+
+    def _metadata_spec(self, call: CallSpec) -> CallSpec:
+        """The metadata request an infer with plain lists sends first, as part of the same call."""
+        return dataclasses.replace(call, method="GET", path=self._metadata_path, content=None, headers=None,
+                                   idempotent=True)
 
     @staticmethod
     def _wake_result(finished: bool, value: WakeReport | None, error: BaseException | None) -> WakeResult:
@@ -158,7 +165,7 @@ class _BaseRemoteModel:
         endpoint = self._public_url + self._infer_path
         if response.status_code != 200:
             raise RequestRejected(
-                _flow.error_message(response.content) or f"status {response.status_code}",
+                error_message(response.content) or f"status {response.status_code}",
                 endpoint=endpoint, attempts=report.attempts, last_status=response.status_code,
             )
         try:
@@ -172,7 +179,7 @@ class _BaseRemoteModel:
         endpoint = self._public_url + self._metadata_path
         if response.status_code != 200:
             raise RequestRejected(
-                _flow.error_message(response.content) or f"status {response.status_code}",
+                error_message(response.content) or f"status {response.status_code}",
                 endpoint=endpoint, attempts=report.attempts, last_status=response.status_code,
             )
         try:

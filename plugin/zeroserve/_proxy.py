@@ -27,8 +27,9 @@ from zeroserve.errors import (
     RemoteModelError,
     RequestRejected,
     Unavailable,
+    Unreachable,
 )
-from zeroserve.protocol.start import retry_after_value
+from zeroserve.protocol.start import START_HEADER, retry_after_value
 from zeroserve.tracing import incoming_context
 
 if TYPE_CHECKING:
@@ -51,7 +52,8 @@ _NEVER_FORWARDED = frozenset({
 })
 # Sent back to the caller. The body is already decoded by the client, so no Content-Encoding, and a
 # model service has no business setting cookies on the host app's domain.
-RETURNED_HEADERS = frozenset({"content-type", "inference-header-content-length", "retry-after", "server-timing"})
+RETURNED_HEADERS = frozenset({"content-type", "inference-header-content-length", "retry-after", "server-timing",
+                              START_HEADER})
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,12 +206,22 @@ def upstream_answer(response: httpx.Response) -> Answer:
 
 
 def error_answer(error: RemoteModelError) -> Answer:
-    """The answer for a failed call, in the V2 error shape (the message only: no internal URLs)."""
+    """The answer for a failed call, in the V2 error shape (the message only: no internal URLs).
+
+    A 503 about the service's start (it failed, or it is still starting and the route would not wait) passes
+    the marker on: ``Zeroserve-Start`` and the body's ``start`` object, so the host app's caller sees the cause.
+    """
     headers: dict[str, str] = {}
-    if isinstance(error, Unavailable):
+    content: dict[str, Any] = {"error": error.message}
+    if isinstance(error, Unreachable):
+        status = 502  # the route could not reach the model service at all
+    elif isinstance(error, Unavailable):
         status = 503
         if error.retry_after is not None:
             headers["retry-after"] = retry_after_value(error.retry_after)
+        if error.start is not None:
+            headers[START_HEADER] = error.start.state
+            content["start"] = error.start.to_json()
     elif isinstance(error, DeadlineExceeded):
         status = 504
     elif isinstance(error, OutcomeUnknown):
@@ -218,7 +230,7 @@ def error_answer(error: RemoteModelError) -> Answer:
         status = error.last_status
     else:
         status = 502
-    return json_answer(status, {"error": error.message}, headers)
+    return json_answer(status, content, headers)
 
 
 def status_answer(model: _BaseRemoteModel, waking: bool) -> Answer:

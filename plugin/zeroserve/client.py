@@ -8,6 +8,7 @@ the async one with ``httpx.AsyncClient`` and ``asyncio.sleep``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -16,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from zeroserve._call import CallScope, CallSpec, WakeScope
-from zeroserve._flow import CallReport, Outcome, Probe, Send, Sleep, WakeReport, WakeResult
+from zeroserve._flow import CallReport, Probe, Send, Sleep, WakeReport, WakeResult
 from zeroserve._model import NoCookies, _BaseRemoteModel
+from zeroserve._outcome import Outcome
 from zeroserve._single_flight import TaskSingleFlight, ThreadSingleFlight
 from zeroserve.errors import ColdStartTimeout
 from zeroserve.protocol import client_codec as v2
@@ -111,11 +113,15 @@ class RemoteModel(_BaseRemoteModel):
                 the cold-start deadline).
             context: the OpenTelemetry context to parent this call's spans (the current one when None).
         """
-        datatypes = self._input_datatypes(cold_wait, context) if v2.has_plain_values(inputs) else None
-        body, content_headers = self._encode(inputs, datatypes, outputs, parameters, request_id, headers)
-        spec = CallSpec("infer", "POST", self._infer_path, body, content_headers, None, timeout, cold_wait, context)
-        response, report = self._call(spec)
-        return self._outputs(response, report)
+        spec = CallSpec("infer", "POST", self._infer_path, timeout=timeout, cold_wait=cold_wait, context=context)
+        with self._scope(spec) as scope:
+            plain = v2.has_plain_values(inputs)
+            if plain and self._datatypes is None:  # part of this call: a cold start met here is the call's
+                self._metadata_answer(self._run(scope, self._metadata_spec(spec)), scope.part)
+            body, content_headers = self._encode(inputs, self._datatypes if plain else None, outputs, parameters,
+                                                 request_id, headers)
+            response = self._run(scope, dataclasses.replace(spec, content=body, headers=content_headers))
+        return self._outputs(response, scope.part)
 
     def metadata(self, *, cold_wait: float | None = None, context: Context | None = None) -> dict[str, Any]:
         """The model's metadata (name, versions, inputs and outputs with datatypes and shapes)."""
@@ -173,24 +179,23 @@ class RemoteModel(_BaseRemoteModel):
 
     # --- the driver ---
 
-    def _input_datatypes(self, cold_wait: float | None, context: Context | None) -> dict[str, str]:
-        if self._datatypes is None:
-            self.metadata(cold_wait=cold_wait, context=context)
-        return self._datatypes or {}
-
     def _call(self, spec: CallSpec) -> tuple[httpx.Response, CallReport]:
         with self._scope(spec) as scope:
-            scope.begin(spec)
-            reply: Outcome | WakeResult | None = None
-            while (step := scope.next(reply)) is not None:
-                if isinstance(step, Send):
-                    reply = self._send(spec, step.resend_count, step.timeout, scope)
-                elif isinstance(step, Sleep):
-                    time.sleep(step.seconds)
-                    reply = None
-                else:
-                    reply = self._flight_result(self._wake_flight.join(self._wake_work, step.timeout))
-            return scope.answer, scope.report
+            return self._run(scope, spec), scope.part
+
+    def _run(self, scope: CallScope, spec: CallSpec) -> httpx.Response:
+        """Drive the flow of one request of the call in ``scope`` to its final answer."""
+        scope.begin(spec)
+        reply: Outcome | WakeResult | None = None
+        while (step := scope.next(reply)) is not None:
+            if isinstance(step, Send):
+                reply = self._send(spec, step.resend_count, step.timeout, scope)
+            elif isinstance(step, Sleep):
+                time.sleep(step.seconds)
+                reply = None
+            else:
+                reply = self._flight_result(self._wake_flight.join(self._wake_work, step.timeout))
+        return scope.answer
 
     def _send(self, spec: CallSpec, resend_count: int, timeout: float, scope: CallScope | WakeScope) -> Outcome:
         attempt = self._attempt(spec, resend_count, timeout, scope)
@@ -270,11 +275,15 @@ class AsyncRemoteModel(_BaseRemoteModel):
         context: Context | None = None,
     ) -> dict[str, np.ndarray]:
         """Run the model; see ``RemoteModel.infer``."""
-        datatypes = await self._input_datatypes(cold_wait, context) if v2.has_plain_values(inputs) else None
-        body, content_headers = self._encode(inputs, datatypes, outputs, parameters, request_id, headers)
-        spec = CallSpec("infer", "POST", self._infer_path, body, content_headers, None, timeout, cold_wait, context)
-        response, report = await self._call(spec)
-        return self._outputs(response, report)
+        spec = CallSpec("infer", "POST", self._infer_path, timeout=timeout, cold_wait=cold_wait, context=context)
+        with self._scope(spec) as scope:
+            plain = v2.has_plain_values(inputs)
+            if plain and self._datatypes is None:
+                self._metadata_answer(await self._run(scope, self._metadata_spec(spec)), scope.part)
+            body, content_headers = self._encode(inputs, self._datatypes if plain else None, outputs, parameters,
+                                                 request_id, headers)
+            response = await self._run(scope, dataclasses.replace(spec, content=body, headers=content_headers))
+        return self._outputs(response, scope.part)
 
     async def metadata(self, *, cold_wait: float | None = None, context: Context | None = None) -> dict[str, Any]:
         """The model's metadata; see ``RemoteModel.metadata``."""
@@ -320,24 +329,23 @@ class AsyncRemoteModel(_BaseRemoteModel):
 
     # --- the driver ---
 
-    async def _input_datatypes(self, cold_wait: float | None, context: Context | None) -> dict[str, str]:
-        if self._datatypes is None:
-            await self.metadata(cold_wait=cold_wait, context=context)
-        return self._datatypes or {}
-
     async def _call(self, spec: CallSpec) -> tuple[httpx.Response, CallReport]:
         with self._scope(spec) as scope:
-            scope.begin(spec)
-            reply: Outcome | WakeResult | None = None
-            while (step := scope.next(reply)) is not None:
-                if isinstance(step, Send):
-                    reply = await self._send(spec, step.resend_count, step.timeout, scope)
-                elif isinstance(step, Sleep):
-                    await asyncio.sleep(step.seconds)
-                    reply = None
-                else:
-                    reply = self._task_result(await self._wake_flight.join(self._wake_work, step.timeout))
-            return scope.answer, scope.report
+            return await self._run(scope, spec), scope.part
+
+    async def _run(self, scope: CallScope, spec: CallSpec) -> httpx.Response:
+        """Drive the flow of one request of the call in ``scope`` to its final answer."""
+        scope.begin(spec)
+        reply: Outcome | WakeResult | None = None
+        while (step := scope.next(reply)) is not None:
+            if isinstance(step, Send):
+                reply = await self._send(spec, step.resend_count, step.timeout, scope)
+            elif isinstance(step, Sleep):
+                await asyncio.sleep(step.seconds)
+                reply = None
+            else:
+                reply = self._task_result(await self._wake_flight.join(self._wake_work, step.timeout))
+        return scope.answer
 
     async def _send(self, spec: CallSpec, resend_count: int, timeout: float,
                     scope: CallScope | WakeScope) -> Outcome:

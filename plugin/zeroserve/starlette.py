@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
+from urllib.parse import quote, unquote
 
 try:
     from starlette.routing import Mount, Route
@@ -187,11 +188,21 @@ def mount_model(app: Any, prefix: str, model: AsyncRemoteModel, **options: Any) 
 
 
 def _relative_path(scope: Scope) -> str:
+    """The path below the prefix as the client sent it: percent-escapes kept, so ``versions/1%23`` stays one
+    segment and ``%3F`` no query (``scope["path"]`` is decoded; ``raw_path`` is not)."""
     path: str = scope["path"]
     root: str = scope.get("root_path", "")
-    if root and path.startswith(root):
-        return path[len(root):]
-    return path
+    relative = path[len(root):] if root and path.startswith(root) else path
+    raw = scope.get("raw_path")
+    if isinstance(raw, bytes) and len(raw) <= _MAX_RAW_PATH:
+        text = raw.decode("latin-1").split("?", 1)[0]
+        for start, char in enumerate(text):  # the raw tail that decodes to the relative path
+            if char == "/" and unquote(text[start:]) == relative:
+                return text[start:]
+    return quote(relative, safe="/:@!$&'()*+,;=~")  # no raw path from the server: escape what decoding undid
+
+
+_MAX_RAW_PATH = 8192
 
 
 async def _read_body(receive: Receive, headers: list[tuple[str, str]],

@@ -11,6 +11,12 @@ conventions ask ("every physical attempt is its own span"). Spans carry:
   ``zeroserve.coldstart`` (a cold start was met), ``zeroserve.coldstart.wait_duration`` (seconds spent
   waiting for the wake-up) and, when the server sent a ``Server-Timing`` header with an ``init`` metric,
   ``zeroserve.coldstart.server_init_duration`` (seconds).
+- INTERNAL (per wake-up, a child of the call that started it): ``zeroserve.wake.probes``,
+  ``zeroserve.coldstart``, ``zeroserve.coldstart.wait_duration``.
+
+When an answer names the server's ``zeroserve.init`` span (header ``zeroserve-init-traceparent``: the server
+started in another trace, e.g. a Knative pod no request started), the call's span (or the wake-up's) gets a
+span link to it, with ``zeroserve.link=init``.
 
 W3C ``traceparent``/``tracestate``/``baggage`` go out on every attempt through the global propagator.
 With no SDK installed the spans are no-ops and an incoming trace context still passes through.
@@ -23,7 +29,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from zeroserve._version import version
 from zeroserve.errors import RemoteModelError
@@ -32,7 +38,8 @@ if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.trace import Span, TracerProvider
 
-    from zeroserve._flow import CallReport, Outcome, WakeReport
+    from zeroserve._flow import CallReport, WakeReport
+    from zeroserve._outcome import Outcome
 
 HTTP_REQUEST_METHOD = "http.request.method"
 HTTP_RESPONSE_STATUS_CODE = "http.response.status_code"
@@ -50,6 +57,7 @@ COLDSTART = "zeroserve.coldstart"
 COLDSTART_WAIT = "zeroserve.coldstart.wait_duration"
 COLDSTART_SERVER_INIT = "zeroserve.coldstart.server_init_duration"
 WAKE_PROBES = "zeroserve.wake.probes"
+LINK = "zeroserve.link"
 SERVER_TIMING_PREFIX = "zeroserve.server_timing."
 
 
@@ -68,6 +76,7 @@ class CallSpans:
         tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.model = model
+        self.address = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"  # for messages
         self.tracer = trace.get_tracer("zeroserve", version(), tracer_provider=tracer_provider)
         self.common: dict[str, str | int] = {
             FAAS_INVOKED_NAME: invoked_name,
@@ -128,21 +137,48 @@ class CallSpans:
             if error is not None:
                 span.set_attribute(ERROR_TYPE, type(error).__name__)
                 span.set_status(Status(StatusCode.ERROR, str(error)))
+            if report.init_traceparent is not None:
+                link_init(span, report.init_traceparent)
         span.end()
 
     @staticmethod
-    def end_wake(span: Span, report: WakeReport | None, error: BaseException | None) -> None:
+    def end_wake(span: Span, report: WakeReport | None, error: BaseException | None,
+                 init_traceparent: str | None = None) -> None:
         if span.is_recording():
             if report is not None:
                 span.set_attribute(WAKE_PROBES, report.probes)
                 span.set_attribute(COLDSTART, report.cold)
                 span.set_attribute(COLDSTART_WAIT, report.seconds)
             elif isinstance(error, RemoteModelError):
-                span.set_attribute(WAKE_PROBES, error.attempts)
+                span.set_attribute(WAKE_PROBES, error.probes)
+                span.set_attribute(COLDSTART, True)  # it waited for a start that did not come
             if error is not None:
                 span.set_attribute(ERROR_TYPE, type(error).__name__)
                 span.set_status(Status(StatusCode.ERROR, str(error)))
+            if init_traceparent is not None:
+                link_init(span, init_traceparent)
         span.end()
+
+
+def link_init(span: Span, traceparent: str) -> None:
+    """Link ``span`` to the server's ``zeroserve.init`` span named by a W3C ``traceparent`` (ignored if malformed)."""
+    context = span_context_of(traceparent)
+    if context is not None:
+        span.add_link(context, {LINK: "init"})
+
+
+def span_context_of(traceparent: str) -> SpanContext | None:
+    """The remote span context of a W3C ``traceparent`` value (version 00), or None when it is not one."""
+    parts = traceparent.strip().split("-")
+    if len(parts) < 4 or parts[0] != "00" or len(parts[1]) != 32 or len(parts[2]) != 16 or len(parts[3]) != 2:
+        return None
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags & TraceFlags.SAMPLED))
 
 
 # Server-Timing: metric *( ";" param ), comma-separated; params are token=value or token="quoted".
