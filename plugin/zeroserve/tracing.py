@@ -28,6 +28,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
@@ -93,6 +94,8 @@ class CallSpans:
             kind=SpanKind.INTERNAL,
             attributes={MODEL: self.model, **self.common},
         )
+        if not span.get_span_context().is_valid:  # older APIs (1.25) answer no-op spans so: keep the parent
+            return span, parent if parent is not None else otel_context.get_current()
         return span, trace.set_span_in_context(span, parent)
 
     def start_attempt(
@@ -106,7 +109,8 @@ class CallSpans:
         span = self.tracer.start_span(f"{method} {template}", context=context, kind=SpanKind.CLIENT,
                                       attributes=attributes)
         carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=trace.set_span_in_context(span, context))
+        propagate.inject(carrier, context=trace.set_span_in_context(span, context)
+                         if span.get_span_context().is_valid else context)
         return span, carrier
 
     @staticmethod
