@@ -38,11 +38,12 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from zeroserve.runtime.artifact_cache import ArtifactStore
 from zeroserve.runtime.artifact_keys import CpuLevel, model_digest
-from zeroserve.runtime.artifacts import ArtifactStore
 from zeroserve.runtime.digests import DigestMemo
-from zeroserve.runtime.providers import ProviderSettings, create_session
+from zeroserve.runtime.providers import create_session
 from zeroserve.runtime.session_artifacts import SessionArtifacts
+from zeroserve.runtime.settings import ProviderSettings
 
 sys.path.insert(0, str(Path(__file__).parent))
 import models  # bench/models.py, beside this file

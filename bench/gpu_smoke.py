@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from zeroserve.runtime.artifact_cache import ArtifactStore
 from zeroserve.runtime.artifact_keys import detect_gpu
-from zeroserve.runtime.artifacts import ArtifactStore
 from zeroserve.runtime.model import OnnxModel
-from zeroserve.runtime.providers import ProviderChoice, ProviderSettings
+from zeroserve.runtime.settings import ProviderChoice, ProviderSettings
 
 sys.path.insert(0, str(Path(__file__).parent))
 import models  # bench/models.py, beside this file

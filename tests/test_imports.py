@@ -59,4 +59,15 @@ def test_rest_only_server_never_imports_grpc() -> None:
 
 def test_grpc_only_server_skips_the_rest_stack() -> None:
     modules = loaded_after("import zeroserve.runtime.serve, zeroserve.runtime.grpc")
-    assert top_level(modules) == {"grpc", "numpy", "orjson"}
+    assert top_level(modules) == {"grpc", "numpy"}
+
+
+def test_the_codecs_load_only_the_leaves_they_use() -> None:
+    """A codec depends on settings, messages, errors and tensor checks, never on the model, config or threads."""
+    ours = {name for name in loaded_after("import zeroserve.runtime.rest_codec") if name.startswith("zeroserve.")}
+    assert ours == {
+        "zeroserve.errors", "zeroserve.protocol", "zeroserve.protocol.binary", "zeroserve.protocol.dtypes",
+        "zeroserve.protocol.start", "zeroserve.runtime", "zeroserve.runtime.messages",
+        "zeroserve.runtime.rest_codec", "zeroserve.runtime.server_errors", "zeroserve.runtime.settings",
+        "zeroserve.runtime.tensors",
+    }

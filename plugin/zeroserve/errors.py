@@ -12,7 +12,7 @@
     │   ├── DeadlineExceeded        the call's deadline passed (also a TimeoutError)
     │   │   └── ColdStartTimeout    the service did not wake up within the cold-start deadline
     │   └── ProtocolError           the answer is not a valid V2 response
-    └── ServerError                 raised inside the model server (zeroserve.runtime.errors)
+    └── ServerError                 raised inside the model server (zeroserve.runtime.server_errors)
 
 Catch ``RemoteModelError`` for "the model call failed"; ``Unavailable`` and its subclasses carry a
 ``retry_after`` hint in seconds, which the mounted routes send as ``Retry-After``.

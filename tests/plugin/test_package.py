@@ -53,7 +53,7 @@ def test_the_public_names_resolve() -> None:
 
 
 def test_one_exception_tree() -> None:
-    from zeroserve.runtime.errors import ServerError
+    from zeroserve.runtime.server_errors import ServerError
 
     client_errors = [errors.RequestRejected, errors.Unavailable, errors.CircuitOpen, errors.OutcomeUnknown,
                      errors.DeadlineExceeded, errors.ColdStartTimeout, errors.ProtocolError]

@@ -14,7 +14,13 @@ def test_defaults_follow_kserve() -> None:
     assert config.model_name == "model"
     assert config.model_dir == DEFAULT_MODEL_DIR == "/mnt/models"
     assert (config.http_port, config.grpc_port) == (8080, 8081)
-    assert config.cache_dir == Path("/home/u/.cache/zeroserve") or config.cache_dir.name == "zeroserve"
+    assert config.cache_dir == Path("/home/u/.cache/zeroserve")
+
+
+def test_cache_dir_follows_the_environment_given() -> None:
+    assert RuntimeConfig.from_args([], {"HOME": "/h", "XDG_CACHE_HOME": "/xdg"}).cache_dir == Path("/xdg/zeroserve")
+    assert RuntimeConfig.from_args([], {"HOME": "/h", "ZEROSERVE_CACHE_DIR": "/c"}).cache_dir == Path("/c")
+    assert RuntimeConfig.from_args(["--cache_dir", "/f"], {"ZEROSERVE_CACHE_DIR": "/c"}).cache_dir == Path("/f")
 
 
 def test_kserve_flags() -> None:
@@ -90,8 +96,22 @@ def test_bad_warmup_shapes_are_explained(capsys: pytest.CaptureFixture[str]) -> 
     assert "--warmup_shapes" in capsys.readouterr().err
 
 
-def test_event_loop_choice() -> None:
-    assert RuntimeConfig.from_args([], {}).uses_uvloop  # installed with the runtime extra here
-    assert not RuntimeConfig.from_args(["--event_loop", "asyncio"], {}).uses_uvloop
+def test_event_loop_choice_is_resolved_by_load() -> None:
+    parsed = RuntimeConfig.from_args([], {})
+    assert parsed.event_loop == "auto" and not parsed.loaded  # parsing looks at nothing on the machine
+    loaded = parsed.load()
+    assert loaded.event_loop == "uvloop" and loaded.uses_uvloop  # installed with the runtime extra here
+    assert not RuntimeConfig.from_args(["--event_loop", "asyncio"], {}).load().uses_uvloop
     with pytest.raises(SystemExit):
         RuntimeConfig.from_args(["--event_loop", "trio"], {})
+
+
+def test_load_reads_the_cpu_quota_and_sizes_threads_from_it() -> None:
+    from zeroserve.runtime.cgroup import cpu_quota
+
+    loaded = RuntimeConfig.from_args([], {}).load()
+    assert loaded.loaded and loaded.cpus == cpu_quota()
+    throughput = RuntimeConfig.from_args(["--performance_hint", "throughput"], {}).load()
+    assert throughput.providers.intra_op_threads == 1 and throughput.inference_threads == cpu_quota()
+    workers = RuntimeConfig.from_args(["--workers", "2"], {}).load()
+    assert workers.providers.intra_op_threads == max(1, cpu_quota() // 2)

@@ -26,8 +26,8 @@ from zeroserve.runtime.dataplane import DataPlane
 from zeroserve.runtime.loader import load_models
 from zeroserve.runtime.messages import InferRequest, InputTensor
 from zeroserve.runtime.model import OnnxModel
-from zeroserve.runtime.providers import ProviderSettings
 from zeroserve.runtime.repository import ModelRepository
+from zeroserve.runtime.settings import ProviderSettings
 
 import models as test_models
 from conftest import start_server

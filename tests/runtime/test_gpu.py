@@ -25,9 +25,10 @@ import numpy as np
 import pytest
 
 from zeroserve.runtime.artifact_keys import cuda_device
-from zeroserve.runtime.errors import ModelLoadError
 from zeroserve.runtime.model import OnnxModel
-from zeroserve.runtime.providers import CPU, CUDA, TRT, ProviderSettings
+from zeroserve.runtime.providers import CPU, CUDA, TRT
+from zeroserve.runtime.server_errors import ModelLoadError
+from zeroserve.runtime.settings import ProviderSettings
 
 from conftest import start_server
 from models import conv_model

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from zeroserve.runtime.errors import ModelLoadError
 from zeroserve.runtime.layout import ModelSource, discover
+from zeroserve.runtime.server_errors import ModelLoadError
 
 
 def touch(path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Execution-provider choice, options, CPU quota and real CPU sessions.
+"""Execution-provider choice, options and real CPU sessions.
 
 GPU behaviour is covered through the provider lists an ONNX Runtime build reports: those are data, and the
 tests that use them say in their names that they run without a GPU.
@@ -6,8 +6,6 @@ tests that use them say in their names that they run without a GPU.
 
 from __future__ import annotations
 
-import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -15,20 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from zeroserve.runtime.errors import ModelLoadError
 from zeroserve.runtime.providers import (
     CPU,
     CUDA,
     TRT,
-    ProviderSettings,
-    add_arguments,
-    cpu_quota,
     create_session,
     interim_providers,
     select_providers,
-    session_options,
-    settings_from_args,
 )
+from zeroserve.runtime.server_errors import ModelLoadError
+from zeroserve.runtime.settings import ProviderSettings
 
 CPU_BUILD = ["AzureExecutionProvider", CPU]  # what the CPU onnxruntime wheel lists
 GPU_BUILD = [TRT, CUDA, CPU]  # onnxruntime-gpu lists these with or without a GPU
@@ -134,259 +128,6 @@ def test_explicit_gpu_provider_missing_from_build_without_gpu(
     assert "install 'zeroserve[gpu]'" in message
 
 
-# -- cpu_quota ----------------------------------------------------------------------------------------
-
-
-def v2_root(tmp_path: Path, cpu_max: str | None) -> Path:
-    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
-    if cpu_max is not None:
-        (tmp_path / "cpu.max").write_text(cpu_max + "\n")
-    return tmp_path
-
-
-def v1_root(tmp_path: Path, quota: int, period: int = 100_000, folder: str = "cpu") -> Path:
-    cpu = tmp_path / folder
-    cpu.mkdir()
-    (cpu / "cpu.cfs_quota_us").write_text(f"{quota}\n")
-    (cpu / "cpu.cfs_period_us").write_text(f"{period}\n")
-    return tmp_path
-
-
-@pytest.mark.parametrize(
-    ("cpu_max", "expected"),
-    [
-        ("150000 100000", 2),
-        ("max 100000", 8),
-        ("1000 100000", 1),
-        ("400000 100000", 4),
-        ("garbage", 8),
-        (None, 8),
-    ],
-)
-def test_cgroup_v2_quota(tmp_path: Path, cpu_max: str | None, expected: int) -> None:
-    root = v2_root(tmp_path, cpu_max)
-    assert cpu_quota(root, host_cpus=8, proc_cgroup=tmp_path / "absent") == expected
-
-
-def test_cgroup_v2_follows_own_cgroup_and_its_parents(tmp_path: Path) -> None:
-    root = v2_root(tmp_path, None)  # the host's root cgroup has no cpu.max
-    pod = root / "kubepods" / "pod1"
-    (pod / "ctr").mkdir(parents=True)
-    (pod / "cpu.max").write_text("250000 100000\n")  # the pod's limit binds the container
-    (pod / "ctr" / "cpu.max").write_text("max 100000\n")
-    proc = tmp_path / "proc-cgroup"
-    proc.write_text("0::/kubepods/pod1/ctr\n")
-    assert cpu_quota(root, host_cpus=16, proc_cgroup=proc) == 3
-
-
-def test_cgroup_v2_path_outside_namespace_uses_mount_root(tmp_path: Path) -> None:
-    root = v2_root(tmp_path, "200000 100000")
-    proc = tmp_path / "proc-cgroup"
-    proc.write_text("0::/../../elsewhere\n")
-    assert cpu_quota(root, host_cpus=16, proc_cgroup=proc) == 2
-
-
-@pytest.mark.parametrize(
-    ("quota", "period", "expected"),
-    [(-1, 100_000, 8), (150_000, 100_000, 2), (50_000, 100_000, 1), (300_000, 100_000, 3)],
-)
-def test_cgroup_v1_quota(tmp_path: Path, quota: int, period: int, expected: int) -> None:
-    root = v1_root(tmp_path, quota, period)
-    assert cpu_quota(root, host_cpus=8, proc_cgroup=tmp_path / "absent") == expected
-
-
-def test_cgroup_v1_combined_mount_and_host_path_absent_in_container(tmp_path: Path) -> None:
-    root = v1_root(tmp_path, 200_000, folder="cpu,cpuacct")
-    proc = tmp_path / "proc-cgroup"
-    # Docker on v1 shows the host's path; the container's mount root is that cgroup already.
-    proc.write_text("12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n")
-    assert cpu_quota(root, host_cpus=8, proc_cgroup=proc) == 2
-
-
-def test_no_cgroup_gives_host_cpus(tmp_path: Path) -> None:
-    assert cpu_quota(tmp_path, host_cpus=5, proc_cgroup=tmp_path / "absent") == 5
-
-
-def test_quota_capped_by_affinity(tmp_path: Path) -> None:
-    root = v2_root(tmp_path, "100000000 100000")  # 1000 CPUs
-    assert cpu_quota(root, proc_cgroup=tmp_path / "absent") == len(os.sched_getaffinity(0))
-    assert cpu_quota(root, host_cpus=3, proc_cgroup=tmp_path / "absent") == 3
-
-
-def test_never_below_one(tmp_path: Path) -> None:
-    assert cpu_quota(v2_root(tmp_path, "1 100000"), host_cpus=0, proc_cgroup=tmp_path / "absent") == 1
-
-
-def test_cpu_quota_on_this_machine() -> None:
-    assert 1 <= cpu_quota() <= len(os.sched_getaffinity(0))
-
-
-# -- flags --------------------------------------------------------------------------------------------
-
-
-def parse(argv: list[str], environ: dict[str, str] | None = None) -> ProviderSettings:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return settings_from_args(parser.parse_args(argv), environ or {})
-
-
-def test_flags_round_trip() -> None:
-    argv = [
-        "--providers",
-        "tensorrt",
-        "--device_id",
-        "1",
-        "--trt_fp16",
-        "--trt_engine_cache_path",
-        "/c/e",
-        "--trt_timing_cache_path",
-        "/c/t",
-        "--trt_max_workspace_size",
-        "1073741824",
-        "--trt_builder_optimization_level",
-        "0",
-        "--trt_profile_min_shapes",
-        "a:1x3,b:1",
-        "--trt_profile_opt_shapes",
-        "a:4x3,b:4",
-        "--trt_profile_max_shapes",
-        "a:8x3,b:8",
-        "--cuda_mem_limit",
-        "2000000000",
-        "--cudnn_conv_algo_search",
-        "DEFAULT",
-        "--intra_op_threads",
-        "3",
-        "--inter_op_threads",
-        "2",
-    ]
-    assert parse(argv) == ProviderSettings(
-        choice="tensorrt",
-        device_id=1,
-        trt_fp16=True,
-        trt_engine_cache_path="/c/e",
-        trt_timing_cache_path="/c/t",
-        trt_max_workspace_size=2**30,
-        trt_builder_optimization_level=0,
-        trt_profile_min_shapes="a:1x3,b:1",
-        trt_profile_opt_shapes="a:4x3,b:4",
-        trt_profile_max_shapes="a:8x3,b:8",
-        cuda_mem_limit=2_000_000_000,
-        cudnn_conv_algo_search="DEFAULT",
-        intra_op_threads=3,
-        inter_op_threads=2,
-    )
-
-
-def test_no_flags_give_defaults() -> None:
-    assert parse([]) == ProviderSettings()
-
-
-def test_flags_in_their_own_group() -> None:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    assert "execution providers:" in parser.format_help()
-
-
-def test_env_fallback_for_providers() -> None:
-    assert parse([], {"ZEROSERVE_PROVIDERS": " CUDA "}).choice == "cuda"
-    assert parse([], {"ZEROSERVE_PROVIDERS": ""}).choice == "auto"
-    assert parse(["--providers", "cpu"], {"ZEROSERVE_PROVIDERS": "cuda"}).choice == "cpu"
-    with pytest.raises(
-        ValueError, match=r"ZEROSERVE_PROVIDERS='gpu' is not one of auto, tensorrt, cuda, cpu"
-    ):
-        parse([], {"ZEROSERVE_PROVIDERS": "gpu"})
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--trt_profile_min_shapes", "x:1"], "give all three or none"),
-        (["--trt_profile_min_shapes", "x:1", "--trt_profile_max_shapes", "x:2"], "give all three or none"),
-        (
-            ["--trt_builder_optimization_level", "6"],
-            r"--trt_builder_optimization_level must be 0\.\.5, got 6",
-        ),
-        (["--device_id", "-1"], "--device_id must be 0 or more"),
-        (["--intra_op_threads", "0"], "--intra_op_threads must be at least 1"),
-        (["--cuda_mem_limit", "0"], "--cuda_mem_limit must be at least 1"),
-        (
-            [
-                "--trt_profile_min_shapes",
-                "x:1x3",
-                "--trt_profile_opt_shapes",
-                "x:4x3",
-                "--trt_profile_max_shapes",
-                "x:2x3",
-            ],
-            r"min <= opt <= max .* got 1x3, 4x3, 2x3",
-        ),
-        (
-            [
-                "--trt_profile_min_shapes",
-                "x:1",
-                "--trt_profile_opt_shapes",
-                "y:1",
-                "--trt_profile_max_shapes",
-                "x:1",
-            ],
-            "same inputs in the same order",
-        ),
-        (
-            [
-                "--trt_profile_min_shapes",
-                "x:1x3",
-                "--trt_profile_opt_shapes",
-                "x:1",
-                "--trt_profile_max_shapes",
-                "x:1x3",
-            ],
-            "same rank",
-        ),
-        (
-            [
-                "--trt_profile_min_shapes",
-                "x:1by3",
-                "--trt_profile_opt_shapes",
-                "x:1",
-                "--trt_profile_max_shapes",
-                "x:1",
-            ],
-            r"--trt_profile_min_shapes: 'x:1by3' is not NAME:DIMxDIM",
-        ),
-        (
-            [
-                "--trt_profile_min_shapes",
-                "in:0:1",
-                "--trt_profile_opt_shapes",
-                "in:0:1",
-                "--trt_profile_max_shapes",
-                "in:0:1",
-            ],
-            "first ':'",
-        ),
-    ],
-)
-def test_invalid_flags(argv: list[str], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        parse(argv)
-
-
-def test_several_trt_profiles_per_input() -> None:
-    # ORT reads a repeated input name as a second optimization profile.
-    settings = parse(
-        [
-            "--trt_profile_min_shapes",
-            "x:1x3,x:9x3",
-            "--trt_profile_opt_shapes",
-            "x:4x3,x:16x3",
-            "--trt_profile_max_shapes",
-            "x:8x3,x:32x3",
-        ]
-    )
-    assert settings.trt_profile_max_shapes == "x:8x3,x:32x3"
-
-
 # -- real CPU sessions --------------------------------------------------------------------------------
 
 
@@ -420,14 +161,6 @@ def test_threads_honoured(add_model: Path) -> None:
     assert options.intra_op_num_threads == 3
     assert options.inter_op_num_threads == 2
 
-
-def test_session_options_use_cpu_quota(tmp_path: Path) -> None:
-    import onnxruntime as ort
-
-    options = session_options(ProviderSettings(), cgroup_root=v2_root(tmp_path, "150000 100000"))
-    assert options.intra_op_num_threads == min(2, len(os.sched_getaffinity(0)))
-    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
 
 
 def test_intra_op_threads_stop_spinning_after_a_run(add_model: Path) -> None:
@@ -513,16 +246,6 @@ def test_interim_providers_without_gpu(
         assert interim is not None and (interim[0].choice, interim[1]) == expected
         assert interim[0].trt_build == "background" and interim[0].device_id == settings.device_id
 
-
-def test_trt_build_and_ep_context_flags() -> None:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    assert settings_from_args(parser.parse_args(["--trt_build", "background"]), {}).trt_build == "background"
-    assert settings_from_args(parser.parse_args([]), {}).trt_build == "blocking"
-    assert settings_from_args(parser.parse_args(["--trt_ep_context"]), {}).trt_ep_context is True
-    assert settings_from_args(parser.parse_args([]), {}).trt_ep_context is False
-    with pytest.raises(ValueError, match="--trt_build"):
-        ProviderSettings(trt_build="later")  # type: ignore[arg-type]
 
 
 def test_a_provider_library_missing_a_dependency_is_named(tmp_path: Path) -> None:

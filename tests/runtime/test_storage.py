@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from zeroserve.runtime.errors import StorageError
+from zeroserve.runtime.server_errors import StorageError
 from zeroserve.runtime.storage import fetch
 
 MiB = 2**20

@@ -8,7 +8,7 @@ import asyncio
 import http.server
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -354,3 +354,81 @@ def test_grpc_span_in_process_with_new_rpc_names(
     assert early.status.status_code is StatusCode.ERROR and early.attributes["error.type"] == "UNAVAILABLE"
     assert ready.status.status_code is StatusCode.UNSET and "error.type" not in ready.attributes
     assert ready.attributes["rpc.response.status_code"] == "OK" and ready.attributes["faas.coldstart"] is True
+
+
+def test_a_process_started_for_a_request_puts_its_init_span_in_that_requests_trace(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """OpenTelemetry's environment carrier: TRACEPARENT given to the process parents ``zeroserve.init``."""
+    test_models.mlp_model(tmp_path / "model.onnx")
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "TRACEPARENT": f"00-{TRACE_ID}-{PARENT_ID}-01",
+    }
+    server = start_server(["--model_name", "mlp", "--model_dir", str(tmp_path)], tmp_path / "log", env=env)
+    server.stop()
+    init = wait_for_span(receiver, "zeroserve.init", server.log)
+    assert init.trace_id.hex() == TRACE_ID and init.parent_span_id.hex() == PARENT_ID
+    phases = [span for span in receiver.spans() if span.parent_span_id == init.span_id]
+    assert {span.name for span in phases} == {"fetch", "session", "warmup"}
+
+
+def test_a_failed_start_is_in_the_trace_with_its_reason(receiver: Receiver, tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"this is not a protobuf")
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "TRACEPARENT": f"00-{TRACE_ID}-{PARENT_ID}-01",
+    }
+    server = start_server(["--model_dir", str(tmp_path / "model.onnx")], tmp_path / "log", env=env, wait_ready=False)
+    try:
+        assert server.process.wait(30) == 1
+    finally:
+        server.stop()
+    init = wait_for_span(receiver, "zeroserve.init", server.log)
+    assert init.trace_id.hex() == TRACE_ID
+    assert init.status.code == OtlpStatus.STATUS_CODE_ERROR and "Protobuf parsing failed" in init.status.message
+    session = next(span for span in receiver.spans() if span.name == "session")
+    assert session.status.code == OtlpStatus.STATUS_CODE_ERROR
+
+
+def test_console_exporters_each_follow_their_own_variable(tmp_path: Path) -> None:
+    """Traces and metrics to the console: the init span and faas.init_duration / faas.coldstarts both printed."""
+    test_models.mlp_model(tmp_path / "model.onnx")
+    env = {"OTEL_TRACES_EXPORTER": "console", "OTEL_METRICS_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    server = start_server(["--model_name", "mlp", "--model_dir", str(tmp_path)], tmp_path / "log", env=env)
+    assert httpx.post(f"{server.url}/v2/models/mlp/infer", json=BODY).status_code == 200
+    server.stop()  # SIGTERM: the lifespan flushes both exporters
+    log = server.log()
+    assert '"name": "zeroserve.init"' in log
+    assert '"name": "faas.init_duration"' in log and '"name": "faas.coldstarts"' in log
+
+
+@pytest.mark.parametrize(
+    ("environ", "traces", "metrics"),
+    [
+        ({}, "none", "none"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x"}, "otlp", "otlp"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://x"}, "otlp", "none"),
+        ({"OTEL_TRACES_EXPORTER": "console"}, "console", "none"),
+        ({"OTEL_TRACES_EXPORTER": "console", "OTEL_METRICS_EXPORTER": "console"}, "console", "console"),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://x"}, "none", "otlp"),
+        ({"OTEL_METRICS_EXPORTER": "prometheus,console"}, "none", "console"),
+        ({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "otlp"}, "none", "none"),
+    ],
+)
+def test_exporter_choice_per_signal(environ: dict[str, str], traces: str, metrics: str) -> None:
+    from zeroserve.runtime.otel_sdk import exporter_choice
+
+    assert (exporter_choice(environ, "traces"), exporter_choice(environ, "metrics")) == (traces, metrics)
+
+
+def wait_for_span(receiver: Receiver, name: str, log: Callable[[], str]) -> OtlpSpan:
+    deadline = time.monotonic() + 10
+    while True:
+        for span in receiver.spans():
+            if span.name == name:
+                return span
+        assert time.monotonic() < deadline, log()
+        time.sleep(0.05)

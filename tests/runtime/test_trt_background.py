@@ -21,11 +21,12 @@ import pytest
 
 from zeroserve.runtime import model as model_module
 from zeroserve.runtime.config import RuntimeConfig
-from zeroserve.runtime.errors import ModelLoadError
 from zeroserve.runtime.loader import load_models
 from zeroserve.runtime.model import OnnxModel
-from zeroserve.runtime.providers import CPU, CUDA, TRT, ProviderSettings
+from zeroserve.runtime.providers import CPU, CUDA, TRT
 from zeroserve.runtime.repository import ModelRepository, State
+from zeroserve.runtime.server_errors import ModelLoadError
+from zeroserve.runtime.settings import ProviderSettings
 
 from models import mlp_model
 

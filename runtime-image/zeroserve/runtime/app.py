@@ -16,11 +16,11 @@ from starlette.types import Receive, Scope, Send
 
 from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.dataplane import DataPlane
-from zeroserve.runtime.errors import ServerError
 from zeroserve.runtime.infer_endpoint import InferEndpoint, infer_target
 from zeroserve.runtime.loader import load_in_background
 from zeroserve.runtime.repository import ModelRepository
 from zeroserve.runtime.rest import RestApi, http_exception, server_error
+from zeroserve.runtime.server_errors import ServerError
 from zeroserve.runtime.telemetry import Telemetry
 
 logger = logging.getLogger("zeroserve.runtime")
@@ -57,6 +57,7 @@ def create_app(
     readiness probes, with "not ready" while its siblings are ready. Connections wait in the listen backlog
     until the first worker is ready instead."""
     telemetry = telemetry or Telemetry()
+    config = config if config.loaded else config.load()
     repository = ModelRepository()
     dataplane = DataPlane.from_config(repository, config)
     infer = InferEndpoint(dataplane, config.limits, telemetry)

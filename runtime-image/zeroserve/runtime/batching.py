@@ -22,24 +22,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from zeroserve.runtime.model import OnnxModel
-from zeroserve.runtime.workers import Workers
+from zeroserve.runtime.runpool import RunPool
+from zeroserve.runtime.settings import BatchSettings
 
 if TYPE_CHECKING:
     import numpy as np
 
 RunResult = tuple[list[Any], float, float]  # outputs, run started, run finished (perf_counter)
 BatchResult = tuple[list[Any], float, float, int]  # ... and the rows of the run it was part of
-
-
-@dataclass(frozen=True, slots=True)
-class BatchSettings:
-    max_batch_size: int = 0  # rows per merged run; 0 or 1: batching off
-    max_queue_delay: float = 0.0005  # seconds the oldest request waits for company
-    preferred_batch_sizes: tuple[int, ...] = ()  # row counts worth dispatching at once
-
-    @property
-    def enabled(self) -> bool:
-        return self.max_batch_size > 1
 
 
 def batchable(model: OnnxModel) -> bool:
@@ -65,7 +55,7 @@ class Batcher:
     def __init__(
         self,
         model: OnnxModel,
-        workers: Workers,
+        pool: RunPool,
         settings: BatchSettings,
         slots: int = 1,
         in_flight: Callable[[], int] | None = None,
@@ -74,7 +64,7 @@ class Batcher:
         None: the oldest request always waits out the delay (unless its batch fills)."""
         self.model = model
         self.settings = settings
-        self._workers = workers
+        self._pool = pool
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(slots)
@@ -101,7 +91,7 @@ class Batcher:
             # calls/s, against 1,149 when a lone run held a slot and the next batch formed only after it).
             self._running += 1
             try:
-                arrays, started, finished = await self._workers.run(timed_run, self.model.run, feeds, output_names)
+                arrays, started, finished = await self._pool.run(timed_run, self.model.run, feeds, output_names)
             finally:
                 self._running -= 1
             return arrays, started, finished, rows or 1
@@ -189,7 +179,7 @@ class Batcher:
                 await self._run_alone(batch)
                 return
             try:
-                arrays, started, finished = await self._workers.run(_run_merged, self.model, batch)
+                arrays, started, finished = await self._pool.run(_run_merged, self.model, batch)
             except Exception:
                 await self._run_alone(batch)  # find the request that failed; the others still succeed
                 return
@@ -214,7 +204,7 @@ class Batcher:
     async def _run_alone(self, batch: list[_Pending]) -> None:
         for pending in batch:
             try:
-                arrays, started, finished = await self._workers.run(
+                arrays, started, finished = await self._pool.run(
                     timed_run, self.model.run, pending.feeds, pending.output_names
                 )
             except Exception as exc:

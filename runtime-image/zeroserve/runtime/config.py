@@ -12,41 +12,39 @@ import importlib.util
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
-from zeroserve.runtime import providers
-from zeroserve.runtime.batching import BatchSettings
-from zeroserve.runtime.providers import ProviderSettings
+from zeroserve.runtime.settings import (
+    CONV_ALGO_SEARCHES,
+    PERFORMANCE_HINTS,
+    PROTOCOLS,
+    PROVIDER_CHOICES,
+    TRT_BUILDS,
+    BatchSettings,
+    Limits,
+    MiB,
+    PerformanceHint,
+    Protocol,
+    ProviderChoice,
+    ProviderSettings,
+    parse_shapes,
+)
 
 logger = logging.getLogger("zeroserve.runtime")
 
 DEFAULT_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts the model
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_GRPC_PORT = 8081
-MiB = 2**20
-# rest: REST on --http_port; grpc: gRPC only, on --grpc_port or PORT (a Knative h2c port);
-# both: REST on --http_port and gRPC on --grpc_port.
-Protocol = Literal["rest", "grpc", "both"]
-PROTOCOLS: tuple[Protocol, ...] = ("rest", "grpc", "both")
 # KServe's own --protocol takes the predictor protocol of a transformer; a ServingRuntime may pass it.
 _KSERVE_PROTOCOLS = ("v1", "v2", "grpc-v2")
 _GRPC_MAX_MESSAGE = 2**31 - 1  # gRPC keeps message sizes in a signed 32-bit int
-# How runs share the CPU (cores.py). latency: one run at a time on every intra-op thread (--inference_threads
-# at once); throughput: one thread per run, as many runs as cores; adaptive: the first for a lone request, the
-# second under contention.
-PerformanceHint = Literal["adaptive", "latency", "throughput"]
-PERFORMANCE_HINTS: tuple[PerformanceHint, ...] = ("adaptive", "latency", "throughput")
+EventLoop = Literal["auto", "uvloop", "asyncio"]
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Bounds checked before anything is allocated for a request."""
-
-    max_body_bytes: int = 256 * MiB
-    max_tensor_elements: int = 2**28
-    max_dims: int = 16
+class ConfigError(Exception):
+    """The configuration cannot run on this machine (a package it needs is missing): said before serving."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +63,7 @@ class RuntimeConfig:
     # gRPC only: serve GET /metrics on this port (REST serves it on http_port). None: off.
     metrics_port: int | None = None
     workers: int = 1
-    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "zeroserve")
+    cache_dir: Path = field(default_factory=lambda: Path(_default_cache_dir(os.environ)))
     # Built session artifacts (optimized graph, TensorRT engines) on any fsspec URI; None: off (docs/artifact-cache.md).
     cache_uri: str | None = None
     limits: Limits = field(default_factory=Limits)
@@ -73,6 +71,8 @@ class RuntimeConfig:
     performance_hint: PerformanceHint = "adaptive"
     # With the latency hint, session.run calls at once: ONNX Runtime already spreads one run over the CPU
     # quota, and two concurrent runs on every thread measured ~12% slower (bench/) than one.
+    # With the latency hint, session.run calls at once: ONNX Runtime already spreads one run over the CPU
+    # quota. The throughput hint sets it from the CPU quota when the configuration is loaded.
     inference_threads: int = 1
     inline_run_ms: float = 0.3  # session.run shorter than this runs on the event loop (0: never)
     batching: BatchSettings = field(default_factory=BatchSettings)
@@ -84,20 +84,57 @@ class RuntimeConfig:
     timeout_keep_alive: int = 65  # outlive the idle timeout of proxies in front (Envoy: 60 s)
     log_level: str = "info"
     access_log: bool = False
-    # uvloop (when installed) is faster, the standard loop fairer to connections when the loop is saturated.
-    event_loop: str = "auto"
+    # auto: uvloop when installed (faster); asyncio: the standard loop (fairer to connections when saturated).
+    # ``load`` turns auto into the loop that will run.
+    event_loop: EventLoop = "auto"
+    # The CPUs this process may use (its cgroup quota); 0 until ``load`` has read it.
+    cpus: int = 0
+
+    def load(self) -> RuntimeConfig:
+        """Resolve what depends on this machine, as uvicorn's ``Config.load`` does: the CPU quota and the
+        thread counts that follow from it, the event loop, and whether the packages asked for are installed.
+        Parsing (``from_args``) does no I/O; the entrypoint calls this once. Raises ConfigError."""
+        from zeroserve.runtime.cgroup import cpu_quota
+
+        missing = [name for name in ("onnxruntime",) if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ConfigError(
+                "ONNX Runtime is not installed: pip install 'zeroserve[cpu]' (or 'zeroserve[gpu]' with CUDA)"
+            )
+        if self.serves_grpc:
+            absent = [name for name in ("grpc", "grpc_health") if importlib.util.find_spec(name) is None]
+            if absent:
+                raise ConfigError(f"gRPC needs the '{absent[0]}' package: pip install 'zeroserve[grpc]'")
+        has_uvloop = importlib.util.find_spec("uvloop") is not None
+        if self.event_loop == "uvloop" and not has_uvloop:
+            raise ConfigError("--event_loop uvloop: uvloop is not installed (pip install uvloop, or --event_loop "
+                              "asyncio)")
+        loop: EventLoop = self.event_loop if self.event_loop != "auto" else ("uvloop" if has_uvloop else "asyncio")
+        cpus = cpu_quota()
+        providers = self.providers
+        inference_threads = self.inference_threads
+        if self.performance_hint == "throughput":
+            threads_per_run = providers.intra_op_threads or 1
+            inference_threads = max(1, cpus // (threads_per_run * self.workers))
+            providers = replace(providers, intra_op_threads=threads_per_run)
+        elif self.workers > 1 and providers.intra_op_threads is None:
+            # N worker processes split the quota, so they do not oversubscribe it.
+            providers = replace(providers, intra_op_threads=max(1, cpus // self.workers))
+        return replace(self, event_loop=loop, cpus=cpus, providers=providers, inference_threads=inference_threads)
+
+    @property
+    def loaded(self) -> bool:
+        return self.cpus > 0
 
     @property
     def uses_uvloop(self) -> bool:
-        return self.event_loop == "uvloop" or (
-            self.event_loop == "auto" and importlib.util.find_spec("uvloop") is not None
-        )
+        return self.event_loop == "uvloop"
 
     def adaptive_cores(self) -> int:
-        """Cores the adaptive hint shares between runs (cores.py); 0 when it does not apply."""
+        """Cores the adaptive hint shares between runs (placement.py); 0 when it does not apply."""
         if self.performance_hint != "adaptive" or self.providers.choice in ("tensorrt", "cuda"):
             return 0
-        cores = self.providers.intra_op_threads or providers.cpu_quota()
+        cores = self.providers.intra_op_threads or self.cpus
         return cores if cores > 1 else 0
 
     @property
@@ -117,7 +154,7 @@ class RuntimeConfig:
             # KServe passes flags meant for other servers through the same args; say so, don't die.
             logger.warning("ignoring unknown arguments: %s", " ".join(unknown))
         try:
-            provider_settings = providers.settings_from_args(ns, environ)
+            provider_settings = provider_settings_from(ns, environ)
         except ValueError as exc:
             parser.error(str(exc))
         http_port = ns.http_port if ns.http_port is not None else _port(environ.get("PORT"), parser)
@@ -128,8 +165,6 @@ class RuntimeConfig:
         )
         if ns.workers < 1:
             parser.error("--workers must be at least 1")
-        if ns.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
-            parser.error("--event_loop uvloop: uvloop is not installed (pip install uvloop, or --event_loop asyncio)")
         hint, inference_threads, provider_settings = _performance(ns, provider_settings, parser)
         protocol = _protocol(ns, parser)
         grpc_port = ns.grpc_port
@@ -150,10 +185,6 @@ class RuntimeConfig:
                 metrics_port = None
             elif metrics_port == grpc_port:
                 parser.error(f"gRPC and /metrics cannot share port {grpc_port}; give --metrics_port another")
-        if protocol != "rest":
-            missing = [name for name in ("grpc", "grpc_health") if importlib.util.find_spec(name) is None]
-            if missing:
-                parser.error(f"gRPC needs the '{missing[0]}' package: pip install 'zeroserve[grpc]'")
         return cls(
             model_name=ns.model_name or environ.get("MODEL_NAME") or "model",
             model_dir=ns.model_dir or environ.get("STORAGE_URI") or DEFAULT_MODEL_DIR,
@@ -283,26 +314,22 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--access_log", action=argparse.BooleanOptionalAction, default=False)
     server.add_argument(
         "--event_loop", default="auto", choices=["auto", "uvloop", "asyncio"],
-        help="auto: uvloop when installed (more requests/s); asyncio: the standard loop, fairer to connections when "
-        "the server is saturated (small MLP at 64 connections: p99 27-29 against 28-51 ms, 14-17%% fewer requests/s)",
+        help="auto (default): uvloop when installed, which serves more requests/s; asyncio: the standard loop, "
+        "fairer to connections when the server is saturated (a lower tail latency, fewer requests/s)",
     )
-    providers.add_arguments(parser)
+    add_provider_arguments(parser)
     return parser
 
 
 def _performance(
     ns: argparse.Namespace, settings: ProviderSettings, parser: argparse.ArgumentParser
 ) -> tuple[PerformanceHint, int, ProviderSettings]:
-    """The hint, the session.run calls at once, and the provider settings it implies."""
+    """The hint and the session.run calls at once it implies (the throughput hint's count waits for ``load``)."""
     if ns.inference_threads is not None and ns.inference_threads < 1:
         parser.error("--inference_threads must be at least 1")
     hint: PerformanceHint = ns.performance_hint or ("latency" if ns.inference_threads is not None else "adaptive")
     if ns.inference_threads is not None and hint != "latency":
         parser.error(f"--inference_threads goes with --performance_hint latency, not {hint}")
-    if hint == "throughput":
-        threads_per_run = settings.intra_op_threads or 1
-        runs = max(1, providers.cpu_quota() // (threads_per_run * ns.workers))
-        return hint, runs, replace(settings, intra_op_threads=threads_per_run)
     return hint, ns.inference_threads or 1, settings
 
 
@@ -348,7 +375,7 @@ def _warmup_shapes(
     if not text:
         return ()
     try:
-        return tuple(providers.parse_shapes("--warmup_shapes", text))
+        return tuple(parse_shapes("--warmup_shapes", text))
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -373,5 +400,53 @@ def _port(text: str | None, parser: argparse.ArgumentParser) -> int:
 
 
 def _default_cache_dir(environ: Mapping[str, str]) -> str:
-    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    """``$XDG_CACHE_HOME/zeroserve``, else ``$HOME/.cache/zeroserve``, from the environment given."""
+    home = environ.get("HOME") or os.path.expanduser("~")
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
     return os.path.join(base, "zeroserve")
+
+
+def add_provider_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the execution-provider flags, in a group of their own."""
+    group = parser.add_argument_group("execution providers")
+    add = group.add_argument
+    auto = "auto: TensorRT, CUDA, CPU as installed; a named GPU provider fails rather than fall back"
+    add("--providers", choices=PROVIDER_CHOICES, help=f"{auto} (env ZEROSERVE_PROVIDERS; default auto)")
+    add("--device_id", type=int, default=0, help="GPU ordinal (default 0)")
+    add("--trt_fp16", action="store_true", help="let TensorRT build FP16 kernels")
+    add("--trt_engine_cache_path", help="folder keeping TensorRT engines across starts")
+    add("--trt_timing_cache_path", help="folder keeping TensorRT tactic timings across starts")
+    add("--trt_max_workspace_size", type=int, help="TensorRT builder workspace, bytes")
+    add("--trt_builder_optimization_level", type=int, help="0..5: lower builds faster (ORT default 3)")
+    for kind in ("min", "opt", "max"):
+        add(f"--trt_profile_{kind}_shapes", help=f"{kind} input shapes, 'in:1x3x224x224,in2:...' (all three)")
+    add(
+        "--trt_ep_context", action="store_true",
+        help="with --cache_uri, cache TensorRT's EP-context model (the engine in a one-node ONNX graph): "
+        "a hit loads it without TensorRT's parser and builder",
+    )  # fmt: skip
+    add(
+        "--trt_build", choices=TRT_BUILDS, default="blocking",
+        help="background: become ready on CUDA at once and switch to TensorRT when its engines are built "
+        "(both sessions hold GPU memory until then); blocking (default): ready once TensorRT is",
+    )  # fmt: skip
+    add("--cuda_mem_limit", type=int, help="cap on the CUDA memory arena, bytes")
+    add("--cudnn_conv_algo_search", choices=CONV_ALGO_SEARCHES, default="HEURISTIC", help="(default HEURISTIC)")
+    add("--intra_op_threads", type=int, help="threads inside one operator (default: the CPU quota)")
+    add("--inter_op_threads", type=int, help="threads across operators; above 1 runs the graph in parallel")
+
+
+def provider_settings_from(ns: argparse.Namespace, environ: Mapping[str, str]) -> ProviderSettings:
+    """Build settings from parsed flags, with ``ZEROSERVE_PROVIDERS`` when ``--providers`` is absent.
+
+    Raises ValueError with the offending flag named.
+    """
+    choice = ns.providers
+    if choice is None:
+        raw = environ.get("ZEROSERVE_PROVIDERS", "")
+        choice = raw.strip().lower() or "auto"
+        if choice not in PROVIDER_CHOICES:
+            raise ValueError(f"ZEROSERVE_PROVIDERS={raw!r} is not one of {', '.join(PROVIDER_CHOICES)}")
+    # Every other flag's dest is the field's own name.
+    given = {f.name: getattr(ns, f.name) for f in fields(ProviderSettings) if f.name != "choice"}
+    return ProviderSettings(choice=cast(ProviderChoice, choice), **given)

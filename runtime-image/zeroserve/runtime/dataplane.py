@@ -7,14 +7,15 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from zeroserve.runtime.batching import Batcher, BatchSettings, RunResult, batchable, timed_run
+from zeroserve.runtime.batching import Batcher, RunResult, batchable, timed_run
 from zeroserve.runtime.cores import CoreScheduler
-from zeroserve.runtime.errors import InvalidInput, ServerBusy
 from zeroserve.runtime.messages import InferRequest, InferResult, OutputTensor
 from zeroserve.runtime.metrics import Gauge, Labels, Protocol, ServerMetrics
 from zeroserve.runtime.model import OnnxModel
 from zeroserve.runtime.repository import ModelRepository, State
-from zeroserve.runtime.workers import Workers
+from zeroserve.runtime.runpool import RunPool
+from zeroserve.runtime.server_errors import InvalidInput, ServerBusy
+from zeroserve.runtime.settings import BatchSettings
 
 if TYPE_CHECKING:
     from zeroserve.runtime.config import RuntimeConfig
@@ -71,7 +72,7 @@ class DataPlane:
         )
         self._inference_threads = inference_threads
         # session.run releases the GIL; a bounded pool keeps ORT's own threads from being oversubscribed.
-        self._workers = Workers(inference_threads, "zeroserve-infer")
+        self._pool = RunPool(inference_threads, "zeroserve-infer")
         self._batchers: dict[OnnxModel, Batcher | None] = {}
         # --performance_hint adaptive: a lone run takes every core, competing runs one each (cores.py), on a pool
         # of their own. Models with short runs stay on the pool above (SHARE_MIN_RUN_SECONDS).
@@ -81,9 +82,9 @@ class DataPlane:
         # several turns of the loop; without them a request admitted while others were still arriving looked alone
         # (REST binary CNN, 4 connections: 114 instead of 121 req/s, p99 53 instead of 41 ms, in some rounds).
         self.receiving = 0
-        self._shared_workers: Workers | None = None
+        self._cores_pool: RunPool | None = None
         if self.cores is not None:
-            self._shared_workers = Workers(cores, "zeroserve-cores")
+            self._cores_pool = RunPool(cores, "zeroserve-cores")
             self.metrics.add_gauge(
                 Gauge(
                     "zeroserve_session_runs_total",
@@ -105,16 +106,16 @@ class DataPlane:
         for batcher in self._batchers.values():
             if batcher is not None:
                 batcher.close()
-        self._workers.shutdown()
-        if self._shared_workers is not None:
-            self._shared_workers.shutdown()
+        self._pool.shutdown()
+        if self._cores_pool is not None:
+            self._cores_pool.shutdown()
 
     def _batcher(self, model: OnnxModel) -> Batcher | None:
         if model not in self._batchers:
             batcher = None
             if self.batching.enabled and batchable(model):
                 batcher = Batcher(
-                    model, self._workers, self.batching, self._inference_threads, in_flight=self._in_flight_or_arriving
+                    model, self._pool, self.batching, self._inference_threads, in_flight=self._in_flight_or_arriving
                 )
             self._batchers[model] = batcher
         return self._batchers[model]
@@ -226,7 +227,7 @@ class DataPlane:
                 else:
                     arrays, started, finished = await self._run_on_cores(self.cores, model, feeds, output_names)
             else:
-                arrays, started, finished = await self._workers.run(timed_run, model.run, feeds, output_names)
+                arrays, started, finished = await self._pool.run(timed_run, model.run, feeds, output_names)
         finally:
             self.in_flight -= 1
         self.metrics.observe_run(model.name, model.version, started - submitted, finished - started, batch_size)
@@ -264,13 +265,13 @@ class DataPlane:
     async def _run_on_cores(
         self, cores: CoreScheduler, model: OnnxModel, feeds: dict[str, Any], output_names: list[str] | None
     ) -> RunResult:
-        assert self._shared_workers is not None
+        assert self._cores_pool is not None
         if cores.contended:
             model.prepare_single_thread_session()  # once; ready for a later contention
         cores.submitted()
         try:
             # A run cancelled before a worker takes it (its client went away) no longer counts as waiting.
-            job = self._shared_workers.run(_run_with_cores, cores, model, feeds, output_names, skipped=cores.withdrawn)
+            job = self._cores_pool.run(_run_with_cores, cores, model, feeds, output_names, skipped=cores.withdrawn)
         except BaseException:  # never queued (the workers are shut down): it must not count as waiting
             cores.withdrawn()
             raise

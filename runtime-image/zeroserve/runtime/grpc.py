@@ -39,9 +39,9 @@ from zeroserve.runtime import grpc_codec
 from zeroserve.runtime._proto import open_inference_grpc_pb2 as pb
 from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.dataplane import DataPlane
-from zeroserve.runtime.errors import ModelLoadError, ModelNotReady, ServerError
 from zeroserve.runtime.messages import InferResult
 from zeroserve.runtime.repository import ModelRepository, State
+from zeroserve.runtime.server_errors import ModelLoadError, ModelNotReady, ServerError
 from zeroserve.runtime.telemetry import Telemetry, from_environment
 
 logger = logging.getLogger("zeroserve.runtime")

@@ -1,6 +1,6 @@
 """gRPC protocol messages <-> inference messages: typed ``contents`` and ``raw_input_contents``.
 
-The checks are the REST codec's own (``codec.check_shape``, ``codec.array_from_raw``, ...), so a
+The checks are shared with REST (``tensors.check_shape``, ``tensors.array_from_raw``, ...), so a
 tensor is validated the same way whichever protocol carried it: shape and element count against the
 limits before anything is allocated, raw bytes against shape x datatype size, BYTES elements
 length-prefixed as in the binary extension. What is gRPC's alone lives here: which typed field
@@ -19,11 +19,12 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from zeroserve.protocol import dtypes
-from zeroserve.runtime import codec, grpc_wire
+from zeroserve.runtime import grpc_wire
 from zeroserve.runtime._proto import open_inference_grpc_pb2 as pb
-from zeroserve.runtime.config import Limits
-from zeroserve.runtime.errors import InvalidInput
 from zeroserve.runtime.messages import InferRequest, InferResult, InputTensor, RequestedOutput
+from zeroserve.runtime.server_errors import InvalidInput
+from zeroserve.runtime.settings import Limits
+from zeroserve.runtime.tensors import array_from_raw, as_bytes, check_datatype, check_shape, count_error, raw_from_array
 
 # The InferTensorContents field that carries each datatype. FP16 has none: it travels raw only.
 CONTENTS_FIELD: Final[dict[str, str]] = {
@@ -83,8 +84,8 @@ def decode_request(
         name = tensor.name
         if not name:
             raise InvalidInput(f"inputs[{position}] needs a name")
-        codec.check_datatype(tensor.datatype, name)
-        shape = codec.check_shape(list(tensor.shape), name, limits)
+        check_datatype(tensor.datatype, name)
+        shape = check_shape(list(tensor.shape), name, limits)
         count = math.prod(shape)
         if raw:
             if tensor.HasField("contents"):
@@ -92,7 +93,7 @@ def decode_request(
                     f"input '{name}' has typed contents but the request also has raw_input_contents; "
                     "use one or the other for every input"
                 )
-            array = codec.array_from_raw(raw_contents[position], tensor.datatype, shape, count, name)
+            array = array_from_raw(raw_contents[position], tensor.datatype, shape, count, name)
         else:
             array = _from_contents(tensor, shape, count)
         inputs.append(InputTensor(name, tensor.datatype, shape, array))
@@ -126,7 +127,7 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[in
     if len(values) != count:
         if count and not values and not tensor.HasField("contents"):
             raise InvalidInput(f"input '{name}' has no data: set its contents or send raw_input_contents")
-        raise codec.count_error(name, len(values), shape, count)
+        raise count_error(name, len(values), shape, count)
     if datatype == "BYTES":
         try:
             text = [element.decode("utf-8") for element in values]
@@ -156,9 +157,9 @@ def encode_result(result: InferResult, raw: bool) -> bytes:
         array = output.array
         tensor = response.outputs.add(name=output.name, datatype=output.datatype, shape=array.shape)
         if raw:
-            raw_contents.append(codec.raw_from_array(array, output.datatype))
+            raw_contents.append(raw_from_array(array, output.datatype))
         elif output.datatype == "BYTES":
-            tensor.contents.bytes_contents.extend(codec.as_bytes(element) for element in array.reshape(-1))
+            tensor.contents.bytes_contents.extend(as_bytes(element) for element in array.reshape(-1))
         else:
             getattr(tensor.contents, CONTENTS_FIELD[output.datatype]).extend(array.reshape(-1).tolist())
     return grpc_wire.append_raw_output_contents(response.SerializeToString(), raw_contents)

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 from starlette.types import Message, Receive, Scope, Send
 
 from zeroserve.protocol.binary import HEADER_LENGTH
-from zeroserve.runtime import codec
-from zeroserve.runtime.config import Limits
+from zeroserve.runtime import rest_codec
 from zeroserve.runtime.dataplane import DataPlane
-from zeroserve.runtime.errors import InvalidInput, PayloadTooLarge, ServerError
 from zeroserve.runtime.messages import InferResult
 from zeroserve.runtime.rest import error_body
+from zeroserve.runtime.server_errors import InvalidInput, PayloadTooLarge, ServerError
+from zeroserve.runtime.settings import Limits
 from zeroserve.runtime.telemetry import Telemetry, set_result
 
 if TYPE_CHECKING:
@@ -68,11 +68,11 @@ class InferEndpoint:
         try:
             body = await self._read_counted(headers, receive)
             header_length = headers.get(_HEADER_LENGTH)
-            request = codec.decode_request(
+            request = rest_codec.decode_request(
                 body, header_length.decode("latin-1") if header_length is not None else None, self.limits
             )
             result = await self.dataplane.infer(name, version, request, extra_turn=self.extra_turn)
-            content, response_headers = codec.encode_result(result, request)
+            content, response_headers = rest_codec.encode_result(result, request)
             response_headers["server-timing"] = self.dataplane.server_timing(result)
             status = 200
         except ServerError as exc:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from zeroserve.runtime.errors import ModelLoadError
+from zeroserve.runtime.server_errors import ModelLoadError
 
 
 @dataclass(frozen=True, slots=True)

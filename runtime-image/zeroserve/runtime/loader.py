@@ -18,9 +18,9 @@ import anyio.to_thread
 from zeroserve.runtime import layout, memory, storage
 from zeroserve.runtime.coldstart import ColdStart
 from zeroserve.runtime.config import RuntimeConfig
-from zeroserve.runtime.errors import InvalidInput, ServerError
 from zeroserve.runtime.model import OnnxModel
 from zeroserve.runtime.repository import Entry, ModelRepository, State
+from zeroserve.runtime.server_errors import InvalidInput, ServerError
 from zeroserve.runtime.telemetry import Telemetry
 
 logger = logging.getLogger("zeroserve.runtime")
@@ -50,7 +50,7 @@ async def load_models(config: RuntimeConfig, repository: ModelRepository) -> Non
         raise
     artifacts = None
     if config.cache_uri:  # imported only when used
-        from zeroserve.runtime.artifacts import ArtifactStore
+        from zeroserve.runtime.artifact_cache import ArtifactStore
 
         artifacts = ArtifactStore(config.cache_uri, config.cache_dir)
     entries = [
@@ -82,19 +82,21 @@ async def load_in_background(
     """``load_models`` as a background task: a failure is logged and handed to ``on_failure``, never raised.
     The cold start is then recorded in ``telemetry`` (its init spans and metrics), however loading ended."""
     memory.resume_gc()  # the server stack is imported
+    failure: ServerError | None = None
     try:
         await load_models(config, repository)
     except ServerError as exc:
         logger.error("model loading failed: %s", exc.message)
-        if on_failure is not None:
-            on_failure(exc)
+        failure = exc
     except Exception as exc:
         logger.exception("model loading crashed")
         repository.discovering = False
-        if on_failure is not None:
-            on_failure(ServerError(f"model loading crashed: {exc}"))
+        failure = ServerError(f"model loading crashed: {exc}")
+    # Recorded before on_failure, which may stop the server: a failed start is in the trace too.
     if telemetry is not None:
-        telemetry.record_init(repository.coldstart)
+        telemetry.record_init(repository.coldstart, failure.message if failure is not None else None)
+    if failure is not None and on_failure is not None:
+        on_failure(failure)
 
 
 def _load_one(entry: Entry, config: RuntimeConfig, coldstart: ColdStart) -> None:

@@ -14,15 +14,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from zeroserve.protocol import dtypes
-from zeroserve.runtime.errors import InferenceError, InvalidInput, ModelLoadError
 from zeroserve.runtime.messages import InputTensor, TensorSpec
-from zeroserve.runtime.providers import ProviderSettings, create_session, interim_providers
+from zeroserve.runtime.providers import create_session, interim_providers
+from zeroserve.runtime.server_errors import InferenceError, InvalidInput, ModelLoadError
+from zeroserve.runtime.settings import ProviderSettings
 
 if TYPE_CHECKING:
     import numpy as np
     import onnxruntime
 
-    from zeroserve.runtime.artifacts import ArtifactStore
+    from zeroserve.runtime.artifact_cache import ArtifactStore
     from zeroserve.runtime.session_artifacts import SessionArtifacts
 
 logger = logging.getLogger("zeroserve.runtime")

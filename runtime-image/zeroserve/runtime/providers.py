@@ -8,17 +8,16 @@ ONNX Runtime itself is imported only when a session is built.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import math
-import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any
 
-from zeroserve.runtime.errors import ModelLoadError
+from zeroserve.runtime.cgroup import cpu_quota
+from zeroserve.runtime.server_errors import ModelLoadError
+from zeroserve.runtime.settings import ProviderSettings
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -27,14 +26,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ProviderChoice = Literal["auto", "tensorrt", "cuda", "cpu"]
-ConvAlgoSearch = Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
-TrtBuild = Literal["blocking", "background"]
-
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
-_CHOICES: tuple[ProviderChoice, ...] = ("auto", "tensorrt", "cuda", "cpu")
-_CONV_SEARCH: tuple[ConvAlgoSearch, ...] = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
-_TRT_BUILDS: tuple[TrtBuild, ...] = ("blocking", "background")
 _EXPLICIT = {"tensorrt": (TRT, CUDA), "cuda": (CUDA,), "cpu": ()}  # GPU providers before the CPU
 _TRT_PLAIN = (
     "trt_max_workspace_size",
@@ -44,143 +36,6 @@ _TRT_PLAIN = (
     "trt_profile_max_shapes",
 )
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : (\w+) : ")
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderSettings:
-    """How models run: which execution provider, its options, and CPU threads. Validated on creation."""
-
-    choice: ProviderChoice = "auto"
-    device_id: int = 0
-    trt_fp16: bool = False
-    trt_engine_cache_path: str | None = None  # enables the engine cache when set
-    trt_timing_cache_path: str | None = None  # enables the timing cache when set
-    trt_max_workspace_size: int | None = None  # bytes
-    trt_builder_optimization_level: int | None = None  # 0..5, ORT's default 3
-    trt_profile_min_shapes: str | None = None  # "in:1x3x224x224,in2:..."; all three or none
-    trt_profile_opt_shapes: str | None = None
-    trt_profile_max_shapes: str | None = None
-    # background: serve on CUDA at once and switch to TensorRT once its engines are built (see interim_providers).
-    trt_build: TrtBuild = "blocking"
-    # With --cache_uri: cache TensorRT's EP-context model, which loads without TensorRT's parser and builder.
-    trt_ep_context: bool = False
-    cuda_mem_limit: int | None = None  # bytes, caps the CUDA arena only
-    # ORT's default EXHAUSTIVE benchmarks every new input shape, which makes first requests slow.
-    cudnn_conv_algo_search: ConvAlgoSearch = "HEURISTIC"
-    intra_op_threads: int | None = None  # None: the container's CPU quota
-    inter_op_threads: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.choice not in _CHOICES:
-            raise ValueError(f"--providers must be one of {', '.join(_CHOICES)}, got {self.choice!r}")
-        if self.device_id < 0:
-            raise ValueError(f"--device_id must be 0 or more, got {self.device_id}")
-        level = self.trt_builder_optimization_level
-        if level is not None and not 0 <= level <= 5:
-            raise ValueError(f"--trt_builder_optimization_level must be 0..5, got {level}")
-        for flag, value in (
-            ("--trt_max_workspace_size", self.trt_max_workspace_size),
-            ("--cuda_mem_limit", self.cuda_mem_limit),
-            ("--intra_op_threads", self.intra_op_threads),
-            ("--inter_op_threads", self.inter_op_threads),
-        ):
-            if value is not None and value < 1:
-                raise ValueError(f"{flag} must be at least 1, got {value}")
-        if self.trt_build not in _TRT_BUILDS:
-            raise ValueError(f"--trt_build must be one of {', '.join(_TRT_BUILDS)}, got {self.trt_build!r}")
-        if self.cudnn_conv_algo_search not in _CONV_SEARCH:
-            raise ValueError(f"--cudnn_conv_algo_search must be one of {', '.join(_CONV_SEARCH)}")
-        _check_profiles(self.trt_profile_min_shapes, self.trt_profile_opt_shapes, self.trt_profile_max_shapes)
-
-
-def parse_shapes(flag: str, text: str) -> list[tuple[str, tuple[int, ...]]]:
-    # Parsed the way ORT's TensorRT EP does: split at ',', then at the *first* ':', then at 'x'.
-    # A name may repeat: its second shape belongs to a second optimization profile.
-    shapes = []
-    for item in text.split(","):
-        name, _, dims = item.partition(":")
-        try:
-            shape = tuple(int(d) for d in dims.split("x"))
-        except ValueError:
-            shape = ()
-        if not name or not shape or min(shape) < 0:
-            hint = " (ORT cuts the input name at the first ':')" if dims.count(":") else ""
-            raise ValueError(f"{flag}: {item!r} is not NAME:DIMxDIM..., e.g. 'input:1x3x224x224'{hint}")
-        shapes.append((name, shape))
-    return shapes
-
-
-def _check_profiles(low: str | None, opt: str | None, high: str | None) -> None:
-    given = [v is not None for v in (low, opt, high)]
-    if not any(given):
-        return
-    if not all(given):
-        raise ValueError(
-            "--trt_profile_min_shapes, --trt_profile_opt_shapes and --trt_profile_max_shapes "
-            "go together: give all three or none"
-        )
-    assert low is not None and opt is not None and high is not None
-    mins, opts, maxs = (
-        parse_shapes(f"--trt_profile_{k}_shapes", t) for k, t in (("min", low), ("opt", opt), ("max", high))
-    )
-    if not [n for n, _ in mins] == [n for n, _ in opts] == [n for n, _ in maxs]:
-        raise ValueError("the TensorRT profile flags must list the same inputs in the same order")
-    for (name, a), (_, b), (_, c) in zip(mins, opts, maxs):
-        if not len(a) == len(b) == len(c) or not all(x <= y <= z for x, y, z in zip(a, b, c)):
-            raise ValueError(
-                f"TensorRT profile for {name!r}: need min <= opt <= max in every dimension "
-                f"and the same rank, got {_dims(a)}, {_dims(b)}, {_dims(c)}"
-            )
-
-
-def _dims(shape: tuple[int, ...]) -> str:
-    return "x".join(map(str, shape))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the execution-provider flags, in a group of their own."""
-    group = parser.add_argument_group("execution providers")
-    add = group.add_argument
-    auto = "auto: TensorRT, CUDA, CPU as installed; a named GPU provider fails rather than fall back"
-    add("--providers", choices=_CHOICES, help=f"{auto} (env ZEROSERVE_PROVIDERS; default auto)")
-    add("--device_id", type=int, default=0, help="GPU ordinal (default 0)")
-    add("--trt_fp16", action="store_true", help="let TensorRT build FP16 kernels")
-    add("--trt_engine_cache_path", help="folder keeping TensorRT engines across starts")
-    add("--trt_timing_cache_path", help="folder keeping TensorRT tactic timings across starts")
-    add("--trt_max_workspace_size", type=int, help="TensorRT builder workspace, bytes")
-    add("--trt_builder_optimization_level", type=int, help="0..5: lower builds faster (ORT default 3)")
-    for kind in ("min", "opt", "max"):
-        add(f"--trt_profile_{kind}_shapes", help=f"{kind} input shapes, 'in:1x3x224x224,in2:...' (all three)")
-    add(
-        "--trt_ep_context", action="store_true",
-        help="with --cache_uri, cache TensorRT's EP-context model (the engine in a one-node ONNX graph): "
-        "a hit loads it without TensorRT's parser and builder",
-    )  # fmt: skip
-    add(
-        "--trt_build", choices=_TRT_BUILDS, default="blocking",
-        help="background: become ready on CUDA at once and switch to TensorRT when its engines are built "
-        "(both sessions hold GPU memory until then); blocking (default): ready once TensorRT is",
-    )  # fmt: skip
-    add("--cuda_mem_limit", type=int, help="cap on the CUDA memory arena, bytes")
-    add("--cudnn_conv_algo_search", choices=_CONV_SEARCH, default="HEURISTIC", help="(default HEURISTIC)")
-    add("--intra_op_threads", type=int, help="threads inside one operator (default: the CPU quota)")
-    add("--inter_op_threads", type=int, help="threads across operators; above 1 runs the graph in parallel")
-
-
-def settings_from_args(ns: argparse.Namespace, environ: Mapping[str, str]) -> ProviderSettings:
-    """Build settings from parsed flags, with ``ZEROSERVE_PROVIDERS`` when ``--providers`` is absent.
-
-    Raises ValueError with the offending flag named.
-    """
-    choice = ns.providers
-    if choice is None:
-        raw = environ.get("ZEROSERVE_PROVIDERS", "")
-        choice = raw.strip().lower() or "auto"
-        if choice not in _CHOICES:
-            raise ValueError(f"ZEROSERVE_PROVIDERS={raw!r} is not one of {', '.join(_CHOICES)}")
-    # Every other flag's dest is the field's own name.
-    given = {f.name: getattr(ns, f.name) for f in fields(ProviderSettings) if f.name != "choice"}
-    return ProviderSettings(choice=cast(ProviderChoice, choice), **given)
 
 
 def select_providers(
@@ -249,66 +104,6 @@ def _options(name: str, s: ProviderSettings) -> dict[str, str]:
             opts["gpu_mem_limit"] = str(s.cuda_mem_limit)
         return opts
     return {}
-
-
-def cpu_quota(
-    cgroup_root: Path = Path("/sys/fs/cgroup"),
-    *,
-    host_cpus: int | None = None,
-    proc_cgroup: Path = Path("/proc/self/cgroup"),
-) -> int:
-    """The CPUs this process may use: its cgroup CPU quota (v2 or v1, rounded up), capped by the CPUs it
-    may run on (``host_cpus``, by default its affinity mask), and never below 1."""
-    if host_cpus is None:
-        try:
-            host_cpus = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            host_cpus = os.cpu_count() or 1
-    limit = _cgroup_limit(cgroup_root, proc_cgroup)
-    return max(1, host_cpus if limit is None else min(host_cpus, math.ceil(limit)))
-
-
-def _cgroup_limit(root: Path, proc_cgroup: Path) -> float | None:
-    v2 = (root / "cgroup.controllers").exists()
-    if v2:
-        base: Path | None = root
-    else:  # v1 mounts the controller as cpu or cpu,cpuacct (often one a link to the other)
-        base = next((root / d for d in ("cpu", "cpu,cpuacct") if (root / d).is_dir()), None)
-    if base is None:
-        return None
-    limits = [q for d in _own_dirs(base, proc_cgroup, v2) if (q := _read_limit(d, v2)) is not None]
-    return min(limits, default=None)
-
-
-def _own_dirs(base: Path, proc_cgroup: Path, v2: bool) -> Iterator[Path]:
-    # The process's own cgroup and its ancestors: a limit on any of them applies. Inside a cgroup
-    # namespace (or a v1 container) the mount root already is the own cgroup and the path does not exist.
-    rel = ""
-    try:
-        for line in proc_cgroup.read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            if (v2 and controllers == "") or (not v2 and "cpu" in controllers.split(",")):
-                rel = path.strip("/")
-    except (OSError, ValueError):
-        pass
-    here = base / rel
-    if not rel or ".." in Path(rel).parts or not here.is_dir():
-        here = base
-    yield here
-    while here != base:
-        here = here.parent
-        yield here
-
-
-def _read_limit(folder: Path, v2: bool) -> float | None:
-    try:
-        if v2:  # cpu.max: "max 100000" or "150000 100000"
-            quota, period = (folder / "cpu.max").read_text().split()[:2]
-            return None if quota == "max" else int(quota) / int(period)
-        v1_quota = int((folder / "cpu.cfs_quota_us").read_text())  # -1 means no limit
-        return v1_quota / int((folder / "cpu.cfs_period_us").read_text()) if v1_quota > 0 else None
-    except (OSError, ValueError, ZeroDivisionError):
-        return None
 
 
 def session_options(

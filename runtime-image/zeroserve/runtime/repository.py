@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from zeroserve.protocol.start import StartState
 from zeroserve.runtime.coldstart import ColdStart
-from zeroserve.runtime.errors import ModelLoadError, ModelNotFound, ModelNotReady
 from zeroserve.runtime.model import OnnxModel
+from zeroserve.runtime.server_errors import ModelLoadError, ModelNotFound, ModelNotReady
 
 
 class State(enum.Enum):

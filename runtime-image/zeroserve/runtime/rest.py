@@ -14,7 +14,7 @@ from starlette.types import ASGIApp
 
 from zeroserve.protocol.start import START_HEADER, StartState, retry_after_value
 from zeroserve.runtime.dataplane import DataPlane
-from zeroserve.runtime.errors import ServerError
+from zeroserve.runtime.server_errors import ServerError
 
 logger = logging.getLogger("zeroserve.runtime")
 

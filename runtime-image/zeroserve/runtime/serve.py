@@ -7,7 +7,6 @@ lets in-flight requests finish for up to ``shutdown_timeout`` seconds, then the 
 from __future__ import annotations
 
 import base64
-import dataclasses
 import importlib.util
 import logging
 import os
@@ -16,8 +15,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from zeroserve.runtime import memory, telemetry
-from zeroserve.runtime.config import RuntimeConfig
-from zeroserve.runtime.errors import ServerError
+from zeroserve.runtime.config import ConfigError, RuntimeConfig
+from zeroserve.runtime.server_errors import ServerError
 
 if TYPE_CHECKING:
     import uvicorn
@@ -39,7 +38,13 @@ _WORKER_CONFIG_ENV = "ZEROSERVE_WORKER_CONFIG"
 
 
 def serve(config: RuntimeConfig) -> int:
-    """Serve until stopped; returns the process exit code (1 when a model failed to load)."""
+    """Serve until stopped; returns the process exit code (1 when a model failed to load, 2 when the
+    configuration cannot run here)."""
+    try:
+        config = config if config.loaded else config.load()
+    except ConfigError as exc:
+        print(f"zeroserve: {exc}", file=sys.stderr)
+        return 2
     memory.tune_malloc()
     if not config.serves_rest:
         from zeroserve.runtime.grpc import serve_grpc
@@ -96,11 +101,6 @@ def _serve_workers(config: RuntimeConfig) -> int:
     oversubscribe the CPU quota."""
     from uvicorn.supervisors import Multiprocess
 
-    if config.providers.intra_op_threads is None:
-        from zeroserve.runtime.providers import cpu_quota
-
-        threads = max(1, cpu_quota() // config.workers)
-        config = dataclasses.replace(config, providers=dataclasses.replace(config.providers, intra_op_threads=threads))
     # Workers are spawned processes: they rebuild the app from this config through the factory below.
     os.environ[_WORKER_CONFIG_ENV] = base64.b64encode(pickle.dumps(config)).decode()
     uvicorn_config = _uvicorn_config(f"{__name__}:worker_app", config, factory=True, workers=config.workers)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from zeroserve.runtime.artifact_cache import ArtifactStore, Lookup
 from zeroserve.runtime.artifact_keys import CPU_LEVEL, CpuLevel, GpuFacts, detect_gpu, key_fields, model_digest
-from zeroserve.runtime.artifacts import ArtifactStore, Lookup
 
 if TYPE_CHECKING:
     import onnxruntime

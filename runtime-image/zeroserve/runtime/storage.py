@@ -26,8 +26,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
-from zeroserve.runtime.cache import CacheEntry, RemoteFile
-from zeroserve.runtime.errors import StorageError
+from zeroserve.runtime.download_cache import CacheEntry, RemoteFile
+from zeroserve.runtime.server_errors import StorageError
 
 __all__ = ["FetchResult", "fetch"]
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from zeroserve.runtime.coldstart import ColdStart
 
 if TYPE_CHECKING:
+    from opentelemetry.context import Context
     from opentelemetry.metrics import MeterProvider
-    from opentelemetry.trace import Span, TracerProvider
+    from opentelemetry.trace import Span, SpanContext, TracerProvider
     from opentelemetry.util.types import Attributes
 
 logger = logging.getLogger("zeroserve.runtime")
@@ -51,8 +52,12 @@ class Telemetry:
         meter_provider: MeterProvider | None = None,
         *,
         rpc_conventions: RpcConventions = "old",
+        start_parent: Context | None = None,
     ) -> None:
         self.enabled = tracer_provider is not None
+        # The trace of the request this process was started for (TRACEPARENT), which its init span joins.
+        self.start_parent = start_parent
+        self.init_span: SpanContext | None = None
         self.rpc_conventions = rpc_conventions
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
@@ -67,28 +72,40 @@ class Telemetry:
             )
             self._coldstarts = meter.create_counter("faas.coldstarts", description="Cold starts of this server")
 
-    def record_init(self, coldstart: ColdStart) -> None:
-        """Emit the init span tree and metrics once every model is ready (the phases' times are known)."""
-        if coldstart.ready_ns is None:
+    def record_init(self, coldstart: ColdStart, failure: str | None = None) -> None:
+        """Emit the init span tree and metrics once loading ended: every model ready, or ``failure``.
+
+        The init span is a child of the trace context this process was started with (``start_parent``),
+        so a start made for a request sits in that request's trace; a failed start ends it with an error."""
+        if coldstart.ready_ns is None and failure is None:
             return
         if self._meter_provider is not None and coldstart.init_seconds is not None:
             self._init_duration.record(coldstart.init_seconds)
             self._coldstarts.add(1)
         if not self.enabled:
             return
+        import time
+
         from opentelemetry import trace
 
         root = self._tracer.start_span(
-            "zeroserve.init", start_time=coldstart.process_start_ns, attributes={"faas.coldstart": True}
+            "zeroserve.init", context=self.start_parent, start_time=coldstart.process_start_ns,
+            attributes={"faas.coldstart": True},
         )
         parent = trace.set_span_in_context(root)
+        end_ns = coldstart.ready_ns or time.time_ns()
         for phase in coldstart.phases:
-            if phase.end_ns:
-                child = self._tracer.start_span(
-                    phase.name, context=parent, start_time=phase.start_ns, attributes=phase.attributes
-                )
-                child.end(end_time=phase.end_ns)
-        root.end(end_time=coldstart.ready_ns)
+            child = self._tracer.start_span(
+                phase.name, context=parent, start_time=phase.start_ns, attributes=phase.attributes
+            )
+            if not phase.end_ns:  # the phase that failed
+                child.set_status(trace.Status(trace.StatusCode.ERROR, failure))
+            child.end(end_time=phase.end_ns or end_ns)
+        if failure is not None:
+            root.set_attribute("error.type", "ModelLoadError")
+            root.set_status(trace.Status(trace.StatusCode.ERROR, failure))
+        root.end(end_time=end_ns)
+        self.init_span = root.get_span_context()
 
     @contextmanager
     def server_span(self, name: str, carrier: Mapping[str, str], attributes: Attributes) -> Iterator[Span]:
@@ -186,45 +203,15 @@ def rpc_conventions(environ: Mapping[str, str]) -> RpcConventions:
 
 
 def from_environment(environ: Mapping[str, str]) -> Telemetry:
-    """Telemetry configured the standard way: ``OTEL_TRACES_EXPORTER`` (otlp, console or none),
-    ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``, ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
-    ``OTEL_METRICS_EXPORTER``, ``OTEL_SDK_DISABLED``. Nothing set: tracing off, no SDK import."""
-    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return Telemetry()
-    traces = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    endpoint = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    if traces in ("", "none") and not (endpoint and traces == ""):
-        return Telemetry()
-    try:
-        from opentelemetry import metrics, trace
-        from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-    except ImportError as exc:
-        logger.warning("OTEL_* is set but the OpenTelemetry SDK is missing (%s): pip install 'zeroserve[runtime]'", exc)
-        return Telemetry()
-    resource = Resource.create(_faas_resource(environ))
-    tracer_provider = SdkTracerProvider(resource=resource)
-    exporter: Any
-    if traces == "console":
-        exporter = ConsoleSpanExporter()
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    """Telemetry configured the standard way (``otel_sdk``): traces and metrics each from their own
+    ``OTEL_*_EXPORTER``, console included. Nothing set: off, and the SDK is never imported."""
+    from zeroserve.runtime import otel_sdk
 
-        exporter = OTLPSpanExporter()
-    tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(tracer_provider)
-    meter_provider = None
-    if environ.get("OTEL_METRICS_EXPORTER", "otlp").strip().lower() == "otlp" and traces != "console":
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-
-        reader = PeriodicExportingMetricReader(OTLPMetricExporter())
-        meter_provider = SdkMeterProvider(resource=resource, metric_readers=[reader])
-        metrics.set_meter_provider(meter_provider)
-    logger.info("OpenTelemetry on: traces to %s", "the console" if traces == "console" else endpoint or "OTLP default")
-    return Telemetry(tracer_provider, meter_provider, rpc_conventions=rpc_conventions(environ))
+    sdk = otel_sdk.providers_from_environment(environ, _faas_resource(environ))
+    parent = otel_sdk.parent_from_environment(environ) if sdk.tracer_provider is not None else None
+    return Telemetry(
+        sdk.tracer_provider, sdk.meter_provider, rpc_conventions=rpc_conventions(environ), start_parent=parent
+    )
 
 
 def _faas_resource(environ: Mapping[str, str]) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Workers: real threads and a real event loop; results, exceptions, order, cancellation and shutdown."""
+"""RunPool: real threads and a real event loop; results, exceptions, order, cancellation and shutdown."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import traceback
 
 import pytest
 
-from zeroserve.runtime.workers import Workers
+from zeroserve.runtime.runpool import RunPool
 
 
 def test_results_and_exceptions_reach_the_awaiting_task() -> None:
-    workers = Workers(2, "test-workers")
+    workers = RunPool(2, "test-workers")
 
     def fail() -> None:
         raise ValueError("broken run")
@@ -30,7 +30,7 @@ def test_results_and_exceptions_reach_the_awaiting_task() -> None:
 
 
 def test_at_most_count_jobs_run_at_once() -> None:
-    workers = Workers(3, "test-workers")
+    workers = RunPool(3, "test-workers")
     running, most = 0, 0
     lock = threading.Lock()
 
@@ -52,7 +52,7 @@ def test_at_most_count_jobs_run_at_once() -> None:
 
 
 def test_a_job_cancelled_while_queued_never_runs_and_says_so() -> None:
-    workers = Workers(1, "test-workers")
+    workers = RunPool(1, "test-workers")
     release = threading.Event()
     ran: list[str] = []
     skipped: list[str] = []
@@ -73,7 +73,7 @@ def test_a_job_cancelled_while_queued_never_runs_and_says_so() -> None:
 
 
 def test_shutdown_finishes_queued_jobs_then_refuses_new_ones() -> None:
-    workers = Workers(1, "test-workers")
+    workers = RunPool(1, "test-workers")
     done: list[int] = []
 
     async def main() -> list[asyncio.Future[None]]:
@@ -93,15 +93,15 @@ def test_shutdown_finishes_queued_jobs_then_refuses_new_ones() -> None:
 
 def test_no_threads_until_the_first_job() -> None:
     before = {thread.name for thread in threading.enumerate()}
-    workers = Workers(2, "idle-workers")
+    workers = RunPool(2, "idle-workers")
     assert not any(name.startswith("idle-workers") for name in {t.name for t in threading.enumerate()} - before)
     workers.shutdown()
     with pytest.raises(ValueError):
-        Workers(0, "none")
+        RunPool(0, "none")
 
 
 def test_a_result_for_a_closed_loop_is_dropped_quietly() -> None:
-    workers = Workers(1, "test-workers")
+    workers = RunPool(1, "test-workers")
     release = threading.Event()
     loop = asyncio.new_event_loop()
 
@@ -116,7 +116,7 @@ def test_a_result_for_a_closed_loop_is_dropped_quietly() -> None:
 
 
 def test_stop_iteration_reaches_the_caller_as_a_runtime_error() -> None:
-    workers = Workers(1, "test-workers")
+    workers = RunPool(1, "test-workers")
 
     async def main() -> None:
         with pytest.raises(RuntimeError, match="StopIteration") as info:
@@ -135,7 +135,7 @@ def test_a_failed_job_does_not_keep_its_arguments_alive() -> None:
     def fail(payload: bytes) -> None:
         raise ValueError("broken run")
 
-    workers = Workers(1, "test-workers")
+    workers = RunPool(1, "test-workers")
 
     async def main() -> BaseException:
         try:

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 from zeroserve.runtime import digests
+from zeroserve.runtime.artifact_cache import ArtifactStore
 from zeroserve.runtime.artifact_keys import GpuFacts, artifact_key, cpu_features, detect_gpu, key_fields
-from zeroserve.runtime.artifacts import ArtifactStore
 from zeroserve.runtime.digests import DigestMemo
-from zeroserve.runtime.errors import StorageError
 from zeroserve.runtime.model import OnnxModel
-from zeroserve.runtime.providers import CPU, CUDA, TRT, ProviderSettings, create_session, select_providers
+from zeroserve.runtime.providers import CPU, CUDA, TRT, create_session, select_providers
+from zeroserve.runtime.server_errors import StorageError
 from zeroserve.runtime.session_artifacts import OPTIMIZED_NAME, SessionArtifacts
+from zeroserve.runtime.settings import ProviderSettings
 
 import models
 from conftest import start_server
@@ -452,7 +453,7 @@ def test_s3_upload_failure_does_not_fail_the_load(
     s3_env: Any, model_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = ArtifactStore("s3://no-such-bucket-zeroserve/artifacts", tmp_path / "cache")
-    with caplog.at_level(logging.WARNING, logger="zeroserve.runtime.artifacts"):
+    with caplog.at_level(logging.WARNING, logger="zeroserve.runtime.artifact_cache"):
         model = load(model_path, store)
         assert store.wait(30)
     assert source(model) == "miss" and model.run(FEED, None)[0].shape == (2, 4)

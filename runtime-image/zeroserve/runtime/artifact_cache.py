@@ -29,9 +29,9 @@ from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
 from zeroserve.runtime.artifact_keys import artifact_key
-from zeroserve.runtime.cache import CacheEntry
 from zeroserve.runtime.digests import DigestMemo, sha256_file
-from zeroserve.runtime.errors import StorageError
+from zeroserve.runtime.download_cache import CacheEntry
+from zeroserve.runtime.server_errors import StorageError
 from zeroserve.runtime.storage import _BACKENDS, _explained, _filesystem
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Worker threads that run blocking calls (``session.run``) for the event loop, with a cheap hand-off.
+"""Threads that run blocking calls (``session.run``) for the event loop, with a cheap hand-off.
 
 ``loop.run_in_executor`` pays for a ``concurrent.futures.Future`` with its condition lock, the pool's own
 bookkeeping and the chaining of that future to an asyncio one, all in Python: about 45 µs of CPU per call on
@@ -32,12 +32,12 @@ _Job = tuple[
 ]
 
 
-class Workers:
+class RunPool:
     """``count`` threads taking jobs in order; each job's result or exception resolves an asyncio future."""
 
     def __init__(self, count: int, name: str) -> None:
         if count < 1:
-            raise ValueError(f"workers need at least one thread, got {count}")
+            raise ValueError(f"a run pool needs at least one thread, got {count}")
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}_{index}", daemon=True) for index in range(count)
@@ -55,7 +55,7 @@ class Workers:
         future: asyncio.Future[T] = loop.create_future()
         with self._lock:
             if self._closed:
-                raise RuntimeError("cannot run new work: the workers are shut down")
+                raise RuntimeError("cannot run new work: the run pool is shut down")
             if not self._started:  # threads start with the first job: no cost at import or for a server never used
                 for thread in self._threads:
                     thread.start()
