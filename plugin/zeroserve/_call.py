@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING
 
 import httpx
 from opentelemetry import context as otel_context
@@ -29,9 +29,6 @@ if TYPE_CHECKING:
 CallStep = Send | Sleep | Wake
 CallFlow = Generator[CallStep, Outcome | WakeResult | None, CallReport]
 WakeFlow = Generator[Probe | Sleep, Outcome | None, WakeReport]
-S = TypeVar("S")
-R = TypeVar("R")
-V = TypeVar("V")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,22 +54,10 @@ class CallSpec:
     cold_wait: float | None = None
     context: Context | None = None
 
-
-class _Steps(Generic[S, R, V]):
-    """Steps a generator flow one reply at a time; ``next`` returns None once it has returned."""
-
-    __slots__ = ("flow", "value")
-
-    def __init__(self, flow: Generator[S, R, V]) -> None:
-        self.flow = flow
-        self.value: V | None = None
-
-    def next(self, reply: R | None) -> S | None:
-        try:
-            return self.flow.send(reply)  # type: ignore[arg-type]  # None starts a fresh generator
-        except StopIteration as done:
-            self.value = done.value
-            return None
+    def with_content(self, content: bytes, headers: Headers) -> CallSpec:
+        """The same call with this body (``dataclasses.replace``, without its cost on every inference)."""
+        return CallSpec(self.operation, self.method, self.path, content, headers, self.idempotent, self.timeout,
+                        self.cold_wait, self.context)
 
 
 class CallScope:
@@ -84,8 +69,8 @@ class CallScope:
     when the flow has returned). ``report`` adds up the call's requests; ``part`` is the current request's.
     """
 
-    __slots__ = ("_make_flow", "_steps", "_token", "context", "init_traceparent", "part", "report", "response",
-                 "span", "started")
+    __slots__ = ("_flow", "_make_flow", "_token", "context", "init_traceparent", "part", "report", "response",
+                 "server_timing", "span", "started")
 
     def __init__(self, spans: CallSpans, spec: CallSpec, started: float,
                  make_flow: Callable[[CallSpec, CallReport, float], CallFlow]) -> None:
@@ -94,9 +79,10 @@ class CallScope:
         self.report = CallReport()
         self.part = self.report
         self.response: httpx.Response | None = None
+        self.server_timing: str | None = None
         self.init_traceparent: str | None = None
         self._make_flow = make_flow
-        self._steps: _Steps[CallStep, Outcome | WakeResult, CallReport] | None = None
+        self._flow: CallFlow | None = None
         self._token: object = None
 
     def __enter__(self) -> CallScope:
@@ -105,29 +91,31 @@ class CallScope:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
-        if self._steps is not None:
-            self._steps.flow.close()
-            self._absorb()
-        otel_context.detach(self._token)  # type: ignore[arg-type]
-        timing = self.response.headers.get("server-timing") if self.response is not None else None
-        self.report.init_traceparent = self.init_traceparent or self.report.init_traceparent
-        CallSpans.end_call(self.span, self.report, error, timing)
-
-    def begin(self, spec: CallSpec) -> None:
-        """Start the flow of one request of this call."""
-        if self._steps is not None:
-            self._steps.flow.close()
-            self._absorb()
-        self.part = CallReport()
-        self._steps = _Steps(self._make_flow(spec, self.part, self.started))
-
-    def next(self, reply: Outcome | WakeResult | None) -> CallStep | None:
-        assert self._steps is not None
-        return self._steps.next(reply)
-
-    def _absorb(self) -> None:
+        if self._flow is not None:
+            self._flow.close()
         if self.part is not self.report:
             self.report.absorb(self.part)
+        otel_context.detach(self._token)  # type: ignore[arg-type]
+        if self.init_traceparent is not None:
+            self.report.init_traceparent = self.init_traceparent
+        CallSpans.end_call(self.span, self.report, error, self.server_timing)
+
+    def begin(self, spec: CallSpec) -> None:
+        """Start the flow of one request of this call (the first reports straight into ``report``)."""
+        if self._flow is not None:
+            self._flow.close()
+            if self.part is not self.report:
+                self.report.absorb(self.part)
+            self.part = CallReport()
+        self._flow = self._make_flow(spec, self.part, self.started)
+
+    def next(self, reply: Outcome | WakeResult | None) -> CallStep | None:
+        """The flow's next step after ``reply`` (None to start it); None once it has returned."""
+        assert self._flow is not None
+        try:
+            return self._flow.send(reply)
+        except StopIteration:
+            return None
 
     @property
     def answer(self) -> httpx.Response:
@@ -139,29 +127,36 @@ class CallScope:
 class WakeScope:
     """A wake-up in progress: its span (a child of the call that started it) and its flow."""
 
-    __slots__ = ("_steps", "context", "init_traceparent", "response", "span")
+    __slots__ = ("_flow", "_report", "context", "init_traceparent", "response", "server_timing", "span")
 
     def __init__(self, spans: CallSpans, flow: WakeFlow) -> None:
         self.span, self.context = spans.start_call("wake", None)
         self.response: httpx.Response | None = None
+        self.server_timing: str | None = None
         self.init_traceparent: str | None = None
-        self._steps: _Steps[Probe | Sleep, Outcome, WakeReport] = _Steps(flow)
+        self._flow = flow
+        self._report: WakeReport | None = None
 
     def __enter__(self) -> WakeScope:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
-        self._steps.flow.close()
-        CallSpans.end_wake(self.span, self._steps.value, error, self.init_traceparent)
+        self._flow.close()
+        CallSpans.end_wake(self.span, self._report, error, self.init_traceparent)
 
     def next(self, reply: Outcome | None) -> Probe | Sleep | None:
-        return self._steps.next(reply)
+        """The flow's next step after ``reply`` (None to start it); None once it has returned."""
+        try:
+            return self._flow.send(reply)
+        except StopIteration as done:
+            self._report = done.value
+            return None
 
     @property
     def result(self) -> WakeReport:
         """The finished wake-up's report, with the server's init span when an answer named it."""
-        report = self._steps.value
+        report = self._report
         assert report is not None
         if self.init_traceparent is not None:
             report = dataclasses.replace(report, init_traceparent=self.init_traceparent)
@@ -184,17 +179,20 @@ class Attempt:
         self.httpx_timeout = httpx.Timeout(timeout, connect=min(connect_timeout, timeout))
 
     def answered(self, response: httpx.Response) -> Outcome:
-        self.scope.response = response
+        scope = self.scope
+        scope.response = response
         headers = response.headers
         init = headers.get(INIT_SPAN_HEADER)
         if init is not None:
-            self.scope.init_traceparent = init
+            scope.init_traceparent = init
         outcome = classify_response(response.status_code, headers.get("retry-after"), response.content,
                                     headers.get(START_HEADER) if response.status_code == 503 else None)
-        CallSpans.end_attempt(self.span, outcome, None, headers.get("server-timing"))
+        scope.server_timing = timing = headers.get("server-timing")
+        CallSpans.end_attempt(self.span, outcome, None, timing)
         return outcome
 
     def failed(self, error: httpx.RequestError) -> Outcome:
+        self.scope.server_timing = None
         outcome = classify_error(error, self.timeout, self.address)
         CallSpans.end_attempt(self.span, outcome, error, None)
         return outcome

@@ -170,8 +170,7 @@ def call_flow(
             if report.cold_start:
                 limit = cold_limit
         while True:
-            pause = state.pause_left(now())
-            if pause > 0:  # the service's Retry-After, whoever heard it
+            if state.not_before and (pause := state.pause_left(now())) > 0:  # its Retry-After, whoever heard it
                 if now() + pause >= limit:
                     raise Unavailable(
                         f"the service asked for {pause:.1f} s without requests (Retry-After), "

@@ -8,7 +8,6 @@ the async one with ``httpx.AsyncClient`` and ``asyncio.sleep``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -120,7 +119,7 @@ class RemoteModel(_BaseRemoteModel):
                 self._metadata_answer(self._run(scope, self._metadata_spec(spec)), scope.part)
             body, content_headers = self._encode(inputs, self._datatypes if plain else None, outputs, parameters,
                                                  request_id, headers)
-            response = self._run(scope, dataclasses.replace(spec, content=body, headers=content_headers))
+            response = self._run(scope, spec.with_content(body, content_headers))
         return self._outputs(response, scope.part)
 
     def metadata(self, *, cold_wait: float | None = None, context: Context | None = None) -> dict[str, Any]:
@@ -282,7 +281,7 @@ class AsyncRemoteModel(_BaseRemoteModel):
                 self._metadata_answer(await self._run(scope, self._metadata_spec(spec)), scope.part)
             body, content_headers = self._encode(inputs, self._datatypes if plain else None, outputs, parameters,
                                                  request_id, headers)
-            response = await self._run(scope, dataclasses.replace(spec, content=body, headers=content_headers))
+            response = await self._run(scope, spec.with_content(body, content_headers))
         return self._outputs(response, scope.part)
 
     async def metadata(self, *, cold_wait: float | None = None, context: Context | None = None) -> dict[str, Any]:
