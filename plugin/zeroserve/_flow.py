@@ -275,7 +275,7 @@ def _wait_for_wake(
         return _Starting(
             f"the model service is starting ({progress})",
             endpoint=endpoint, attempts=report.attempts, last_status=_status(report),
-            retry_after=result.retry_after if result.retry_after is not None else cold.retry_after,
+            retry_after=_first(result.retry_after, sign.retry_after if sign is not None else None, cold.retry_after),
             start=sign.start if sign is not None else None,
         )
     raise ColdStartTimeout(
@@ -401,6 +401,10 @@ def _address(endpoint: str) -> str:
         return endpoint
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return f"[{parts.hostname}]:{port}" if ":" in parts.hostname else f"{parts.hostname}:{port}"
+
+
+def _first(*values: float | None) -> float | None:
+    return next((value for value in values if value is not None), None)
 
 
 def _status(report: CallReport) -> int | None:

@@ -111,6 +111,13 @@ class RemoteModel(_BaseRemoteModel):
             cold_wait: the longest to wait for a cold start before raising ``Unavailable`` (None: up to
                 the cold-start deadline).
             context: the OpenTelemetry context to parent this call's spans (the current one when None).
+
+        Raises:
+            ValueError: the inputs cannot be encoded (not numbers, ragged lists).
+            RemoteModelError: the call failed; the subclass says how (``zeroserve.errors``): e.g.
+                ``RequestRejected`` (a wrong shape), ``ColdStartFailed`` (the service cannot start, with its
+                reason), ``ColdStartTimeout``, ``Unreachable`` (no such host, TLS verification failed, nothing
+                listening), ``OutcomeUnknown`` (it may have run).
         """
         spec = CallSpec("infer", "POST", self._infer_path, timeout=timeout, cold_wait=cold_wait, context=context)
         with self._scope(spec) as scope:
@@ -141,6 +148,10 @@ class RemoteModel(_BaseRemoteModel):
 
         Args:
             background: start the wake-up and return at once (e.g. on app start-up).
+
+        Raises:
+            ColdStartFailed, ColdStartTimeout, Unreachable, RequestRejected: the wake-up failed (not raised with
+                ``background``: the next call meets the failure).
         """
         flight = self._wake_flight.join(self._wake_work, 0.0 if background else self.cold_start.deadline + 5.0)
         if background:

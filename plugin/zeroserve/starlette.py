@@ -72,18 +72,22 @@ class ModelRoute:
 
     @property
     def when_cold(self) -> WhenCold:
+        """``"hold"`` or ``"reject"``."""
         return self.forwarding.when_cold
 
     @property
     def cold_grace(self) -> float:
+        """Seconds a request may wait for a wake-up in ``"reject"`` mode."""
         return self.forwarding.cold_grace
 
     @property
     def headers(self) -> HeaderPolicy:
+        """Which request headers go on to the model service."""
         return self.forwarding.headers
 
     @property
     def max_body_bytes(self) -> int:
+        """Larger request bodies are answered 413."""
         return self.forwarding.max_body_bytes
 
     @contextlib.asynccontextmanager

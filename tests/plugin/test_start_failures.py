@@ -177,6 +177,21 @@ def test_mounted_routes_pass_a_failed_start_on_to_their_callers() -> None:
             extension.close(flask_app)
 
 
+def test_a_route_that_will_not_wait_says_the_service_is_starting() -> None:
+    front = ContractFront(fails=False)
+    with uvicorn_server(front.app) as model_url:
+        host = Starlette()
+        # a grace that outlasts the first probe (so the route knows what the service said), not the start
+        mount_model(host, "/predict", AsyncRemoteModel(model_url, model="m"), when_cold="reject", cold_grace=2.0)
+        with uvicorn_server(host) as url:
+            answer = httpx.post(f"{url}/predict", content=b'{"x": [[1, 2]]}', timeout=30)
+    assert answer.status_code == 503 and answer.headers[START_HEADER] == "loading"
+    assert answer.headers["retry-after"] == "1"
+    content = answer.json()
+    assert content["start"]["state"] == "loading" and content["start"]["phase"] == "process"
+    assert content["error"].startswith("the model service is starting (process")
+
+
 # --- not a cold start: fail fast, naming the cause ---
 
 @pytest.mark.parametrize("client", ["sync", "async"])
