@@ -1,5 +1,5 @@
-"""What RemoteModel and AsyncRemoteModel share: configuration, paths, building and classifying requests,
-decoding answers, and the sans-I/O flows they drive (``zeroserve._flow``)."""
+"""What RemoteModel and AsyncRemoteModel share: configuration, paths, encoding requests and decoding answers,
+and the pieces their drivers are built from (a call's scope and flows, one attempt: ``zeroserve._call``)."""
 
 from __future__ import annotations
 

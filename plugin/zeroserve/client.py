@@ -1,8 +1,9 @@
 """RemoteModel and AsyncRemoteModel: a model served over the V2 protocol, called like a local function.
 
-Both share ``_BaseRemoteModel`` (configuration, request building, classification, spans) and drive the
-same sans-I/O flows from ``zeroserve._flow``: the sync one with ``httpx.Client`` and ``time.sleep``,
-the async one with ``httpx.AsyncClient`` and ``asyncio.sleep``.
+Both share ``_BaseRemoteModel`` (configuration, encoding, decoding) and the call scope of ``zeroserve._call``
+(a call's span and flows, one attempt's span and classification), and drive the same sans-I/O flows from
+``zeroserve._flow``: the sync one with ``httpx.Client`` and ``time.sleep``, the async one with
+``httpx.AsyncClient`` and ``asyncio.sleep``. Only the I/O differs between the two.
 """
 
 from __future__ import annotations
