@@ -96,6 +96,15 @@ KINDS: dict[str, ServerKind] = {
         ("--host", HOST, "--event_loop", "asyncio"),
         probe=_PROBE_ZEROSERVE,
     ),
+    # zeroserve from another checkout (a baseline commit, installed in a virtualenv of its own), beside this one
+    # in the same run: opt-in, for before/after comparisons; its interpreter is $ZEROSERVE_BASE_PYTHON.
+    "zeroserve@base": ServerKind(
+        "zeroserve@base",
+        ("-m", "zeroserve.runtime"),
+        ("--host", HOST),
+        probe=_PROBE_ZEROSERVE,
+        python=Path(os.environ.get("ZEROSERVE_BASE_PYTHON", "/nonexistent/zeroserve-base/bin/python")),
+    ),
     "kserve": ServerKind("kserve", (str(BENCH_DIR / "peers" / "kserve_onnx.py"),), grpc_always_on=True),
     # MLServer 1.7.1 from its own virtualenv (see bench/README.md); it listens on 127.0.0.1 (peer settings.json).
     "mlserver": ServerKind(

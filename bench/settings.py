@@ -12,7 +12,7 @@ import servers
 
 DEFAULT_SERVERS = ("zeroserve", "zeroserve+batching", "kserve", "mlserver")
 # Cold starts skip the batching variant: it starts exactly as zeroserve does.
-COLD_START_SERVERS = ("zeroserve", "kserve", "mlserver")
+COLD_START_SERVERS = ("zeroserve", "zeroserve@base", "kserve", "mlserver")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

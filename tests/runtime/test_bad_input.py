@@ -130,13 +130,30 @@ def test_negative_dimension(url: str) -> None:
 
 def test_absurd_shape_is_refused_before_allocation(url: str) -> None:
     body = with_inputs(shape=[10**12, 10**12])
-    assert_error(httpx.post(url, json=body), 413, "elements", "at most")
+    assert_error(httpx.post(url, json=body), 400, "4 data elements", f"needs {10**24}")
 
 
 def test_absurd_binary_shape_is_refused_before_allocation(url: str) -> None:
     header = binary_add_header(size=2**62)
     header["inputs"][0]["shape"] = [2**31, 2**31]  # type: ignore[index]
-    assert_error(binary_request(url, header, b"\0" * 16), 413, "elements")
+    assert_error(binary_request(url, header, b"\0" * 16), 400, f"claims {2**62} binary bytes", "only 16 remain")
+
+
+def test_zero_elements_beside_a_huge_dimension(url: str) -> None:
+    # No elements at all, but a dimension no tensor could have: a mistake, answered once, without a traceback.
+    body = with_inputs(shape=[0, 2**62], data=[])
+    assert_error(httpx.post(url, json=body), 400, "no elements, and a dimension larger")
+
+
+def test_a_shape_its_data_contradicts_is_a_mistake_not_a_large_payload(url: str) -> None:
+    assert_error(httpx.post(url, json=with_inputs(shape=[100_000, 32], data=[1])), 400,
+                 "1 data elements", "needs 3200000")
+    header = binary_add_header(size=16)
+    header["inputs"][0]["shape"] = [100_000, 4]  # type: ignore[index]
+    assert_error(binary_request(url, header, b"\0" * 16), 400, "16 bytes of data", "needs 1600000")
+    bytes_header = {"inputs": [{"name": "a", "shape": [1_000_000], "datatype": "BYTES",
+                                "parameters": {"binary_data_size": 8}}]}
+    assert_error(binary_request(url, bytes_header, b"\0" * 8), 400, "too few for the 1000000 BYTES elements")
 
 
 def test_too_many_dimensions(url: str) -> None:
@@ -258,5 +275,26 @@ def test_body_over_the_limit(tmp_path, model_repository) -> None:  # type: ignor
         streamed = httpx.post(url, content=chunks())
         assert_error(streamed, 413, "over the limit")
         assert httpx.post(url, json=GOOD).status_code == 200
+    finally:
+        small.stop()
+
+
+def test_tensors_that_really_exceed_the_limits_are_413(tmp_path, model_repository) -> None:  # type: ignore[no-untyped-def]
+    from conftest import start_server
+
+    args = ["--model_dir", str(model_repository), "--max_tensor_elements", "3", "--max_bytes_elements", "2"]
+    small = start_server(args, tmp_path / "log")
+    try:
+        url = f"{small.url}/v2/models/add/versions/1/infer"
+        assert_error(httpx.post(url, json=GOOD), 413, "4 elements", "at most 3", "--max_tensor_elements")
+        strings = {"inputs": [{"name": "input", "shape": [1, 3], "datatype": "BYTES", "data": ["a", "b", "c"]}]}
+        bytes_url = f"{small.url}/v2/models/identity_bytes/infer"
+        assert_error(httpx.post(bytes_url, json=strings), 413, "3 BYTES elements", "--max_bytes_elements")
+        raw = b"".join((1).to_bytes(4, "little") + letter for letter in (b"a", b"b", b"c"))
+        header = {"inputs": [{"name": "input", "shape": [1, 3], "datatype": "BYTES",
+                              "parameters": {"binary_data_size": len(raw)}}]}
+        assert_error(binary_request(bytes_url, header, raw), 413, "3 BYTES elements")
+        two = {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "BYTES", "data": ["a", "b"]}]}
+        assert httpx.post(bytes_url, json=two).json()["outputs"][0]["data"] == ["a", "b"]
     finally:
         small.stop()

@@ -10,7 +10,9 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -18,7 +20,6 @@ import onnxruntime as ort
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from zeroserve.runtime import dataplane as dataplane_module
 from zeroserve.runtime import model as model_module
 from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.cores import CoreScheduler
@@ -348,21 +349,23 @@ class RecordedPlane:
         self.images = [rng.standard_normal((1, 3, 96, 96)).astype(np.float32) for _ in range(4)]
         self.expected = [reference.run(None, {"input": image})[0] for image in self.images]
 
-    async def infer(self, index: int, copies: int = 1, extra_turn: bool = False) -> None:
+    def place(self, **changes: Any) -> None:
+        """Change the placement policy's thresholds."""
+        self.plane.placement = replace(self.plane.placement, **changes)
+
+    async def infer(self, index: int, copies: int = 1, rest: bool = False) -> None:
         image = np.repeat(self.images[index], copies, axis=0)
         request = InferRequest([InputTensor("input", "FP32", list(image.shape), image)])
-        result = await self.plane.infer("conv", None, request, extra_turn=extra_turn)
+        result = await self.plane.infer("conv", None, request, rest=rest)
         want = np.repeat(self.expected[index], copies, axis=0)
         np.testing.assert_allclose(result.outputs[0].array, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture
 def recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordedPlane]:
-    # Whatever this machine's speed: every run of the conv model counts as short enough to share and for the loop.
-    monkeypatch.setattr(dataplane_module, "SHARE_MIN_RUN_SECONDS", 0.0)
-    monkeypatch.setattr(dataplane_module, "LOOP_RUN_MAX_SECONDS", 10.0)
-    monkeypatch.setattr(dataplane_module, "LONE_QUIET_SECONDS", 60.0)
     plane = RecordedPlane(tmp_path, monkeypatch)
+    # Whatever this machine's speed: every run of the conv model counts as short enough to share and for the loop.
+    plane.place(share_min_run_seconds=0.0, loop_run_max_seconds=10.0, lone_quiet_seconds=60.0)
     yield plane
     plane.plane.close()
 
@@ -388,7 +391,7 @@ def test_a_lone_request_runs_on_the_event_loop_until_requests_overlap(
         await recorded.infer(1)  # alone, but requests overlapped within LONE_QUIET_SECONDS
         assert threads and threads[0] != here, threads
         threads.clear()
-        monkeypatch.setattr(dataplane_module, "LONE_QUIET_SECONDS", 0.0)  # the quiet spell has passed
+        recorded.place(lone_quiet_seconds=0.0)  # the quiet spell has passed
         before = cores.grants["all"]
         await recorded.infer(2)
         assert threads == [here], "after a quiet spell a lone request is back on the loop"
@@ -401,10 +404,10 @@ def test_a_request_much_larger_than_the_fastest_run_stays_off_the_loop(
     recorded: RecordedPlane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Warmup ran one image; 16 images may run 16 times as long, which must not hold the loop.
-    model = recorded.model
-    assert model.fastest_run_bytes == recorded.images[0].nbytes
-    monkeypatch.setattr(dataplane_module, "LOOP_RUN_MAX_SECONDS", model.fastest_run_seconds * 4)
-    monkeypatch.setattr(model, "run_seconds", model.fastest_run_seconds)
+    stats = recorded.model.stats
+    assert stats.fastest_input_bytes == recorded.images[0].nbytes
+    recorded.place(loop_run_max_seconds=stats.fastest_seconds * 4)
+    monkeypatch.setattr(stats, "average_seconds", stats.fastest_seconds)
     here = threading.current_thread().name
     asyncio.run(recorded.infer(0, copies=16))
     assert recorded.threads and recorded.threads[0] != here, recorded.threads
@@ -418,7 +421,7 @@ def test_a_gpu_session_runs_on_the_inference_workers_only_mock_gpu(
     # alone); and it has no cores to share, while every thread that runs it gets a GPU workspace of its own
     # (seen on an H200: 16 core-sharing threads held 1.1 GiB more than one worker).
     monkeypatch.setattr(recorded.model, "execution_providers", ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(recorded.plane, "inline_seconds", 10.0)
+    recorded.place(inline_run_seconds=10.0)
     cores = recorded.plane.cores
     assert cores is not None
     before = dict(cores.grants)
@@ -435,7 +438,7 @@ def test_a_gpu_session_runs_on_the_inference_workers_only_mock_gpu(
 def test_a_request_whose_body_is_still_arriving_keeps_others_off_the_loop(recorded: RecordedPlane) -> None:
     # REST reads a large body over several turns of the loop; such a request is in flight before it is admitted.
     here = threading.current_thread().name
-    recorded.plane.receiving = 1
+    recorded.plane.traffic.receiving = 1
     asyncio.run(recorded.infer(0))
     assert recorded.threads and recorded.threads[0] != here, recorded.threads
 
@@ -444,10 +447,9 @@ def test_a_short_rest_run_waits_one_more_turn_of_the_loop_only_when_others_are_i
     recorded: RecordedPlane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Runs short enough to stay on the event loop (the tiny-model path) let the loop turn once before running, and
-    # for REST (extra_turn) once more when other requests are in flight: on uvloop a saturated loop otherwise leaves
-    # some connections waiting many rounds (dataplane.py has the numbers). A lone request must not pay for it.
-    monkeypatch.setattr(recorded.plane, "inline_seconds", 10.0)
-    monkeypatch.setattr(dataplane_module, "INLINE_MAX_INPUT_BYTES", 1 << 30)
+    # for REST on uvloop (rest_extra_turn) once more when other requests are in flight: a saturated uvloop otherwise
+    # leaves some connections waiting many rounds (bench/README.md has the numbers). A lone request must not pay.
+    recorded.place(inline_run_seconds=10.0, inline_max_input_bytes=1 << 30, rest_extra_turn=True)
     turns_at_run: list[int] = []
     turns = 0
     run = recorded.model.run
@@ -468,17 +470,17 @@ def test_a_short_rest_run_waits_one_more_turn_of_the_loop_only_when_others_are_i
             if ticking:
                 loop.call_soon(tick)
 
-        async def turns_before_runs(requests: int, extra_turn: bool) -> list[int]:
+        async def turns_before_runs(requests: int, rest: bool) -> list[int]:
             nonlocal turns
             turns_at_run.clear()
             turns = 0
-            await asyncio.gather(*(recorded.infer(index, extra_turn=extra_turn) for index in range(requests)))
+            await asyncio.gather(*(recorded.infer(index, rest=rest) for index in range(requests)))
             return list(turns_at_run)
 
         loop.call_soon(tick)
-        lone = await turns_before_runs(1, extra_turn=True)
-        together = await turns_before_runs(3, extra_turn=True)
-        together_grpc = await turns_before_runs(3, extra_turn=False)
+        lone = await turns_before_runs(1, rest=True)
+        together = await turns_before_runs(3, rest=True)
+        together_grpc = await turns_before_runs(3, rest=False)
         ticking = False
         return lone, together, together_grpc
 

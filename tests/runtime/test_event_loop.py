@@ -60,20 +60,20 @@ def test_rest_asks_for_the_extra_turn_of_the_loop_on_uvloop_only(model_repositor
     # saturated; the standard loop does not need it. In process, through the app the server runs, on the loop the
     # app finds itself on (an embedding server may bring its own, whatever --event_loop says).
     app = create_app(RuntimeConfig(model_dir=str(model_repository), event_loop="uvloop" if uvloop else "asyncio"))
-    dataplane = app.state.dataplane
-    asked: list[bool] = []
+    dataplane = app.fallback.state.dataplane
+    asked: list[tuple[bool, bool]] = []
     infer = dataplane.infer
 
-    async def recorded_infer(*args: Any, extra_turn: bool = False) -> Any:
-        asked.append(extra_turn)
-        return await infer(*args, extra_turn=extra_turn)
+    async def recorded_infer(*args: Any, rest: bool = False) -> Any:
+        asked.append((rest, dataplane.placement.rest_extra_turn))
+        return await infer(*args, rest=rest)
 
     dataplane.infer = recorded_infer
 
     async def scenario() -> httpx.Response:
-        async with app.router.lifespan_context(app):
+        async with app.fallback.router.lifespan_context(app.fallback):
             for _ in range(400):  # bounded: loading a small model takes well under a second
-                if app.state.repository.all_ready():
+                if app.fallback.state.repository.all_ready():
                     break
                 await asyncio.sleep(0.01)
             transport = httpx.ASGITransport(app=app)
@@ -88,4 +88,4 @@ def test_rest_asks_for_the_extra_turn_of_the_loop_on_uvloop_only(model_repositor
         answer = asyncio.run(scenario())
     assert answer.status_code == 200, answer.text
     assert answer.json()["outputs"][0]["data"] == [11, 22, 33, 44]
-    assert asked == [uvloop]
+    assert asked == [(True, uvloop)]  # REST says it is REST; the lifespan found the loop it runs on

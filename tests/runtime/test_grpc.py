@@ -501,7 +501,8 @@ def test_negative_dimension(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
 def test_absurd_shape_is_refused_before_allocation(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
     request = add_request()
     request.inputs[0].shape[0] = 2**40
-    assert_error(stub, request, grpc.StatusCode.RESOURCE_EXHAUSTED, "elements; at most")
+    # Its data says otherwise: a mistake (INVALID_ARGUMENT), not a large payload (RESOURCE_EXHAUSTED).
+    assert_error(stub, request, grpc.StatusCode.INVALID_ARGUMENT, f"needs {2**40 * 16}")
 
 
 def test_unknown_input_name(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
@@ -807,8 +808,8 @@ def test_sigterm_stops_both_listeners_at_once_and_drains_both(tmp_path: Path) ->
             assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
             response = call.result(timeout=60)
         np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], "<f4").reshape(384, 384), x)
-        # uvicorn re-raises the SIGTERM it handled once the drain is done
-        assert server.process.wait(30) in (0, -signal.SIGTERM)
+        # A stop asked for is a clean exit.
+        assert server.process.wait(30) == 0
     finally:
         server.stop()
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 import models as test_models
 from conftest import start_server, unused_port
@@ -161,8 +162,8 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tmp_path: Path) 
         sock.close()
         assert response.startswith(b"HTTP/1.1 200"), response
         assert b'"outputs"' in response
-    # uvicorn re-raises the SIGTERM it handled once the drain is done, so exit status is "terminated by SIGTERM"
-    assert server.process.wait(15) in (0, -signal.SIGTERM)
+    # A stop asked for by the platform is a clean exit (Kubernetes reads 143 as "killed").
+    assert server.process.wait(15) == 0
 
 
 def test_sigterm_drain_is_bounded_by_its_deadline(tmp_path: Path) -> None:
@@ -173,8 +174,26 @@ def test_sigterm_drain_is_bounded_by_its_deadline(tmp_path: Path) -> None:
         time.sleep(0.2)
         started = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
-        server.process.wait(15)
+        assert server.process.wait(15) == 0
         assert time.monotonic() - started < 8
+
+
+@pytest.mark.parametrize("loaded", [True, False])
+def test_ctrl_c_stops_cleanly_without_a_traceback(gated_model_server, tmp_path: Path, loaded: bool) -> None:  # type: ignore[no-untyped-def]
+    """SIGINT (Ctrl-C) once serving, or while the model still loads: exit 130, the shell's "interrupted", and
+    no KeyboardInterrupt traceback."""
+    uri, gate = gated_model_server
+    if loaded:
+        gate.set()
+    server = start_server(["--model_dir", uri, "--cache_dir", str(tmp_path / "cache")], tmp_path / "log",
+                          wait_ready=loaded)
+    try:
+        wait_for(lambda: answers(f"{server.url}/v2/health/live"))
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(15) == 130
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log() and "KeyboardInterrupt" not in server.log()
 
 
 def test_port_from_environment_and_model_name_fallback(tmp_path: Path) -> None:

@@ -28,12 +28,12 @@ from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
 from zeroserve.runtime._proto import open_inference_grpc_pb2 as pb
-from zeroserve.runtime._proto import open_inference_grpc_pb2_grpc as pb_grpc
 from zeroserve.runtime.app import create_app
 from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.telemetry import Telemetry, from_environment, rpc_conventions
 
 import models as test_models
+import open_inference_grpc_pb2_grpc as pb_grpc
 from conftest import start_server, unused_port
 
 BODY = {"id": "req-7", "inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}
@@ -67,9 +67,9 @@ def test_init_spans_server_spans_and_metrics_in_process(tmp_path: Path) -> None:
     app = create_app(RuntimeConfig(model_dir=str(tmp_path), model_name="mlp"), telemetry=telemetry)
 
     async def scenario() -> list[httpx.Response]:
-        async with app.router.lifespan_context(app):
+        async with app.fallback.router.lifespan_context(app.fallback):
             for _ in range(400):
-                if app.state.repository.all_ready() and app.state.repository.coldstart.ready_ns:
+                if app.fallback.state.repository.all_ready() and app.fallback.state.repository.coldstart.ready_ns:
                     break
                 await asyncio.sleep(0.01)
             transport = httpx.ASGITransport(app=app)
@@ -187,15 +187,23 @@ def test_otlp_over_http_from_a_server_process(receiver: Receiver, tmp_path: Path
     try:
         response = httpx.post(f"{server.url}/v2/models/mlp/infer", json=BODY)
         assert response.status_code == 200
+        warm = httpx.post(f"{server.url}/v2/models/mlp/infer", json=BODY)
     finally:
         server.stop()  # SIGTERM: the lifespan flushes the exporters
+    # The first answer names the init span, so a caller in another trace can link to it; later ones do not.
+    init_traceparent = response.headers["zeroserve-init-traceparent"]
+    assert "zeroserve-init-traceparent" not in warm.headers
 
     deadline = time.monotonic() + 10
     while not ({"zeroserve.init", "POST /v2/models/{model_name}/infer"} <= {s.name for s in receiver.spans()}):
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.05)
     spans = {span.name: span for span in receiver.spans()}
-    attributes = {a.key: a.value for a in spans["POST /v2/models/{model_name}/infer"].attributes}
+    init = spans["zeroserve.init"]
+    assert init_traceparent.startswith(f"00-{init.trace_id.hex()}-{init.span_id.hex()}-")
+    posts = [span for span in receiver.spans() if span.name == "POST /v2/models/{model_name}/infer"]
+    first = min(posts, key=lambda span: span.start_time_unix_nano)
+    attributes = {a.key: a.value for a in first.attributes}
     assert attributes["faas.coldstart"].bool_value is True
     resource = {a.key: a.value.string_value for a in receiver.traces[0].resource_spans[0].resource.attributes}
     assert resource["faas.name"] == "mlp-knative" and resource["faas.version"] == "mlp-knative-00001"
@@ -287,10 +295,18 @@ def test_grpc_only_server_traces_times_and_counts_calls(receiver: Receiver, tmp_
     assert cold.kind == OtlpSpan.SPAN_KIND_SERVER
     assert cold.trace_id.hex() == TRACE_ID and cold.parent_span_id.hex() == PARENT_ID  # the caller's trace
     assert cold.trace_state == "vendor=7"
-    assert otlp_attributes(cold) == {
+    attributes = otlp_attributes(cold)
+    assert 0 < float(attributes.pop("zeroserve.init.duration")) < 60  # type: ignore[arg-type]
+    assert attributes == {
         "rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService", "rpc.method": "ModelInfer",
         "rpc.grpc.status_code": 0, "faas.trigger": "http", "faas.coldstart": True, "faas.invocation_id": "grpc-1",
     }
+    # No request started this process: the first answer links to its init span, in a trace of its own, and
+    # carries the init phases as events.
+    assert [(link.trace_id, link.span_id) for link in cold.links] == [(init.trace_id, init.span_id)]
+    assert init.trace_id != cold.trace_id
+    assert [event.name for event in cold.events] == ["zeroserve.init.fetch", "zeroserve.init.session",
+                                                     "zeroserve.init.warmup"]
     assert calls["grpc-2"].trace_id.hex() != TRACE_ID and not calls["grpc-2"].parent_span_id
     assert [otlp_attributes(calls[i])["faas.coldstart"] for i in ("grpc-2", "grpc-3", "grpc-4")] == [False] * 3
     assert otlp_attributes(calls["grpc-3"])["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
@@ -331,14 +347,15 @@ def test_grpc_span_in_process_with_new_rpc_names(
     app = create_app(config, telemetry=telemetry)
 
     async def scenario() -> None:
-        async with app.router.lifespan_context(app), grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        lifespan = app.fallback.router.lifespan_context(app.fallback)
+        async with lifespan, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.ModelInfer(mlp_request("early"), timeout=10)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             gate.set()
             for _ in range(1000):
-                if app.state.repository.all_ready():
+                if app.fallback.state.repository.all_ready():
                     break
                 await asyncio.sleep(0.01)
             await stub.ModelInfer(mlp_request("ready"), timeout=10)
@@ -399,7 +416,7 @@ def test_console_exporters_each_follow_their_own_variable(tmp_path: Path) -> Non
     env = {"OTEL_TRACES_EXPORTER": "console", "OTEL_METRICS_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "100"}
     server = start_server(["--model_name", "mlp", "--model_dir", str(tmp_path)], tmp_path / "log", env=env)
     assert httpx.post(f"{server.url}/v2/models/mlp/infer", json=BODY).status_code == 200
-    server.stop()  # SIGTERM: the lifespan flushes both exporters
+    assert server.stop() == 0  # SIGTERM: the lifespan flushes both exporters
     log = server.log()
     assert '"name": "zeroserve.init"' in log
     assert '"name": "faas.init_duration"' in log and '"name": "faas.coldstarts"' in log

@@ -6,7 +6,6 @@ cheap: the web stack, numpy and ONNX Runtime load with ``create_app``/``serve``,
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -23,15 +22,11 @@ _LAZY = {
 }
 
 
-@functools.cache
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
+    """The installed package's version (``zeroserve._version``, the leaf every module uses)."""
+    from zeroserve._version import version as package_version
 
-    try:
-        return dist_version("zeroserve")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "0+unknown"
+    return package_version()
 
 
 def __getattr__(name: str) -> Any:

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from zeroserve.runtime.model import OnnxModel
+from zeroserve.runtime.run_stats import RunResult, timed_run
 from zeroserve.runtime.runpool import RunPool
 from zeroserve.runtime.settings import BatchSettings
 
 if TYPE_CHECKING:
     import numpy as np
 
-RunResult = tuple[list[Any], float, float]  # outputs, run started, run finished (perf_counter)
 BatchResult = tuple[list[Any], float, float, int]  # ... and the rows of the run it was part of
 
 
@@ -86,9 +86,8 @@ class Batcher:
         if alone or rows is None or rows == 0 or rows >= self.settings.max_batch_size:
             # Alone (nothing else in flight, here or anywhere in the server), too big, or unbatchable: run it now.
             # It counts as running here, so a request arriving meanwhile does not wait for it as for company. It
-            # holds no slot: that request then goes to the workers' queue as a batch of one, behind this run, which
-            # keeps the worker busy from one run to the next (the small MLP over gRPC, 4 calls in flight: 1,344
-            # calls/s, against 1,149 when a lone run held a slot and the next batch formed only after it).
+            # holds no slot: that request then goes to the run pool's queue as a batch of one, behind this run,
+            # which keeps the pool busy from one run to the next.
             self._running += 1
             try:
                 arrays, started, finished = await self._pool.run(timed_run, self.model.run, feeds, output_names)
@@ -188,7 +187,7 @@ class Batcher:
             for pending in batch:
                 parts = [array[offset : offset + pending.rows] for array in arrays]
                 offset += pending.rows
-                _resolve(pending, (parts, started, finished, total))
+                _answer(pending, (parts, started, finished, total))
         except BaseException as exc:  # no caller may wait forever on a future this task owned
             for pending in batch:
                 if pending.future.done():
@@ -211,7 +210,7 @@ class Batcher:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             else:
-                _resolve(pending, (arrays, started, finished, pending.rows))
+                _answer(pending, (arrays, started, finished, pending.rows))
 
 
 def _rows(feeds: dict[str, np.ndarray]) -> int | None:
@@ -232,12 +231,6 @@ def _run_merged(model: OnnxModel, batch: list[_Pending]) -> RunResult:
     return arrays, started, finished
 
 
-def timed_run(run: Callable[..., list[Any]], feeds: dict[str, Any], output_names: list[str] | None) -> RunResult:
-    started = time.perf_counter()
-    arrays = run(feeds, output_names)
-    return arrays, started, time.perf_counter()
-
-
-def _resolve(pending: _Pending, value: BatchResult) -> None:
+def _answer(pending: _Pending, value: BatchResult) -> None:
     if not pending.future.done():  # the caller may have gone (cancelled) meanwhile
         pending.future.set_result(value)

@@ -29,6 +29,41 @@ def cpu_quota(
     return max(1, host_cpus if limit is None else min(host_cpus, math.ceil(limit)))
 
 
+def memory_limit(
+    cgroup_root: Path = Path("/sys/fs/cgroup"), *, proc_cgroup: Path = Path("/proc/self/cgroup")
+) -> int | None:
+    """The memory this process may use, in bytes: its cgroup's ``memory.max`` (v2) or ``memory.limit_in_bytes``
+    (v1), the smallest along its ancestors; None when no limit is set."""
+    v2 = (cgroup_root / "cgroup.controllers").exists()
+    base = cgroup_root if v2 else (cgroup_root / "memory" if (cgroup_root / "memory").is_dir() else None)
+    if base is None:
+        return None
+    limits = [
+        limit for d in _own_dirs(base, proc_cgroup, v2, "memory") if (limit := _read_memory(d, v2)) is not None
+    ]
+    return min(limits, default=None)
+
+
+def physical_memory() -> int:
+    """The machine's memory, in bytes (what a process without a cgroup limit may use at most)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _read_memory(folder: Path, v2: bool) -> int | None:
+    try:
+        text = (folder / ("memory.max" if v2 else "memory.limit_in_bytes")).read_text().strip()
+    except OSError:
+        return None
+    if text == "max" or not text.isdigit():
+        return None
+    value = int(text)
+    # v1 says "no limit" with a number near 2**63 rounded down to a page.
+    return value if value < 2**62 else None
+
+
 def _cgroup_limit(root: Path, proc_cgroup: Path) -> float | None:
     v2 = (root / "cgroup.controllers").exists()
     if v2:
@@ -37,18 +72,18 @@ def _cgroup_limit(root: Path, proc_cgroup: Path) -> float | None:
         base = next((root / d for d in ("cpu", "cpu,cpuacct") if (root / d).is_dir()), None)
     if base is None:
         return None
-    limits = [q for d in _own_dirs(base, proc_cgroup, v2) if (q := _read_limit(d, v2)) is not None]
+    limits = [q for d in _own_dirs(base, proc_cgroup, v2, "cpu") if (q := _read_limit(d, v2)) is not None]
     return min(limits, default=None)
 
 
-def _own_dirs(base: Path, proc_cgroup: Path, v2: bool) -> Iterator[Path]:
+def _own_dirs(base: Path, proc_cgroup: Path, v2: bool, controller: str) -> Iterator[Path]:
     # The process's own cgroup and its ancestors: a limit on any of them applies. Inside a cgroup
     # namespace (or a v1 container) the mount root already is the own cgroup and the path does not exist.
     rel = ""
     try:
         for line in proc_cgroup.read_text().splitlines():
             _, controllers, path = line.split(":", 2)
-            if (v2 and controllers == "") or (not v2 and "cpu" in controllers.split(",")):
+            if (v2 and controllers == "") or (not v2 and controller in controllers.split(",")):
                 rel = path.strip("/")
     except (OSError, ValueError):
         pass

@@ -7,9 +7,12 @@ Recording is plain bookkeeping (no OpenTelemetry here), so it costs nothing when
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from zeroserve.protocol.start import StartState
 
 
 @dataclass(slots=True)
@@ -22,6 +25,29 @@ class Phase:
     @property
     def seconds(self) -> float:
         return (self.end_ns - self.start_ns) / 1e9
+
+
+class ByteProgress:
+    """Bytes done of a total, counted from the threads that move them (a fetch's range reads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.total = 0
+        self.done = 0
+        self.started = time.monotonic()
+
+    def expect(self, total: int) -> None:
+        with self._lock:
+            self.total, self.done, self.started = total, 0, time.monotonic()
+
+    def add(self, count: int) -> None:
+        with self._lock:
+            self.done += count
+
+    def rate(self) -> float:
+        """Bytes per second so far (0 until a second's worth of time has passed, which would say little)."""
+        elapsed = time.monotonic() - self.started
+        return self.done / elapsed if elapsed >= 0.5 else 0.0
 
 
 def process_start_ns() -> int:
@@ -49,7 +75,27 @@ class ColdStart:
         self.process_start_ns = process_start_ns()
         self.phases: list[Phase] = []
         self.ready_ns: int | None = None
-        self.first_response_pending = True
+        self._first_answer_pending = True
+        self.bytes = ByteProgress()  # what the fetch has read of the model's bytes
+
+    def progress(self) -> StartState:
+        """Where the start is now: its phase, its time so far and, while fetching, bytes and throughput."""
+        phase = self.current_phase()
+        state = StartState("loading", phase=phase, elapsed_s=round(self.elapsed_seconds(), 3))
+        bytes_ = self.bytes
+        if phase != "fetch" or not bytes_.total:
+            return state
+        rate = bytes_.rate()
+        eta = (bytes_.total - bytes_.done) / rate if rate else None
+        return StartState(
+            "loading", phase=phase, elapsed_s=state.elapsed_s, done_bytes=bytes_.done, total_bytes=bytes_.total,
+            bytes_per_s=round(rate, 1) if rate else None, eta_s=round(eta, 1) if eta is not None else None,
+        )
+
+    def take_first_answer(self) -> bool:
+        """True once: for the first inference this process answers, by either protocol (its cold start)."""
+        first, self._first_answer_pending = self._first_answer_pending, False
+        return first
 
     def begin(self, name: str, **attributes: Any) -> Phase:
         phase = Phase(name, time.time_ns(), attributes=attributes)

@@ -7,39 +7,23 @@ ServingRuntime can start the image unchanged. Environment fallbacks cover plain 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal
 
-from zeroserve.runtime.settings import (
-    CONV_ALGO_SEARCHES,
-    PERFORMANCE_HINTS,
-    PROTOCOLS,
-    PROVIDER_CHOICES,
-    TRT_BUILDS,
-    BatchSettings,
-    Limits,
-    MiB,
-    PerformanceHint,
-    Protocol,
-    ProviderChoice,
-    ProviderSettings,
-    parse_shapes,
-)
+from zeroserve.runtime import flags
+from zeroserve.runtime.settings import BatchSettings, Limits, MiB, PerformanceHint, Protocol, ProviderSettings
 
 logger = logging.getLogger("zeroserve.runtime")
 
 DEFAULT_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts the model
-DEFAULT_HTTP_PORT = 8080
 DEFAULT_GRPC_PORT = 8081
-# KServe's own --protocol takes the predictor protocol of a transformer; a ServingRuntime may pass it.
-_KSERVE_PROTOCOLS = ("v1", "v2", "grpc-v2")
-_GRPC_MAX_MESSAGE = 2**31 - 1  # gRPC keeps message sizes in a signed 32-bit int
+DEFAULT_INFLIGHT_SHARE = 0.125
+DEFAULT_HTTP_PORT = flags.DEFAULT_HTTP_PORT
 EventLoop = Literal["auto", "uvloop", "asyncio"]
 
 
@@ -70,9 +54,7 @@ class RuntimeConfig:
     providers: ProviderSettings = field(default_factory=ProviderSettings)
     performance_hint: PerformanceHint = "adaptive"
     # With the latency hint, session.run calls at once: ONNX Runtime already spreads one run over the CPU
-    # quota, and two concurrent runs on every thread measured ~12% slower (bench/) than one.
-    # With the latency hint, session.run calls at once: ONNX Runtime already spreads one run over the CPU
-    # quota. The throughput hint sets it from the CPU quota when the configuration is loaded.
+    # quota, so more runs at once only compete for it. The throughput hint sets it from the CPU quota in ``load``.
     inference_threads: int = 1
     inline_run_ms: float = 0.3  # session.run shorter than this runs on the event loop (0: never)
     batching: BatchSettings = field(default_factory=BatchSettings)
@@ -80,8 +62,14 @@ class RuntimeConfig:
     warmup: bool = True
     warmup_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # input name -> shape for the warmup run
     exit_on_error: bool = True
+    progress_interval: float = 5.0  # seconds between "still starting" log lines while loading; 0: none
+    # The share of the memory limit that request bytes in flight may take (limits.max_inflight_bytes), when
+    # --max_inflight_mib does not say; 0: no budget. docs/hardening.md has the formula behind it.
+    inflight_share: float = DEFAULT_INFLIGHT_SHARE
     shutdown_timeout: float = 30.0
     timeout_keep_alive: int = 65  # outlive the idle timeout of proxies in front (Envoy: 60 s)
+    # Open connections at once (http_server.py); 0 until ``load`` derives it from the file descriptors allowed.
+    max_connections: int = 0
     log_level: str = "info"
     access_log: bool = False
     # auto: uvloop when installed (faster); asyncio: the standard loop (fairer to connections when saturated).
@@ -94,7 +82,7 @@ class RuntimeConfig:
         """Resolve what depends on this machine, as uvicorn's ``Config.load`` does: the CPU quota and the
         thread counts that follow from it, the event loop, and whether the packages asked for are installed.
         Parsing (``from_args``) does no I/O; the entrypoint calls this once. Raises ConfigError."""
-        from zeroserve.runtime.cgroup import cpu_quota
+        from zeroserve.runtime.cgroup import cpu_quota, memory_limit, physical_memory
 
         missing = [name for name in ("onnxruntime",) if importlib.util.find_spec(name) is None]
         if missing:
@@ -111,6 +99,11 @@ class RuntimeConfig:
                               "asyncio)")
         loop: EventLoop = self.event_loop if self.event_loop != "auto" else ("uvloop" if has_uvloop else "asyncio")
         cpus = cpu_quota()
+        limits = self.limits
+        if self.inflight_share and not limits.max_inflight_bytes:
+            memory = memory_limit() or physical_memory()
+            budget = max(limits.max_body_bytes, int(memory * self.inflight_share)) if memory else 0
+            limits = replace(limits, max_inflight_bytes=budget)
         providers = self.providers
         inference_threads = self.inference_threads
         if self.performance_hint == "throughput":
@@ -120,7 +113,11 @@ class RuntimeConfig:
         elif self.workers > 1 and providers.intra_op_threads is None:
             # N worker processes split the quota, so they do not oversubscribe it.
             providers = replace(providers, intra_op_threads=max(1, cpus // self.workers))
-        return replace(self, event_loop=loop, cpus=cpus, providers=providers, inference_threads=inference_threads)
+        max_connections = self.max_connections or _connections_allowed()
+        return replace(
+            self, event_loop=loop, cpus=cpus, providers=providers, inference_threads=inference_threads, limits=limits,
+            max_connections=max_connections,
+        )
 
     @property
     def loaded(self) -> bool:
@@ -148,30 +145,39 @@ class RuntimeConfig:
     @classmethod
     def from_args(cls, argv: Sequence[str], environ: Mapping[str, str]) -> RuntimeConfig:
         """Parse KServe-style flags, falling back to the environment; raises SystemExit on bad flags."""
-        parser = build_parser()
+        parser = flags.build_parser()
         ns, unknown = parser.parse_known_args(list(argv))
         if unknown:
             # KServe passes flags meant for other servers through the same args; say so, don't die.
             logger.warning("ignoring unknown arguments: %s", " ".join(unknown))
         try:
-            provider_settings = provider_settings_from(ns, environ)
+            provider_settings = flags.provider_settings_from(ns, environ)
         except ValueError as exc:
             parser.error(str(exc))
-        http_port = ns.http_port if ns.http_port is not None else _port(environ.get("PORT"), parser)
+        http_port = ns.http_port if ns.http_port is not None else flags.port(environ.get("PORT"), parser)
         cache_dir = ns.cache_dir or environ.get("ZEROSERVE_CACHE_DIR") or _default_cache_dir(environ)
+        for flag in ("max_request_mib", "max_tensor_elements", "max_bytes_elements"):
+            if getattr(ns, flag) < 1:
+                parser.error(f"--{flag} must be at least 1")
+        if ns.max_connections < 0:
+            parser.error("--max_connections must not be negative (0: from the open-file limit)")
+        if ns.max_inflight_mib is not None and ns.max_inflight_mib < 0:
+            parser.error("--max_inflight_mib must not be negative (0: no budget)")
         limits = Limits(
             max_body_bytes=ns.max_request_mib * MiB,
             max_tensor_elements=ns.max_tensor_elements,
+            max_bytes_elements=ns.max_bytes_elements,
+            max_inflight_bytes=(ns.max_inflight_mib or 0) * MiB,
         )
         if ns.workers < 1:
             parser.error("--workers must be at least 1")
-        hint, inference_threads, provider_settings = _performance(ns, provider_settings, parser)
-        protocol = _protocol(ns, parser)
+        hint, inference_threads, provider_settings = flags.performance(ns, provider_settings, parser)
+        protocol = flags.protocol(ns, parser)
         grpc_port = ns.grpc_port
         if grpc_port is None:
             # gRPC only on Knative: the single container port (named h2c) arrives as PORT.
             port_env = environ.get("PORT")
-            grpc_port = _port(port_env, parser) if protocol == "grpc" and port_env else DEFAULT_GRPC_PORT
+            grpc_port = flags.port(port_env, parser) if protocol == "grpc" and port_env else DEFAULT_GRPC_PORT
         if protocol == "both" and grpc_port == http_port:
             parser.error(f"REST and gRPC cannot share port {grpc_port}; give --http_port and --grpc_port apart")
         if protocol == "grpc" and ns.workers > 1:
@@ -192,8 +198,8 @@ class RuntimeConfig:
             http_port=http_port,
             grpc_port=grpc_port,
             protocol=protocol,
-            grpc_max_receive_message_length=_message_length(ns.grpc_max_receive_message_length, limits, parser),
-            grpc_max_send_message_length=_message_length(ns.grpc_max_send_message_length, limits, parser),
+            grpc_max_receive_message_length=flags.message_length(ns.grpc_max_receive_message_length, limits, parser),
+            grpc_max_send_message_length=flags.message_length(ns.grpc_max_send_message_length, limits, parser),
             metrics_port=metrics_port,
             workers=ns.workers,
             cache_dir=Path(cache_dir),
@@ -203,200 +209,34 @@ class RuntimeConfig:
             performance_hint=hint,
             inference_threads=inference_threads,
             inline_run_ms=ns.inline_run_ms,
-            batching=_batching(ns, parser),
+            batching=flags.batching(ns, parser),
             max_queue_size=ns.max_queue_size,
             warmup=ns.warmup,
-            warmup_shapes=_warmup_shapes(ns, provider_settings, parser),
+            warmup_shapes=flags.warmup_shapes(ns, provider_settings, parser),
             exit_on_error=ns.exit_on_error,
+            progress_interval=ns.progress_interval,
+            inflight_share=DEFAULT_INFLIGHT_SHARE if ns.max_inflight_mib is None else 0.0,
             shutdown_timeout=ns.shutdown_timeout,
             timeout_keep_alive=ns.timeout_keep_alive,
+            max_connections=ns.max_connections,
             log_level=ns.log_level,
             access_log=ns.access_log,
             event_loop=ns.event_loop,
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="zeroserve serve",
-        description="Serve ONNX models over the Open Inference Protocol (KServe V2).",
-    )
-    model = parser.add_argument_group("model")
-    model.add_argument("--model_name", help="name the model is served under (env MODEL_NAME; default 'model')")
-    model.add_argument(
-        "--model_dir",
-        help="model URI: a .onnx file, a folder holding one, or a NAME/VERSION/model.onnx repository; "
-        "local path, file://, s3://, gs://, az://, https:// (env STORAGE_URI; default /mnt/models)",
-    )
-    model.add_argument(
-        "--cache_uri",
-        help="keep built session artifacts (CPU: the optimized graph; GPU: TensorRT engines) at this fsspec URI, "
-        "local folder or s3://bucket/prefix, shared by every start (env ZEROSERVE_CACHE_URI; default off)",
-    )
-    model.add_argument(
-        "--cache_dir", help="where remote models are cached (env ZEROSERVE_CACHE_DIR; default ~/.cache/zeroserve)"
-    )
-    model.add_argument(
-        "--warmup", action=argparse.BooleanOptionalAction, default=True,
-        help="run one synthetic inference per model before reporting ready (default on)",
-    )
-    model.add_argument(
-        "--warmup_shapes",
-        help="shapes for the warmup run, e.g. 'input:8x3x224x224' (dynamic dimensions otherwise run as 1; "
-        "default: --trt_profile_opt_shapes when given, so TensorRT builds its engine before readiness)",
-    )
-    model.add_argument(
-        "--exit_on_error", action=argparse.BooleanOptionalAction, default=True,
-        help="exit when a model fails to load, so the platform shows the failure (default on)",
-    )
-    server = parser.add_argument_group("server")
-    server.add_argument("--host", default="0.0.0.0")
-    server.add_argument("--http_port", type=int, help="REST port (env PORT, as Knative injects it; default 8080)")
-    server.add_argument(
-        "--protocol",
-        help="rest (default): REST on --http_port; grpc: gRPC only, on --grpc_port, else PORT (Knative's h2c "
-        "port), else 8081; both: REST on --http_port and gRPC on --grpc_port",
-    )
-    server.add_argument(
-        "--enable_grpc", nargs="?", const=True, type=_boolean, metavar="BOOL",
-        help="also serve gRPC on --grpc_port (KServe's flag: '--enable_grpc', '--enable_grpc=false'); "
-        "same as --protocol both. Default off, or on when --grpc_port is given",
-    )
-    server.add_argument("--no-enable_grpc", dest="enable_grpc", action="store_false", help=argparse.SUPPRESS)
-    server.add_argument("--grpc_port", type=int, help="gRPC port (default 8081); giving it turns gRPC on")
-    server.add_argument(
-        "--grpc_max_receive_message_length", type=int, metavar="BYTES",
-        help="largest gRPC request accepted (default: --max_request_mib)",
-    )
-    server.add_argument(
-        "--grpc_max_send_message_length", type=int, metavar="BYTES",
-        help="largest gRPC response sent (default: --max_request_mib)",
-    )
-    server.add_argument(
-        "--metrics_port", type=int,
-        help="with --protocol grpc: serve Prometheus GET /metrics on this port (default: off; "
-        "REST serves /metrics on --http_port)",
-    )
-    server.add_argument("--workers", type=int, default=1, help="server processes sharing the port (default 1)")
-    server.add_argument(
-        "--performance_hint", choices=PERFORMANCE_HINTS,
-        help="how runs share the CPU: latency (one run at a time on every intra-op thread), throughput "
-        "(--intra_op_threads per run, default 1, as many runs as the CPU quota allows), adaptive (default: a run "
-        "gets every core when nothing else runs or waits, on the event loop's thread if it is expected under 50 ms "
-        "and no requests overlapped in the last second; when others run or wait, one core each, on a second "
-        "single-thread session built on first contention; CPU provider, models up to 256 MiB whose fastest run "
-        "takes 1 ms or more; batched models and the rest run one at a time on every core)",
-    )
-    server.add_argument(
-        "--inference_threads", type=int,
-        help="with --performance_hint latency (implied), concurrent session.run calls (default 1)",
-    )
-    batching = parser.add_argument_group("adaptive batching (off unless --max_batch_size > 1)")
-    batching.add_argument("--max_batch_size", type=int, default=0,
-                          help="merge concurrent requests into runs of up to this many rows (default 0: off)")
-    batching.add_argument("--max_queue_delay_us", type=int, default=500,
-                          help="how long the oldest request waits for others to join its batch, while requests "
-                          "it could wait for are in flight (default 500)")
-    batching.add_argument("--preferred_batch_sizes", default="",
-                          help="comma-separated row counts dispatched without waiting out the delay, e.g. 4,8")
-    server.add_argument("--max_queue_size", type=int, default=512,
-                        help="inferences admitted at once; more are answered 503 with Retry-After (0: no bound)")
-    server.add_argument(
-        "--inline_run_ms", type=float, default=0.3,
-        help="models whose runs take less than this (moving average) run on the event loop, skipping the "
-        "thread hop; inputs over 64 KiB always go to a worker thread (default 0.3; 0 disables)",
-    )
-    server.add_argument("--max_request_mib", type=int, default=256, help="largest request body accepted")
-    server.add_argument("--max_tensor_elements", type=int, default=2**28, help="largest tensor accepted")
-    server.add_argument("--shutdown_timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
-    server.add_argument("--timeout_keep_alive", type=int, default=65)
-    server.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    server.add_argument("--access_log", action=argparse.BooleanOptionalAction, default=False)
-    server.add_argument(
-        "--event_loop", default="auto", choices=["auto", "uvloop", "asyncio"],
-        help="auto (default): uvloop when installed, which serves more requests/s; asyncio: the standard loop, "
-        "fairer to connections when the server is saturated (a lower tail latency, fewer requests/s)",
-    )
-    add_provider_arguments(parser)
-    return parser
+# File descriptors kept for what is not a client connection: model files, threads' pipes, gRPC, the cache.
+_RESERVED_DESCRIPTORS = 128
 
 
-def _performance(
-    ns: argparse.Namespace, settings: ProviderSettings, parser: argparse.ArgumentParser
-) -> tuple[PerformanceHint, int, ProviderSettings]:
-    """The hint and the session.run calls at once it implies (the throughput hint's count waits for ``load``)."""
-    if ns.inference_threads is not None and ns.inference_threads < 1:
-        parser.error("--inference_threads must be at least 1")
-    hint: PerformanceHint = ns.performance_hint or ("latency" if ns.inference_threads is not None else "adaptive")
-    if ns.inference_threads is not None and hint != "latency":
-        parser.error(f"--inference_threads goes with --performance_hint latency, not {hint}")
-    return hint, ns.inference_threads or 1, settings
+def _connections_allowed() -> int:
+    """Client connections this process can hold: its open-file limit less what the server itself needs."""
+    import resource
 
-
-def _protocol(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> Protocol:
-    """REST, gRPC or both, from --protocol, --enable_grpc and whether --grpc_port was given."""
-    chosen: Protocol | None = None
-    if ns.protocol in _KSERVE_PROTOCOLS:
-        logger.warning("ignoring --protocol %s: KServe's predictor protocol (ours: rest|grpc|both)", ns.protocol)
-    elif ns.protocol is not None:
-        if ns.protocol not in PROTOCOLS:
-            parser.error(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {ns.protocol!r}")
-        chosen = ns.protocol
-    if ns.enable_grpc is not None:
-        if chosen is not None and ns.enable_grpc != (chosen != "rest"):
-            parser.error(f"--enable_grpc={str(ns.enable_grpc).lower()} contradicts --protocol {chosen}")
-        return chosen or ("both" if ns.enable_grpc else "rest")
-    if chosen is not None:
-        return chosen
-    return "both" if ns.grpc_port is not None else "rest"
-
-
-def _boolean(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _message_length(value: int | None, limits: Limits, parser: argparse.ArgumentParser) -> int:
-    if value is None:
-        return min(limits.max_body_bytes, _GRPC_MAX_MESSAGE)
-    if not 0 < value <= _GRPC_MAX_MESSAGE:
-        parser.error(f"gRPC message lengths must be between 1 and {_GRPC_MAX_MESSAGE} bytes, got {value}")
-    return value
-
-
-def _warmup_shapes(
-    ns: argparse.Namespace, provider_settings: ProviderSettings, parser: argparse.ArgumentParser
-) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    text = ns.warmup_shapes or provider_settings.trt_profile_opt_shapes
-    if not text:
-        return ()
-    try:
-        return tuple(parse_shapes("--warmup_shapes", text))
-    except ValueError as exc:
-        parser.error(str(exc))
-
-
-def _batching(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> BatchSettings:
-    try:
-        preferred = tuple(int(size) for size in ns.preferred_batch_sizes.split(",") if size.strip())
-    except ValueError:
-        parser.error(f"--preferred_batch_sizes must be integers separated by commas, got {ns.preferred_batch_sizes!r}")
-    if ns.max_batch_size < 0 or ns.max_queue_delay_us < 0 or ns.max_queue_size < 0 or any(p < 1 for p in preferred):
-        parser.error("batch sizes, delays and queue sizes must not be negative")
-    return BatchSettings(ns.max_batch_size, ns.max_queue_delay_us / 1e6, preferred)
-
-
-def _port(text: str | None, parser: argparse.ArgumentParser) -> int:
-    if not text:
-        return DEFAULT_HTTP_PORT
-    try:
-        return int(text)
-    except ValueError:
-        parser.error(f"PORT must be a port number, got {text!r}")
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 65536
+    return max(16, soft - _RESERVED_DESCRIPTORS)
 
 
 def _default_cache_dir(environ: Mapping[str, str]) -> str:
@@ -404,49 +244,3 @@ def _default_cache_dir(environ: Mapping[str, str]) -> str:
     home = environ.get("HOME") or os.path.expanduser("~")
     base = environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
     return os.path.join(base, "zeroserve")
-
-
-def add_provider_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the execution-provider flags, in a group of their own."""
-    group = parser.add_argument_group("execution providers")
-    add = group.add_argument
-    auto = "auto: TensorRT, CUDA, CPU as installed; a named GPU provider fails rather than fall back"
-    add("--providers", choices=PROVIDER_CHOICES, help=f"{auto} (env ZEROSERVE_PROVIDERS; default auto)")
-    add("--device_id", type=int, default=0, help="GPU ordinal (default 0)")
-    add("--trt_fp16", action="store_true", help="let TensorRT build FP16 kernels")
-    add("--trt_engine_cache_path", help="folder keeping TensorRT engines across starts")
-    add("--trt_timing_cache_path", help="folder keeping TensorRT tactic timings across starts")
-    add("--trt_max_workspace_size", type=int, help="TensorRT builder workspace, bytes")
-    add("--trt_builder_optimization_level", type=int, help="0..5: lower builds faster (ORT default 3)")
-    for kind in ("min", "opt", "max"):
-        add(f"--trt_profile_{kind}_shapes", help=f"{kind} input shapes, 'in:1x3x224x224,in2:...' (all three)")
-    add(
-        "--trt_ep_context", action="store_true",
-        help="with --cache_uri, cache TensorRT's EP-context model (the engine in a one-node ONNX graph): "
-        "a hit loads it without TensorRT's parser and builder",
-    )  # fmt: skip
-    add(
-        "--trt_build", choices=TRT_BUILDS, default="blocking",
-        help="background: become ready on CUDA at once and switch to TensorRT when its engines are built "
-        "(both sessions hold GPU memory until then); blocking (default): ready once TensorRT is",
-    )  # fmt: skip
-    add("--cuda_mem_limit", type=int, help="cap on the CUDA memory arena, bytes")
-    add("--cudnn_conv_algo_search", choices=CONV_ALGO_SEARCHES, default="HEURISTIC", help="(default HEURISTIC)")
-    add("--intra_op_threads", type=int, help="threads inside one operator (default: the CPU quota)")
-    add("--inter_op_threads", type=int, help="threads across operators; above 1 runs the graph in parallel")
-
-
-def provider_settings_from(ns: argparse.Namespace, environ: Mapping[str, str]) -> ProviderSettings:
-    """Build settings from parsed flags, with ``ZEROSERVE_PROVIDERS`` when ``--providers`` is absent.
-
-    Raises ValueError with the offending flag named.
-    """
-    choice = ns.providers
-    if choice is None:
-        raw = environ.get("ZEROSERVE_PROVIDERS", "")
-        choice = raw.strip().lower() or "auto"
-        if choice not in PROVIDER_CHOICES:
-            raise ValueError(f"ZEROSERVE_PROVIDERS={raw!r} is not one of {', '.join(PROVIDER_CHOICES)}")
-    # Every other flag's dest is the field's own name.
-    given = {f.name: getattr(ns, f.name) for f in fields(ProviderSettings) if f.name != "choice"}
-    return ProviderSettings(choice=cast(ProviderChoice, choice), **given)

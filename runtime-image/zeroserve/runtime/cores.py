@@ -3,16 +3,15 @@
 ONNX Runtime spreads one run over its intra-op threads, which is the fastest way to answer one request. Under
 load it is not: the threads of one run wait on each other at every operator, spin while they wait, and take
 the cores the event loop needs to decode the next request. Several runs side by side on one thread each finish
-more work. On 2 cores, image CNN over gRPC at 16 calls in flight: 89-96 calls/s with every run on both cores,
-106-112 with two single-thread runs at a time; with one call in flight the single-thread run is 40% slower.
-So the ``adaptive`` hint (``--performance_hint``) gives a run every core when nothing else is running or
-waiting, and one core (on a second, single-thread session of the model) when others are.
+more work, while a lone run on one thread is slower. So the ``adaptive`` hint (``--performance_hint``) gives a
+run every core when nothing else is running or waiting, and one core (on a second, single-thread session of the
+model) when others are. bench/README.md ("Where a request runs") has the numbers.
 
 ``CoreScheduler`` hands out those cores as tokens to the worker threads that call ``session.run``. The
 decision is taken in the worker, just before the run: a worker that finishes a run picks up the next one
-without a trip through the event loop, which is busy decoding requests under load (deciding on the loop
-measured 103-104 calls/s in the case above). A short run that is alone is the exception: the data plane runs it
-on the event loop itself and counts it with ``ran_alone`` (dataplane.py says when).
+without a trip through the event loop, which is busy decoding requests under load. A short run that is alone is
+the exception: the data plane runs it on the event loop itself and counts it with ``ran_alone`` (placement.py
+says when).
 """
 
 from __future__ import annotations

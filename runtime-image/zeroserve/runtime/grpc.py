@@ -16,14 +16,8 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
-import signal
-import sys
-import threading
-import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 try:
@@ -39,14 +33,16 @@ from zeroserve.runtime import grpc_codec
 from zeroserve.runtime._proto import open_inference_grpc_pb2 as pb
 from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.dataplane import DataPlane
-from zeroserve.runtime.messages import InferResult
+from zeroserve.runtime.invocation import Invocation
 from zeroserve.runtime.repository import ModelRepository, State
 from zeroserve.runtime.server_errors import ModelLoadError, ModelNotReady, ServerError
-from zeroserve.runtime.telemetry import Telemetry, from_environment
+from zeroserve.runtime.telemetry import Telemetry
+from zeroserve.runtime.tensors import encode_is_heavy
 
 logger = logging.getLogger("zeroserve.runtime")
 
 SERVICE = "inference.GRPCInferenceService"
+HEAVY_MESSAGE_BYTES = 1024 * 1024  # a ModelInfer message decoded in a thread rather than on the event loop
 
 STATUS_CODES: dict[HTTPStatus, grpc.StatusCode] = {
     HTTPStatus.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
@@ -142,41 +138,47 @@ class InferenceServicer:
             return await self._infer(data, context, span)
 
     async def _infer(self, data: bytes, context: Context, span: Span | None) -> bytes:
-        """ModelInfer, observed as REST's infer endpoint is: request metrics, the span's outcome, and the
-        Server-Timing string as trailing metadata ``server-timing`` on success."""
-        received = time.perf_counter()
+        """ModelInfer, observed as REST's infer endpoint is (invocation.py); the Server-Timing string goes out as
+        trailing metadata ``server-timing`` on success."""
+        invocation = Invocation(self.dataplane, self.telemetry, "grpc", span, self._span_outcome)
         request: pb.ModelInferRequest | None = None
-        result: InferResult | None = None
-        try:
-            request, raw_contents = grpc_codec.parse_infer_request(data)
-            decoded, raw_outputs = grpc_codec.decode_request(request, self.limits, raw_contents)
-            result = await self.dataplane.infer(request.model_name, request.model_version or None, decoded)
-            response = grpc_codec.encode_result(result, raw_outputs)
-        except ServerError as exc:
-            error = exc
-        except Exception:
-            logger.exception("unexpected error in ModelInfer for model '%s'", request.model_name if request else "")
-            error = ServerError("internal server error")
-        else:
-            context.set_trailing_metadata((("server-timing", self.dataplane.server_timing(result)),))
-            if span is not None:
-                self.telemetry.set_rpc_result(span, "OK", 0, result.coldstart, request.id or None)
-            self._observe(request, result, 200, received)
-            return response
-        if span is not None:
-            code = _status_code(error)
+        with contextlib.ExitStack() as holding:  # the message counts against the budget until answered
+            try:
+                self.dataplane.admit(len(data))  # before decoding
+                holding.enter_context(self.dataplane.holding(len(data)))
+                heavy = len(data) > HEAVY_MESSAGE_BYTES  # typed contents and BYTES cost Python work per value
+                if heavy:
+                    message, raw_contents = await asyncio.to_thread(grpc_codec.parse_infer_request, data)
+                else:
+                    message, raw_contents = grpc_codec.parse_infer_request(data)
+                request = message
+                if heavy:
+                    decoded, raw_outputs = await asyncio.to_thread(
+                        grpc_codec.decode_request, message, self.limits, raw_contents
+                    )
+                else:
+                    decoded, raw_outputs = grpc_codec.decode_request(message, self.limits, raw_contents)
+                result = await self.dataplane.infer(message.model_name, message.model_version or None, decoded)
+                if encode_is_heavy(result):
+                    response = await asyncio.to_thread(grpc_codec.encode_result, result, raw_outputs)
+                else:
+                    response = grpc_codec.encode_result(result, raw_outputs)
+            except ServerError as exc:
+                error = exc
+            except Exception:
+                logger.exception("unexpected error in ModelInfer for model '%s'", request.model_name if request else "")
+                error = ServerError("internal server error")
+            else:
+                context.set_trailing_metadata(tuple(invocation.answered(result)))
+                return response
             # A parsed message names its request even when refused (REST's JSON may not parse).
-            coldstart = result.coldstart if result else False
-            request_id = (request.id or None) if request else None
-            self.telemetry.set_rpc_result(span, code.name, code.value[0], coldstart, request_id)
-        self._observe(request, result, error.status, received)
-        await _abort(context, error)
+            name, version = (request.model_name, request.model_version or None) if request else ("", None)
+            invocation.failed(error.status, name, version, (request.id or None) if request else None)
+            await _abort(context, error)
 
-    def _observe(
-        self, request: pb.ModelInferRequest | None, result: InferResult | None, status: int, received: float
-    ) -> None:
-        name, version = (request.model_name, request.model_version or None) if request else ("", None)
-        self.dataplane.observe(name, version, result, status, time.perf_counter() - received, "grpc")
+    def _span_outcome(self, span: Span, status: int, coldstart: bool, request_id: str | None) -> None:
+        code = STATUS_CODES.get(HTTPStatus(status), grpc.StatusCode.INTERNAL) if status != 200 else grpc.StatusCode.OK
+        self.telemetry.set_rpc_result(span, code.name, code.value[0], coldstart, request_id)
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
         """The service's handlers by method name: ModelInfer on bytes, the others on protobuf messages."""
@@ -231,8 +233,8 @@ class HealthServicer(health.aio.HealthServicer):
 
 class GrpcServer:
     """The gRPC listener over a data plane: ``start()`` binds and serves; ``stop()`` refuses new calls and
-    lets running ones finish for up to ``config.shutdown_timeout`` seconds. Idempotent; it also begins on
-    SIGTERM/SIGINT when ``stop_on_signals()`` is used, at the moment uvicorn stops accepting REST."""
+    lets running ones finish for up to ``config.shutdown_timeout`` seconds. Idempotent; ``begin_stop`` refuses new
+    calls at once (the lifecycle calls it at the moment a stop is requested, as REST stops accepting)."""
 
     def __init__(self, dataplane: DataPlane, config: RuntimeConfig, telemetry: Telemetry | None = None) -> None:
         self.dataplane = dataplane
@@ -243,7 +245,6 @@ class GrpcServer:
         self._health = HealthServicer(dataplane)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping: asyncio.Task[None] | None = None
-        self._restore_signals: dict[int, Any] = {}
 
     async def start(self) -> None:
         config = self.config
@@ -274,34 +275,15 @@ class GrpcServer:
         self._tasks.append(asyncio.create_task(self._health.follow_loading(self.dataplane.repository)))
         logger.info("gRPC (inference.GRPCInferenceService, grpc.health.v1.Health) on %s", address)
 
-    def stop_on_signals(self) -> None:
-        """Begin stopping as soon as the process gets SIGTERM or SIGINT, and pass the signal on to the
-        handler already installed (uvicorn's, which stops the REST listener). Main thread only."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous = signal.getsignal(sig)
-
-            def handler(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
-                loop.call_soon_threadsafe(self._begin_stop)
-                if callable(previous):
-                    previous(signum, frame)
-
-            self._restore_signals[sig] = previous
-            signal.signal(sig, handler)
-
-    def _begin_stop(self) -> None:
+    def begin_stop(self) -> None:
+        """Refuse new calls from now on; ``stop`` waits for the running ones."""
         if self._stopping is None:
             self._stopping = asyncio.get_running_loop().create_task(self._stop())
 
     async def stop(self) -> None:
-        self._begin_stop()
+        self.begin_stop()
         assert self._stopping is not None
         await asyncio.shield(self._stopping)
-        for sig, previous in self._restore_signals.items():
-            signal.signal(sig, previous)
-        self._restore_signals.clear()
 
     async def _stop(self) -> None:
         for task in self._tasks:
@@ -310,69 +292,3 @@ class GrpcServer:
         if self._server is not None:
             # New calls are refused at once; running ones get the grace period, then are cancelled.
             await self._server.stop(self.config.shutdown_timeout)
-
-
-def serve_grpc(config: RuntimeConfig) -> int:
-    """Serve gRPC alone (``--protocol grpc``) until SIGTERM/SIGINT; returns the process exit code."""
-    if not config.uses_uvloop:
-        return asyncio.run(_serve_grpc(config))
-    import uvloop
-
-    return uvloop.run(_serve_grpc(config))
-
-
-async def _serve_grpc(config: RuntimeConfig) -> int:
-    from zeroserve.runtime.loader import load_in_background
-
-    repository = ModelRepository()
-    dataplane = DataPlane.from_config(repository, config)
-    telemetry = from_environment(os.environ)
-    server = GrpcServer(dataplane, config, telemetry)
-    metrics_server = None
-    if config.metrics_port is not None:  # the gRPC-only server's one HTTP endpoint, only when asked for
-        from zeroserve.runtime.metrics_server import MetricsServer
-
-        metrics_server = MetricsServer(dataplane.metrics, config.host, config.metrics_port)
-    stop = asyncio.Event()
-    failed: list[ServerError] = []
-
-    def on_load_failure(exc: ServerError) -> None:
-        if config.exit_on_error:
-            failed.append(exc)
-            stop.set()
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await server.start()
-        if metrics_server is not None:
-            try:
-                await metrics_server.start()
-            except OSError as exc:
-                raise ServerError(f"cannot serve metrics on port {config.metrics_port}: {exc}") from None
-    except ServerError as exc:
-        print(f"zeroserve: {exc.message}", file=sys.stderr)
-        await server.stop()
-        dataplane.close()
-        await asyncio.to_thread(telemetry.shutdown)
-        return 1
-    loading = asyncio.create_task(
-        load_in_background(config, repository, on_load_failure, telemetry), name="zeroserve-load"
-    )
-    try:
-        await stop.wait()
-        logger.info("stopping: draining gRPC calls for up to %g s", config.shutdown_timeout)
-    finally:
-        await server.stop()
-        if metrics_server is not None:
-            await metrics_server.stop()
-        loading.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await loading
-        dataplane.close()
-        await asyncio.to_thread(telemetry.shutdown)  # flushes the spans of the calls just drained
-    if failed:
-        print(f"zeroserve: {failed[0].message}", file=sys.stderr)
-        return 1
-    return 0

@@ -24,7 +24,15 @@ from zeroserve.runtime._proto import open_inference_grpc_pb2 as pb
 from zeroserve.runtime.messages import InferRequest, InferResult, InputTensor, RequestedOutput
 from zeroserve.runtime.server_errors import InvalidInput
 from zeroserve.runtime.settings import Limits
-from zeroserve.runtime.tensors import array_from_raw, as_bytes, check_datatype, check_shape, count_error, raw_from_array
+from zeroserve.runtime.tensors import (
+    array_from_raw,
+    as_bytes,
+    check_datatype,
+    check_shape,
+    check_size,
+    count_error,
+    raw_from_array,
+)
 
 # The InferTensorContents field that carries each datatype. FP16 has none: it travels raw only.
 CONTENTS_FIELD: Final[dict[str, str]] = {
@@ -93,9 +101,9 @@ def decode_request(
                     f"input '{name}' has typed contents but the request also has raw_input_contents; "
                     "use one or the other for every input"
                 )
-            array = array_from_raw(raw_contents[position], tensor.datatype, shape, count, name)
+            array = array_from_raw(raw_contents[position], tensor.datatype, shape, count, name, limits)
         else:
-            array = _from_contents(tensor, shape, count)
+            array = _from_contents(tensor, shape, count, limits)
         inputs.append(InputTensor(name, tensor.datatype, shape, array))
 
     outputs: list[RequestedOutput] | None = None
@@ -113,7 +121,9 @@ def decode_request(
     return request, raw_out if isinstance(raw_out, bool) else raw
 
 
-def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int], count: int) -> np.ndarray:
+def _from_contents(
+    tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int], count: int, limits: Limits
+) -> np.ndarray:
     name, datatype = tensor.name, tensor.datatype
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
@@ -128,6 +138,7 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[in
         if count and not values and not tensor.HasField("contents"):
             raise InvalidInput(f"input '{name}' has no data: set its contents or send raw_input_contents")
         raise count_error(name, len(values), shape, count)
+    check_size(name, datatype, shape, count, limits)
     if datatype == "BYTES":
         try:
             text = [element.decode("utf-8") for element in values]

@@ -1,28 +1,31 @@
 """POST /v2/models/{m}[/versions/{v}]/infer on raw ASGI.
 
-Inference is the hot path, so it skips Starlette's request object, route table and middleware
-layers: the server app recognises the two infer paths by hand (``infer_target``) and calls
-``handle``; everything else (health, metadata, lifespan) goes through Starlette. The same handler
-is the Starlette route's endpoint too, so there is one implementation of the endpoint.
+Inference is the hot path, so it skips Starlette's request object, route table and middleware layers:
+``InferFastPath`` recognises the two infer paths by hand (``infer_target``) and calls ``InferEndpoint.handle``;
+everything else (health, metadata, lifespan) goes to the Starlette app behind it. The same handler is the
+Starlette route's endpoint too, so there is one implementation of the endpoint.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-import time
 import zlib
 from typing import TYPE_CHECKING
 
+from starlette.applications import Starlette
 from starlette.types import Message, Receive, Scope, Send
 
 from zeroserve.protocol.binary import HEADER_LENGTH
 from zeroserve.runtime import rest_codec
-from zeroserve.runtime.dataplane import DataPlane
-from zeroserve.runtime.messages import InferResult
-from zeroserve.runtime.rest import error_body
+from zeroserve.runtime.dataplane import DataPlane, Holding
+from zeroserve.runtime.invocation import Invocation
+from zeroserve.runtime.messages import InferRequest
 from zeroserve.runtime.server_errors import InvalidInput, PayloadTooLarge, ServerError
 from zeroserve.runtime.settings import Limits
 from zeroserve.runtime.telemetry import Telemetry, set_result
+from zeroserve.runtime.tensors import encode_is_heavy
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -38,14 +41,27 @@ class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
 
+class InferFastPath:
+    """The server's ASGI app: inference POSTs straight to the endpoint, everything else to ``fallback``."""
+
+    def __init__(self, endpoint: InferEndpoint, fallback: Starlette) -> None:
+        self.endpoint = endpoint
+        self.fallback = fallback
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            target = infer_target(scope["path"])
+            if target is not None:
+                await self.endpoint.handle(scope, receive, send, *target)
+                return
+        await self.fallback(scope, receive, send)
+
+
 class InferEndpoint:
     def __init__(self, dataplane: DataPlane, limits: Limits, telemetry: Telemetry | None = None) -> None:
         self.dataplane = dataplane
         self.limits = limits
         self.telemetry = telemetry or Telemetry()
-        # A second turn of the loop before a short run while others are in flight (DataPlane.infer): on uvloop,
-        # which the app's lifespan finds out.
-        self.extra_turn = False
 
     async def route(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The endpoint of the Starlette route (reached when the app runs without the front)."""
@@ -62,54 +78,58 @@ class InferEndpoint:
     async def _handle(
         self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None, span: Span | None
     ) -> None:
-        received = time.perf_counter()
+        invocation = Invocation(self.dataplane, self.telemetry, "rest", span, set_result)
         headers = dict(scope["headers"])
-        result: InferResult | None = None
-        try:
-            body = await self._read_counted(headers, receive)
-            header_length = headers.get(_HEADER_LENGTH)
-            request = rest_codec.decode_request(
-                body, header_length.decode("latin-1") if header_length is not None else None, self.limits
-            )
-            result = await self.dataplane.infer(name, version, request, extra_turn=self.extra_turn)
-            content, response_headers = rest_codec.encode_result(result, request)
-            response_headers["server-timing"] = self.dataplane.server_timing(result)
-            status = 200
-        except ServerError as exc:
-            status, response_headers, content = error_body(exc)
-        except ClientGone:
-            return  # nobody is listening
-        except Exception:
-            logger.exception("unexpected error in inference for model '%s'", name)
-            status, response_headers, content = error_body(ServerError("internal server error"))
-        if span is not None:
-            set_result(span, status, result.coldstart if result else False, result.id if result else None)
-        self.dataplane.observe(name, version, result, status, time.perf_counter() - received, "rest")
-        raw_headers = [(key.encode(), value.encode()) for key, value in response_headers.items()]
-        raw_headers.append((b"content-length", str(len(content)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": content})
+        request: InferRequest | None = None
+        with contextlib.ExitStack() as holding:  # the request's bytes count against the budget until answered
+            try:
+                declared = _declared_length(headers, self.limits.max_body_bytes)
+                self.dataplane.admit(declared or 0)  # before the body is read
+                held = holding.enter_context(self.dataplane.holding(declared or 0))
+                with self.dataplane.arriving():  # in flight already, for the placement policy
+                    body = await self._read_body(headers, receive, held if declared is None else None)
+                encoding = headers.get(b"content-encoding")
+                if encoding:
+                    compressed = len(body)
+                    body = _decompress(body, encoding.decode("latin-1").strip().lower(), self.limits.max_body_bytes)
+                    held.grow(max(0, len(body) - compressed))
+                raw_length = headers.get(_HEADER_LENGTH)
+                header_length = raw_length.decode("latin-1") if raw_length is not None else None
+                if rest_codec.decode_is_heavy(body, header_length):
+                    request = await asyncio.to_thread(rest_codec.decode_request, body, header_length, self.limits)
+                else:
+                    request = rest_codec.decode_request(body, header_length, self.limits)
+                result = await self.dataplane.infer(name, version, request, rest=True)
+                if encode_is_heavy(result):
+                    content, response_headers = await asyncio.to_thread(rest_codec.encode_result, result, request)
+                else:
+                    content, response_headers = rest_codec.encode_result(result, request)
+                response_headers.update(invocation.answered(result))
+                status = 200
+            except ServerError as exc:
+                status, response_headers, content = rest_codec.encode_error(exc)
+                invocation.failed(status, name, version, request.id if request is not None else None)
+            except ClientGone:
+                return  # nobody is listening
+            except Exception:
+                logger.exception("unexpected error in inference for model '%s'", name)
+                status, response_headers, content = rest_codec.encode_error(ServerError("internal server error"))
+                invocation.failed(status, name, version, None)
+            raw_headers = [(key.encode(), value.encode()) for key, value in response_headers.items()]
+            raw_headers.append((b"content-length", str(len(content)).encode()))
+            await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+            await send({"type": "http.response.body", "body": content})
 
-    async def _read_counted(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
-        # Counted while the body arrives: the data plane must see this request as in flight already.
-        self.dataplane.receiving += 1
-        try:
-            return await self._read_body(headers, receive)
-        finally:
-            self.dataplane.receiving -= 1
-
-    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
+    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive, growing: Holding | None) -> bytes:
+        """The whole body, within ``--max_request_mib``; ``growing`` holds the bytes of a body of unknown length
+        as they arrive (refused with 503 once the budget is passed)."""
         limit = self.limits.max_body_bytes
-        declared = headers.get(b"content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                raise InvalidInput(f"Content-Length must be a number, got {declared.decode('latin-1')!r}")
-            if int(declared) > limit:
-                raise PayloadTooLarge(f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
         message: Message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
         body: bytes = message.get("body", b"")
+        if growing is not None:
+            growing.grow(len(body))
         if message.get("more_body", False):
             chunks = [body]
             received = len(body)
@@ -121,14 +141,25 @@ class InferEndpoint:
                 received += len(chunk)
                 if received > limit:
                     raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+                if growing is not None:
+                    growing.grow(len(chunk))
                 chunks.append(chunk)
             body = b"".join(chunks)
         elif len(body) > limit:
             raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        encoding = headers.get(b"content-encoding")
-        if encoding:
-            body = _decompress(body, encoding.decode("latin-1").strip().lower(), limit)
         return body
+
+
+def _declared_length(headers: dict[bytes, bytes], limit: int) -> int | None:
+    """The body's Content-Length, checked against ``--max_request_mib``; None when the body is chunked."""
+    declared = headers.get(b"content-length")
+    if declared is None:
+        return None
+    if not declared.isdigit():
+        raise InvalidInput(f"Content-Length must be a number, got {declared.decode('latin-1')!r}")
+    if int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
+    return int(declared)
 
 
 def infer_target(path: str) -> tuple[str, str | None] | None:

@@ -7,6 +7,7 @@ Blocking steps run in worker threads, never on the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -33,7 +34,7 @@ async def load_models(config: RuntimeConfig, repository: ModelRepository) -> Non
     try:
         phase = coldstart.begin("fetch", **{"url.full": config.model_dir})
         fetched = await anyio.to_thread.run_sync(
-            lambda: storage.fetch(config.model_dir, config.cache_dir)
+            lambda: storage.fetch(config.model_dir, config.cache_dir, progress=coldstart.bytes)
         )
         coldstart.end(phase, **{"zeroserve.fetch.bytes": fetched.bytes_fetched,
                                 "zeroserve.fetch.cache_hit": fetched.cache_hit})
@@ -83,6 +84,7 @@ async def load_in_background(
     The cold start is then recorded in ``telemetry`` (its init spans and metrics), however loading ended."""
     memory.resume_gc()  # the server stack is imported
     failure: ServerError | None = None
+    reporter = asyncio.create_task(_report_progress(repository.coldstart, config.progress_interval))
     try:
         await load_models(config, repository)
     except ServerError as exc:
@@ -92,11 +94,23 @@ async def load_in_background(
         logger.exception("model loading crashed")
         repository.discovering = False
         failure = ServerError(f"model loading crashed: {exc}")
+    finally:
+        reporter.cancel()
     # Recorded before on_failure, which may stop the server: a failed start is in the trace too.
     if telemetry is not None:
         telemetry.record_init(repository.coldstart, failure.message if failure is not None else None)
     if failure is not None and on_failure is not None:
         on_failure(failure)
+
+
+async def _report_progress(coldstart: ColdStart, interval: float) -> None:
+    """Say how a long start is going, every ``interval`` seconds until it ends: a multi-gigabyte fetch or a
+    TensorRT build otherwise passes in silence."""
+    if interval <= 0:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        logger.info("still starting: %s", coldstart.progress().describe())
 
 
 def _load_one(entry: Entry, config: RuntimeConfig, coldstart: ColdStart) -> None:

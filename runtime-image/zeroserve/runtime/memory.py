@@ -1,19 +1,18 @@
 """How the server process uses memory: the garbage collector during start-up, and glibc's malloc thresholds.
 
 **Start-up.** Importing the server stack (numpy, starlette, uvicorn, and grpc and protobuf when gRPC is on)
-creates some 70,000 objects, and the collector scans them again and again while they are new: on the 2-core
-machine, six to eight young-generation passes of about 1.2 ms each, and with gRPC a full pass of 23 ms, all before
-the first answer. ``pause_gc_for_startup`` turns the collector off at the entry point; ``resume_gc`` turns it back
-on when loading begins, after moving everything that exists by then to the permanent generation (``gc.freeze``),
-so later full passes skip the imported modules. Process start to the first answer, 10 launches each: small MLP
-over REST 553 -> 529 ms; image CNN with gRPC on 704 -> 677 ms. Any garbage cycles made while it was off stay.
+creates some 70,000 objects, and the collector scans them again and again while they are new, several passes
+before the first answer. ``pause_gc_for_startup`` turns the collector off at the entry point; ``resume_gc`` turns
+it back on when loading begins, after moving everything that exists by then to the permanent generation
+(``gc.freeze``), so later full passes skip the imported modules. Any garbage cycles made while it was off stay.
+bench/README.md ("Where a request runs") has the numbers.
 
 **Large requests.** glibc serves an allocation above its mmap threshold with a new mapping, which the kernel
 zero-fills page by page on first touch, and hands free memory at the top of a heap back to the kernel once it
 exceeds the trim threshold. Both thresholds adapt to the allocations seen, and with requests of hundreds of
 KiB in flight (grpc's read buffers, the message's bytes, a REST body) a process settles one way or the other by
-chance: 16 gRPC calls of 600 KB in flight cost a server either 60 or 260 page faults per call, 1.2 or 1.9 ms of
-CPU per call, from one launch to the next; with fixed thresholds, under 10. The price: freed memory stays in the
+chance, and the slow way costs several times the page faults and CPU per call; fixed thresholds take that chance
+away. The price: freed memory stays in the
 process for reuse (only free space at the top of a heap above the trim threshold goes back), in each of glibc's
 malloc arenas (up to 8 per core; ``MALLOC_ARENA_MAX`` caps them); the idle RSS before the first request does not
 change. Setting any of glibc's own malloc variables (``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``,
@@ -32,9 +31,8 @@ logger = logging.getLogger("zeroserve.runtime")
 
 # Allocations up to this size come from the heap (glibc's own ceiling for the adaptive threshold: 32 MiB).
 MMAP_THRESHOLD_BYTES: Final = 32 * 1024 * 1024
-# Free memory kept at the top of a heap for the next requests before it goes back to the kernel. Image CNN, after
-# bursts of REST JSON (64 connections), REST binary and gRPC: RSS 229-249 MiB with glibc's adaptive thresholds,
-# 242 with 16 MiB, 264-267 with 32 MiB; 8 MiB brought back 16-26 page faults per 600 KB gRPC call (16 MiB: 3-8).
+# Free memory kept at the top of a heap for the next requests before it goes back to the kernel: the smallest
+# that keeps the page faults away, so RSS after a burst stays near glibc's own (bench/README.md).
 TRIM_THRESHOLD_BYTES: Final = 16 * 1024 * 1024
 
 _M_TRIM_THRESHOLD: Final = -1  # glibc's malloc.h
@@ -88,3 +86,14 @@ def _is_glibc() -> bool:
     except (AttributeError, ValueError, OSError):  # no confstr (Windows), or the name is unknown (musl, macOS)
         return False
     return bool(version and version.startswith("glibc"))
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free memory back to the kernel (glibc's ``malloc_trim``): after large requests, whose
+    buffers leave free space scattered through the heap that the trim threshold alone never returns. Blocking
+    (it walks the heap): call it from a thread, when no large request is in flight."""
+    if not _is_glibc():
+        return
+    import ctypes
+
+    ctypes.CDLL(None).malloc_trim(0)

@@ -1,4 +1,4 @@
-"""Transport-neutral inference messages: what REST (and later gRPC) decode into and encode from."""
+"""Transport-neutral inference messages: what the REST and gRPC codecs decode into and encode from."""
 
 from __future__ import annotations
 
@@ -58,7 +58,6 @@ class InferResult:
     id: str | None = None
     queue_seconds: float = 0.0  # waiting for an inference thread
     compute_seconds: float = 0.0  # session.run
-    coldstart: bool = False  # the first inference answered by this process
 
     def server_timing(self) -> str:
         """The Server-Timing entries for this inference (milliseconds)."""

@@ -62,19 +62,24 @@ class Counter:
 
 
 class Gauge:
-    """A gauge read at scrape time from a callback returning {labels: value}; ``kind="counter"`` for a count
-    kept elsewhere (a name ending in ``_total``)."""
+    """A gauge read at scrape time from a callback returning {labels: value}."""
 
-    def __init__(
-        self, name: str, help_text: str, read: Callable[[], dict[Labels, float]], kind: str = "gauge"
-    ) -> None:
-        self.name, self.help, self.read, self.kind = name, help_text, read, kind
+    kind = "gauge"
+
+    def __init__(self, name: str, help_text: str, read: Callable[[], dict[Labels, float]]) -> None:
+        self.name, self.help, self.read = name, help_text, read
 
     def render(self) -> Iterator[str]:
         yield f"# HELP {self.name} {self.help}"
         yield f"# TYPE {self.name} {self.kind}"
         for labels, value in self.read().items():
             yield f"{self.name}{_format(labels)} {_number(value)}"
+
+
+class CallbackCounter(Gauge):
+    """A counter kept elsewhere (its name ends in ``_total``), read at scrape time like a gauge."""
+
+    kind = "counter"
 
 
 class ServerMetrics:
@@ -94,6 +99,9 @@ class ServerMetrics:
 
     def add_gauge(self, gauge: Gauge) -> None:
         self._gauges.append(gauge)
+
+    def add_counter_callback(self, counter: CallbackCounter) -> None:
+        self._gauges.append(counter)
 
     def observe(self, model: str, version: str, status: int, seconds: float, protocol: Protocol) -> None:
         """One answered inference request. ``status`` is the HTTP status, for gRPC that of the error it

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 from zeroserve.protocol import dtypes
 from zeroserve.runtime.messages import InputTensor, TensorSpec
 from zeroserve.runtime.providers import create_session, interim_providers
+from zeroserve.runtime.run_stats import RunStats
 from zeroserve.runtime.server_errors import InferenceError, InvalidInput, ModelLoadError
 from zeroserve.runtime.settings import ProviderSettings
 
@@ -80,12 +81,7 @@ class OnnxModel:
         self._session: onnxruntime.InferenceSession | None = None
         self._inputs_by_name: dict[str, TensorSpec] = {}
         self._output_names: frozenset[str] = frozenset()
-        # Moving average of session.run wall time; decides whether a run may stay on the event loop.
-        self.run_seconds = float("inf")
-        # The fastest run on every thread so far: what the model costs when nothing competes with it, which
-        # a moving average taken under load overstates (the adaptive hint's test, dataplane.py).
-        self.fastest_run_seconds = float("inf")
-        self.fastest_run_bytes = 0  # the input bytes of that run: a request with more may well run longer
+        self.stats = RunStats()  # what the placement policy decides on (placement.py)
         # Serving on CUDA while TensorRT is still to be built (--trt_build background): upgrade() does it.
         self.upgrade_pending = False
         # For runs that share the CPU with others (cores.py): built in the background on first contention.
@@ -131,7 +127,7 @@ class OnnxModel:
         self._use(session)
         self.execution_providers = providers
         self.upgrade_pending = False
-        self.run_seconds = self.fastest_run_seconds = float("inf")  # measured again on the new session
+        self.stats.reset()  # measured again on the new session
         return time.perf_counter() - started
 
     def _artifacts_for_session(self) -> SessionArtifacts | None:
@@ -196,23 +192,17 @@ class OnnxModel:
                 raise InvalidInput(f"model '{self.name}' has no output named '{name}'; its outputs are {expected}")
 
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
-        """Blocking inference on every intra-op thread: on a worker thread, or on the event loop for a run known
-        to be short (dataplane.py)."""
+        """Blocking inference on every intra-op thread, where the placement policy put it (placement.py)."""
         assert self._session is not None, "load() the model first"
         started = time.perf_counter()
         outputs = self._run_on(self._session, feeds, output_names)
-        elapsed = time.perf_counter() - started
-        previous = self.run_seconds
-        self.run_seconds = elapsed if previous == float("inf") else 0.8 * previous + 0.2 * elapsed
-        if elapsed < self.fastest_run_seconds:
-            self.fastest_run_seconds = elapsed
-            self.fastest_run_bytes = sum(array.nbytes for array in feeds.values())
+        self.stats.record(time.perf_counter() - started, sum(array.nbytes for array in feeds.values()))
         return outputs
 
     def run_single_thread(self, feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
         """Blocking inference on one thread, beside other runs; needs ``single_thread_ready``."""
         assert self._single_thread_session is not None, "no single-thread session yet"
-        # run_seconds stays the time of a run on every thread: it estimates the wait of the next lone request.
+        # Not recorded: the stats are those of a run on every thread, which estimate the next lone request's.
         return self._run_on(self._single_thread_session, feeds, output_names)
 
     @property
@@ -285,7 +275,7 @@ class OnnxModel:
         self._warmup_shapes = shapes
         started = time.perf_counter()
         self.run(feeds, None)
-        self.run_seconds = float("inf")
+        self.stats.restart_average()
         self.run(feeds, None)
         elapsed = time.perf_counter() - started
         if self.session_artifacts is not None:

@@ -120,9 +120,8 @@ def session_options(
     so.intra_op_num_threads = settings.intra_op_threads or cpu_quota(cgroup_root)
     if so.intra_op_num_threads != 1:
         # Intra-op threads spin between a run's operators, which keeps a run fast, and by default go on spinning
-        # after it, on cores the event loop and gRPC need to answer it and read the next request. Measured on
-        # 2 cores, 224x224 CNN over gRPC, one call in flight, 8 rounds: p99 22.9 -> 18.2 ms, 92 -> 98 calls/s
-        # (allow_spinning=0, no spinning at all: p99 17.6-18.7 ms, runs slower to start).
+        # after it, on cores the event loop and gRPC need to answer it and read the next request. Stopping the
+        # spin at the end of a run keeps both (bench/README.md, "Where a request runs").
         so.add_session_config_entry("session.force_spinning_stop", "1")
     if settings.inter_op_threads is not None:
         so.inter_op_num_threads = settings.inter_op_threads

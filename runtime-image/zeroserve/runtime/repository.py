@@ -42,7 +42,7 @@ class ModelRepository:
 
     def loading(self) -> StartState:
         """What a request for a model still loading is told: the phase the start is in and its time so far."""
-        return StartState("loading", phase=self.coldstart.current_phase(), elapsed_s=self.coldstart.elapsed_seconds())
+        return self.coldstart.progress()
 
     def add(self, model: OnnxModel) -> Entry:
         entry = Entry(model)

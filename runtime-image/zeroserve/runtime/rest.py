@@ -12,8 +12,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
-from zeroserve.protocol.start import START_HEADER, StartState, retry_after_value
+from zeroserve.protocol.start import START_HEADER, StartState
 from zeroserve.runtime.dataplane import DataPlane
+from zeroserve.runtime.rest_codec import encode_error
 from zeroserve.runtime.server_errors import ServerError
 
 logger = logging.getLogger("zeroserve.runtime")
@@ -27,19 +28,8 @@ def json_response(content: Any, status: int = 200, headers: dict[str, str] | Non
     return Response(orjson.dumps(content), status, headers={**_JSON, **(headers or {})})
 
 
-def error_body(exc: ServerError) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers and body of the V2 error answer for ``exc``."""
-    headers = {"content-type": "application/json"}
-    if exc.retry_after is not None:
-        headers["retry-after"] = retry_after_value(exc.retry_after)
-    if exc.start is None:
-        return exc.status, headers, orjson.dumps({"error": exc.message})
-    headers[START_HEADER] = exc.start.state
-    return exc.status, headers, orjson.dumps({"error": exc.message, "start": exc.start.to_json()})
-
-
 def error_response(exc: ServerError) -> Response:
-    status, headers, body = error_body(exc)
+    status, headers, body = encode_error(exc)
     return Response(body, status, headers=headers)
 
 

@@ -10,16 +10,40 @@ import numpy as np
 import orjson
 
 from zeroserve.protocol import binary, dtypes
+from zeroserve.protocol.start import START_HEADER, retry_after_value
 from zeroserve.runtime.messages import InferRequest, InferResult, InputTensor, RequestedOutput
-from zeroserve.runtime.server_errors import InvalidInput
+from zeroserve.runtime.server_errors import InvalidInput, ServerError
 from zeroserve.runtime.settings import Limits
-from zeroserve.runtime.tensors import array_from_raw, check_datatype, check_shape, count_error, raw_from_array
+from zeroserve.runtime.tensors import (
+    HEAVY_RAW_BYTES,
+    array_from_raw,
+    check_datatype,
+    check_shape,
+    check_size,
+    count_error,
+    raw_from_array,
+)
 
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 
 # What a JSON array may hold for each kind of numpy target: ints never arrive as floats, bools only as bools.
 _ACCEPTED_KINDS = {"b": "b", "u": "iub", "i": "iub", "f": "iubf"}
+
+
+# Decoding or encoding this much on the event loop would hold every other connection meanwhile (JSON parsing and
+# BYTES elements cost Python work per value; raw numeric tensors are views and cost nothing): it runs in a thread.
+HEAVY_JSON_BYTES = 256 * 1024
+
+
+def decode_is_heavy(body: bytes, header_length: str | None) -> bool:
+    """Whether decoding ``body`` is worth a thread: a large JSON part, or large raw data with BYTES tensors."""
+    if header_length is None or not header_length.isdigit():
+        return len(body) > HEAVY_JSON_BYTES
+    json_length = int(header_length)
+    if json_length > HEAVY_JSON_BYTES:
+        return True
+    return len(body) - json_length > HEAVY_RAW_BYTES and b'"BYTES"' in body[:json_length]
 
 
 def decode_request(body: bytes, header_length: str | None, limits: Limits) -> InferRequest:
@@ -83,21 +107,22 @@ def _decode_input(item: Any, position: int, raw: memoryview, limits: Limits) -> 
                 f"input '{name}' claims {size} binary bytes but only {len(raw)} remain in the body "
                 "(truncated request?)"
             )
-        array = array_from_raw(raw[:size], datatype, shape, count, name)
+        array = array_from_raw(raw[:size], datatype, shape, count, name, limits)
         return InputTensor(name, datatype, shape, array), size
     if "data" not in item:
         raise InvalidInput(f"input '{name}' has neither 'data' nor a binary_data_size parameter")
-    array = _from_json(item["data"], datatype, shape, count, name)
+    array = _from_json(item["data"], datatype, shape, count, name, limits)
     return InputTensor(name, datatype, shape, array), 0
 
 
-def _from_json(data: Any, datatype: str, shape: list[int], count: int, name: str) -> np.ndarray:
+def _from_json(data: Any, datatype: str, shape: list[int], count: int, name: str, limits: Limits) -> np.ndarray:
     if not isinstance(data, list):
         data = [data]
     if datatype == "BYTES":
         array = np.array(data, dtype=object)
         if array.size != count:
             raise count_error(name, array.size, shape, count)
+        check_size(name, datatype, shape, count, limits)
         flat = array.reshape(-1)
         for index, element in enumerate(flat):
             if not isinstance(element, str):
@@ -110,6 +135,7 @@ def _from_json(data: Any, datatype: str, shape: list[int], count: int, name: str
         raise InvalidInput(f"input '{name}': 'data' is not a regular (rectangular) array of numbers") from None
     if array.size != count:
         raise count_error(name, array.size, shape, count)
+    check_size(name, datatype, shape, count, limits)
     if count == 0:
         return np.zeros(shape, dtype=target)
     if target.kind in "iu" and array.dtype.kind in "fO":
@@ -200,3 +226,15 @@ def _to_json_data(array: np.ndarray, datatype: str) -> Any:
     if datatype == "BYTES":
         return [element.decode("utf-8", "replace") if isinstance(element, bytes) else str(element) for element in flat]
     return flat  # orjson serializes numpy arrays natively
+
+
+def encode_error(exc: ServerError) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of the V2 error answer for ``exc``: ``{"error": ...}``, with ``Retry-After`` and
+    the start-state marker and ``start`` object when the error carries them (zeroserve.protocol.start)."""
+    headers = {"content-type": JSON_CONTENT_TYPE}
+    if exc.retry_after is not None:
+        headers["retry-after"] = retry_after_value(exc.retry_after)
+    if exc.start is None:
+        return exc.status, headers, orjson.dumps({"error": exc.message})
+    headers[START_HEADER] = exc.start.state
+    return exc.status, headers, orjson.dumps({"error": exc.message, "start": exc.start.to_json()})

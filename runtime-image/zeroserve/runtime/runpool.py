@@ -1,10 +1,9 @@
 """Threads that run blocking calls (``session.run``) for the event loop, with a cheap hand-off.
 
 ``loop.run_in_executor`` pays for a ``concurrent.futures.Future`` with its condition lock, the pool's own
-bookkeeping and the chaining of that future to an asyncio one, all in Python: about 45 µs of CPU per call on
-this project's 2-core machines, against 8 µs for one put on a ``queue.SimpleQueue`` and one
-``call_soon_threadsafe`` (16 calls in flight, a no-op job; the threads' wake-ups are coalesced by the loop).
-Under load that CPU is the event loop's, the one thread every request goes through.
+bookkeeping and the chaining of that future to an asyncio one, all in Python, several times what one put on a
+``queue.SimpleQueue`` and one ``call_soon_threadsafe`` cost (bench/README.md, "Where a request runs"). Under
+load that CPU is the event loop's, the one thread every request goes through.
 """
 
 from __future__ import annotations
@@ -111,12 +110,12 @@ def _run(
             error = RuntimeError("the job raised StopIteration")
             error.__cause__ = exc
             exc = error
-        _resolve(loop, _set_exception, future, exc)
+        _settle(loop, _set_exception, future, exc)
         # The exception's traceback keeps this frame alive: it must not keep the future (a cycle) or the job's
         # arrays (views over a whole request) until the cyclic collector runs.
         del future, function, args
         return
-    _resolve(loop, _set_result, future, result)
+    _settle(loop, _set_result, future, result)
 
 
 def _withdraw_if_cancelled(claim: threading.Lock, skipped: Callable[[], None], future: asyncio.Future[Any]) -> None:
@@ -133,7 +132,7 @@ def _call_skipped(skipped: Callable[[], None] | None) -> None:
         logger.exception("a skipped job's callback failed")
 
 
-def _resolve(loop: asyncio.AbstractEventLoop, setter: Callable[..., None], *args: Any) -> None:
+def _settle(loop: asyncio.AbstractEventLoop, setter: Callable[..., None], *args: Any) -> None:
     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
         loop.call_soon_threadsafe(setter, *args)
 

@@ -1,21 +1,21 @@
-"""Run the server under uvicorn, with the ordered, bounded shutdown Knative expects on SIGTERM.
-
-On SIGTERM uvicorn stops accepting (the listening socket closes, new connections are refused),
-lets in-flight requests finish for up to ``shutdown_timeout`` seconds, then the lifespan unloads.
-"""
+"""The server's entry: REST under uvicorn (one process, or ``--workers N``), or gRPC alone; each through the one
+lifecycle of lifecycle.py, with the ordered, bounded shutdown Knative expects on SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import importlib.util
+import contextlib
 import logging
 import os
 import pickle
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from zeroserve.runtime import memory, telemetry
 from zeroserve.runtime.config import ConfigError, RuntimeConfig
+from zeroserve.runtime.lifecycle import Stop, serving
 from zeroserve.runtime.server_errors import ServerError
 
 if TYPE_CHECKING:
@@ -38,8 +38,8 @@ _WORKER_CONFIG_ENV = "ZEROSERVE_WORKER_CONFIG"
 
 
 def serve(config: RuntimeConfig) -> int:
-    """Serve until stopped; returns the process exit code (1 when a model failed to load, 2 when the
-    configuration cannot run here)."""
+    """Serve until stopped; returns the process exit code: 0 after SIGTERM, 130 after SIGINT (Ctrl-C), 1 when a
+    model failed to load (or the server could not start), 2 when the configuration cannot run here."""
     try:
         config = config if config.loaded else config.load()
     except ConfigError as exc:
@@ -47,42 +47,100 @@ def serve(config: RuntimeConfig) -> int:
         return 2
     memory.tune_malloc()
     if not config.serves_rest:
-        from zeroserve.runtime.grpc import serve_grpc
-
-        return serve_grpc(config)
+        return _serve_grpc_only(config)
     if config.workers > 1:
         return _serve_workers(config)
-    import uvicorn
 
     from zeroserve.runtime.app import create_app
 
-    failed: list[ServerError] = []
-
-    def on_load_failure(exc: ServerError) -> None:
-        if config.exit_on_error:
-            failed.append(exc)
-            server.should_exit = True
-
-    app = create_app(config, on_load_failure=on_load_failure, telemetry=telemetry.from_environment(os.environ))
-    server = uvicorn.Server(_uvicorn_config(app, config))
+    stop = Stop()
+    app = create_app(config, stop=stop, telemetry=telemetry.from_environment(os.environ))
+    server = _uvicorn_server(_uvicorn_config(app, config), stop)
     server.run()
-    if failed:
-        print(f"zeroserve: {failed[0].message}", file=sys.stderr)
+    if stop.failure is not None:
+        print(f"zeroserve: {stop.failure.message}", file=sys.stderr)
         return 1
     if not server.started:  # the lifespan could not start (the gRPC port is taken, ...); uvicorn logged why
         return 1
-    return 0
+    return stop.exit_code
+
+
+def _uvicorn_server(config: uvicorn.Config, stop: Stop) -> uvicorn.Server:
+    """uvicorn's server with the signal handling of ``lifecycle.Stop``: a stop request sets uvicorn's exit flags,
+    and the process exits with a code instead of re-raising the signal."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def _exit(self, force: bool) -> None:
+            self.should_exit = True
+            self.force_exit = self.force_exit or force
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with stop.capture():
+                yield
+
+    server = Server(config)
+    stop.on_stop(server._exit)
+    return server
+
+
+def _serve_grpc_only(config: RuntimeConfig) -> int:
+    """Serve gRPC alone (``--protocol grpc``) until stopped; returns the process exit code."""
+    if not config.uses_uvloop:
+        return asyncio.run(_grpc_only(config))
+    import uvloop
+
+    code: int = uvloop.run(_grpc_only(config))
+    return code
+
+
+async def _grpc_only(config: RuntimeConfig) -> int:
+    from zeroserve.runtime.dataplane import DataPlane
+    from zeroserve.runtime.grpc import GrpcServer
+    from zeroserve.runtime.repository import ModelRepository
+
+    repository = ModelRepository()
+    dataplane = DataPlane.from_config(repository, config)
+    dataplane.running_on(asyncio.get_running_loop())
+    tracing = telemetry.from_environment(os.environ)
+    grpc_server = GrpcServer(dataplane, config, tracing)
+    metrics_server = None
+    if config.metrics_port is not None:  # the gRPC-only server's one HTTP endpoint, only when asked for
+        from zeroserve.runtime.metrics_server import MetricsServer
+
+        metrics_server = MetricsServer(dataplane.metrics, config.host, config.metrics_port)
+    stop = Stop()
+    try:
+        async with serving(config, repository, dataplane, tracing, stop, grpc_server=grpc_server):
+            if metrics_server is not None:
+                try:
+                    await metrics_server.start()
+                except OSError as exc:
+                    raise ServerError(f"cannot serve metrics on port {config.metrics_port}: {exc}") from None
+            await stop.wait()
+            logger.info("stopping: draining gRPC calls for up to %g s", config.shutdown_timeout)
+    except ServerError as exc:  # a listener could not start
+        print(f"zeroserve: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        if metrics_server is not None:
+            await metrics_server.stop()
+    if stop.failure is not None:
+        print(f"zeroserve: {stop.failure.message}", file=sys.stderr)
+    return stop.exit_code
 
 
 def _uvicorn_config(app: Any, config: RuntimeConfig, **extra: Any) -> uvicorn.Config:
-    import uvicorn
+    from zeroserve.runtime.http_server import ConnectionLimits, ServerConfig
 
-    return uvicorn.Config(
+    limits = ConnectionLimits(head_timeout=config.timeout_keep_alive, max_connections=config.max_connections)
+    return ServerConfig(
         app,
+        connection_limits=limits,
         host=config.host,
         port=config.http_port,
         loop="uvloop" if config.uses_uvloop else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
         lifespan="on",
         log_config=None,
         access_log=config.access_log,
@@ -128,4 +186,7 @@ def worker_app() -> Any:
             os._exit(_STARTUP_FAILURE)  # nothing was ever ready in this worker; the supervisor stops all
 
     tracing = telemetry.from_environment(os.environ)
-    return create_app(config, on_load_failure=on_load_failure, telemetry=tracing, load_before_serving=True)
+    # uvicorn's own server runs each worker: the app's stop hands signals on to it.
+    return create_app(
+        config, stop=Stop(chain=True), on_load_failure=on_load_failure, telemetry=tracing, load_before_serving=True
+    )

@@ -28,7 +28,14 @@ class Limits:
 
     max_body_bytes: int = 256 * MiB
     max_tensor_elements: int = 2**28
+    # A BYTES element costs a Python string and a std::string in ONNX Runtime (about 100 bytes with no text):
+    # far more than the 4 bytes it may take in a request.
+    max_bytes_elements: int = 2**20
     max_dims: int = 16
+    # Request bytes in flight at once (bodies being read, decoded, run and answered); a request that would pass it
+    # is answered 503 before its body is read. 0: no budget. ``RuntimeConfig.load`` derives it from the memory
+    # limit unless --max_inflight_mib is given.
+    max_inflight_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
+from zeroserve.runtime.coldstart import ByteProgress
 from zeroserve.runtime.download_cache import CacheEntry, RemoteFile
 from zeroserve.runtime.server_errors import StorageError
 
@@ -79,6 +80,7 @@ def fetch(
     storage_options: Mapping[str, Any] | None = None,
     max_workers: int = 8,
     chunk_size: int = 16 * 2**20,
+    progress: ByteProgress | None = None,
 ) -> FetchResult:
     """Make the model at ``uri`` available locally. Blocking: run it in a worker thread.
 
@@ -89,6 +91,7 @@ def fetch(
         storage_options: passed to the fsspec filesystem (credentials, ``endpoint_url``, ...).
         max_workers: concurrent range reads.
         chunk_size: bytes per range read; files up to this size are read in one request.
+        progress: told the bytes to read, then each range read as it lands (from the reading threads).
 
     Raises:
         StorageError: the URI does not exist, cannot be read, or its backend is not installed.
@@ -118,8 +121,10 @@ def fetch(
         if cacheable and entry.is_complete(files):
             return FetchResult(target, True, 0, time.perf_counter() - started)
         model_dir = entry.reset()
+        progress = progress or ByteProgress()
+        progress.expect(sum(f.size for f in files))
         fetched = _download(
-            fs, uri, files, model_dir, max_workers, chunk_size, trust_ranges=backend.protocol not in _HTTP
+            fs, uri, files, model_dir, max_workers, chunk_size, progress, trust_ranges=backend.protocol not in _HTTP
         )
         entry.commit(canonical, files)
     return FetchResult(target, False, fetched, time.perf_counter() - started)
@@ -213,6 +218,7 @@ def _download(
     model_dir: Path,
     max_workers: int,
     chunk_size: int,
+    progress: ByteProgress,
     *,
     trust_ranges: bool,
 ) -> int:
@@ -236,14 +242,14 @@ def _download(
         if not trust_ranges and f.size > chunk_size:
             # Plain http servers may ignore Range and send the whole body. Ask once, serially, so that
             # such a server sends the file once rather than once per range.
-            got = _read_range(fs, uri, f, tmp, 0, chunk_size)
+            got = _read_range(fs, uri, f, tmp, 0, chunk_size, progress)
             fetched += got
             start = f.size if got == f.size else chunk_size
         ranges += [(f, tmp, s, min(s + chunk_size, f.size)) for s in range(start, f.size, chunk_size)]
 
     pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="zeroserve-fetch")
     try:
-        futures: list[Future[int]] = [pool.submit(_read_range, fs, uri, *r) for r in ranges]
+        futures: list[Future[int]] = [pool.submit(_read_range, fs, uri, *r, progress) for r in ranges]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         for future in done:
             future.result()  # raises the first failure; the rest are cancelled below
@@ -255,7 +261,9 @@ def _download(
     return fetched
 
 
-def _read_range(fs: _FileSystem, uri: str, f: RemoteFile, tmp: Path, start: int, end: int) -> int:
+def _read_range(
+    fs: _FileSystem, uri: str, f: RemoteFile, tmp: Path, start: int, end: int, progress: ByteProgress
+) -> int:
     with _explained(uri):
         data = fs.cat_file(f.path, start=start, end=end)
     # A server that ignores Range answers the first range with the whole file, which is as good.
@@ -272,6 +280,7 @@ def _read_range(fs: _FileSystem, uri: str, f: RemoteFile, tmp: Path, start: int,
             view, start = view[written:], start + written
     finally:
         os.close(fd)
+    progress.add(len(data))
     return len(data)
 
 

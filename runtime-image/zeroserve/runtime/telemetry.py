@@ -62,7 +62,7 @@ class Telemetry:
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
         if tracer_provider is not None:
-            from zeroserve.runtime import version
+            from zeroserve._version import version
 
             self._tracer = tracer_provider.get_tracer("zeroserve.runtime", version())
         if meter_provider is not None:
@@ -106,6 +106,27 @@ class Telemetry:
             root.set_status(trace.Status(trace.StatusCode.ERROR, failure))
         root.end(end_time=end_ns)
         self.init_span = root.get_span_context()
+
+    def init_traceparent(self) -> str | None:
+        """The W3C traceparent of this process's ``zeroserve.init`` span, once recorded (tracing on)."""
+        context = self.init_span
+        if context is None or not context.is_valid:
+            return None
+        return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+
+    def mark_cold_answer(self, span: Span, coldstart: ColdStart) -> None:
+        """The first answer's SERVER span tells where the cold start went, wherever the init span is: a link to
+        it (in another trace when no request started this process, as in a Knative pod) and one event per
+        phase, with its duration."""
+        if self.init_span is not None and self.init_span.trace_id != span.get_span_context().trace_id:
+            span.add_link(self.init_span, {"zeroserve.link": "init"})
+        for phase in coldstart.phases:
+            if phase.end_ns:
+                span.add_event(
+                    f"zeroserve.init.{phase.name}", {"zeroserve.duration": phase.seconds}, timestamp=phase.start_ns
+                )
+        if coldstart.init_seconds is not None:
+            span.set_attribute("zeroserve.init.duration", coldstart.init_seconds)
 
     @contextmanager
     def server_span(self, name: str, carrier: Mapping[str, str], attributes: Attributes) -> Iterator[Span]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate the gRPC modules from open_inference_grpc.proto with grpcio-tools:
 #   open_inference_grpc_pb2.py / .pyi   the messages (the .pyi is what mypy reads)
-#   open_inference_grpc_pb2_grpc.py     the service stub, servicer base and registration function
+#   open_inference_grpc_pb2_grpc.py     the service stub, servicer base and registration function: only the tests
+#                                       use it (the server registers its own handlers), so it goes to tests/
 #
 # Usage: runtime-image/zeroserve/runtime/_proto/generate.sh [PYTHON]   (default: .venv/bin/python)
 # PYTHON needs grpcio-tools (pip install grpcio-tools). The generated files are committed, so the
@@ -31,7 +32,9 @@ grep -q '_descriptor_pool.Default().AddSerializedFile(' "$pb2" || {
 sed -i \
   -e 's/^DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(/POOL = _descriptor_pool.DescriptorPool()  # private: see generate.sh\nDESCRIPTOR = POOL.AddSerializedFile(/' \
   "$pb2"
-for generated in "$pb2" "$here/open_inference_grpc_pb2.pyi" "$here/open_inference_grpc_pb2_grpc.py"; do
+stub="$root/../tests/open_inference_grpc_pb2_grpc.py"
+mv "$here/open_inference_grpc_pb2_grpc.py" "$stub"
+for generated in "$pb2" "$here/open_inference_grpc_pb2.pyi" "$stub"; do
   sed -i '1i # mypy: ignore-errors' "$generated"
 done
-echo "generated: $(cd "$here" && ls open_inference_grpc_pb2*)"
+echo "generated: $(cd "$here" && ls open_inference_grpc_pb2*) and tests/open_inference_grpc_pb2_grpc.py"

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from zeroserve.runtime.config import add_provider_arguments, provider_settings_from
+from zeroserve.runtime.flags import add_provider_arguments, provider_settings_from
 from zeroserve.runtime.settings import ProviderSettings
 
 

@@ -1,0 +1,177 @@
+"""uvicorn's HTTP/1.1 protocol (httptools) with the bounds a server facing the public needs, as nginx has them:
+
+- a request head (request line and headers) of at most ``max_head_bytes``, a request target of at most
+  ``max_target_bytes`` and a header line of at most ``max_header_line_bytes``: past them the request is answered
+  431 (414 for the target) and the connection closed. The parser is never fed more than a bound past the limit,
+  so a huge header costs the event loop no more than a small one would;
+- a request head must be complete within ``head_timeout`` seconds of its first byte, or of the connection's
+  opening: a connection that never sends a request, or sends one a byte at a time, is closed;
+- at most ``max_connections`` connections: past it, the connection idle longest is closed to make room, and when
+  none is idle the new one is answered 503 and closed. The file descriptors a process may open are finite, and
+  once they run out every request fails, however valid.
+
+uvicorn's own keep-alive timeout (``--timeout_keep_alive``) still closes a connection idle between requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+_REASONS: Final = {414: "URI Too Long", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    max_head_bytes: int = 64 * 1024
+    max_target_bytes: int = 8 * 1024
+    max_header_line_bytes: int = 8 * 1024
+    head_timeout: float = 65.0
+    max_connections: int = 1024
+
+
+class ServerConfig(uvicorn.Config):
+    """uvicorn's configuration, carrying the connection limits to each protocol instance (pickled with it into
+    the processes of ``--workers N``)."""
+
+    def __init__(self, app: Any, *, connection_limits: ConnectionLimits, **kwargs: Any) -> None:
+        super().__init__(app, http=GuardedHttpProtocol, **kwargs)
+        self.connection_limits = connection_limits
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.limits: ConnectionLimits = getattr(config, "connection_limits", ConnectionLimits())
+        self._head_open = True  # reading a request head: from the connection's start or a message's first byte
+        self._head_bytes = 0
+        self._target_bytes = 0
+        self._refusal: tuple[int, str] | None = None
+        self._refused = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self.idle_since: float | None = time.monotonic()  # None while a request is in progress
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        crowded = len(self.connections) >= self.limits.max_connections
+        super().connection_made(transport)
+        if crowded and not self._make_room():
+            self._refuse(503, f"the server is at its limit of {self.limits.max_connections} connections")
+            return
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        head_open = self._head_open
+        super().data_received(data)
+        if self._refused or self.transport.is_closing():
+            return
+        if self._refusal is not None:
+            self._refuse(*self._refusal)
+            return
+        if head_open and self._head_open:  # the head goes on past this chunk
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_head_bytes:
+                self._refuse(431, f"the request's headers are over {self.limits.max_head_bytes} bytes")
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.idle_since = None
+        self._head_open = True
+        self._head_bytes = self._target_bytes = 0
+        if self._head_timer is None:
+            self._arm_head_timer()
+
+    def on_url(self, url: bytes) -> None:
+        self._target_bytes += len(url)
+        if self._target_bytes > self.limits.max_target_bytes:
+            self._refusal = self._refusal or (414, f"the request target is over {self.limits.max_target_bytes} bytes")
+            return
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > self.limits.max_header_line_bytes:
+            self._refusal = self._refusal or (
+                431, f"a header line is over {self.limits.max_header_line_bytes} bytes ({name[:64]!r}...)"
+            )
+            return
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._head_open = False
+        self._cancel_head_timer()
+        if self._refusal is not None:
+            self._refuse(*self._refusal)  # before a task starts: the app never sees the request
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.idle_since = time.monotonic()
+        self._head_open = True
+        self._head_bytes = 0
+
+    # The bounds
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._head_open and not self.transport.is_closing():
+            # Between requests, with nothing received, this is an idle connection (uvicorn's keep-alive timeout
+            # closes those too); mid-head, a request too slow to arrive. Either way: closed without an answer.
+            self.transport.close()
+
+    def _make_room(self) -> bool:
+        """Close the connection idle longest (none of its requests in progress); False when none is idle."""
+        idle = [
+            protocol for protocol in self.connections
+            if protocol is not self and isinstance(protocol, GuardedHttpProtocol) and protocol.idle_since is not None
+            and not protocol.transport.is_closing()
+        ]  # fmt: skip
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda protocol: protocol.idle_since or 0.0)
+        oldest.transport.close()
+        self.connections.discard(oldest)
+        return True
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` with a V2 error body and close the connection; the parser reads no more."""
+        self._refused = True
+        self._cancel_head_timer()
+        body = b'{"error":"' + message.replace("\\", "\\\\").replace('"', '\\"').encode("ascii", "replace") + b'"}'
+        head = (
+            f"HTTP/1.1 {status} {_REASONS[status]}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        ).encode("ascii")
+        if not self.transport.is_closing():
+            self.transport.write(head + body)
+            self.transport.close()
+        self.logger.warning("refused a connection's request: %d %s", status, message)

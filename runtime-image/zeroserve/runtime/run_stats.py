@@ -1,0 +1,54 @@
+"""How long a model's runs take, which is what the placement policy decides on, and the one timed run every
+placement uses.
+
+Runs finish on several threads at once (the run pool, the core-sharing pool, the event loop), so the numbers
+are updated under a lock; the policy reads them without one (a float read is atomic, and a hint a run old is
+good enough to place the next request).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+RunResult = tuple[list[Any], float, float]  # outputs, run started, run finished (perf_counter)
+
+_INF = float("inf")
+
+
+class RunStats:
+    """The moving average of a model's runs on every intra-op thread, and its fastest run with that run's input
+    bytes: what the model costs when nothing competes with it, which an average taken under load overstates."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.average_seconds = _INF
+        self.fastest_seconds = _INF
+        self.fastest_input_bytes = 0
+
+    def record(self, seconds: float, input_bytes: int) -> None:
+        with self._lock:
+            previous = self.average_seconds
+            self.average_seconds = seconds if previous == _INF else 0.8 * previous + 0.2 * seconds
+            if seconds < self.fastest_seconds:
+                self.fastest_seconds = seconds
+                self.fastest_input_bytes = input_bytes
+
+    def restart_average(self) -> None:
+        """Forget the average (the first run of a session pays one-time costs that are not a run's)."""
+        with self._lock:
+            self.average_seconds = _INF
+
+    def reset(self) -> None:
+        """Forget everything (a new session: its runs are measured afresh)."""
+        with self._lock:
+            self.average_seconds = self.fastest_seconds = _INF
+            self.fastest_input_bytes = 0
+
+
+def timed_run(run: Callable[..., list[Any]], feeds: dict[str, Any], output_names: list[str] | None) -> RunResult:
+    started = time.perf_counter()
+    arrays = run(feeds, output_names)
+    return arrays, started, time.perf_counter()
