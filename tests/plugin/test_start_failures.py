@@ -15,7 +15,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,19 @@ def test_a_model_that_failed_to_load_is_named_at_once(failed_server: ServerProce
     assert error.endpoint.startswith(f"{failed_server.url}/v2/models/m")  # /infer, or the metadata it needs
 
 
-# --- a front answering the start-state contract as `zeroserve dev` will: a process starting, then failed ---
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_a_model_that_can_never_start_behind_zeroserve_dev_is_named(dev_front: Callable[..., Any], tmp_path: Path,
+                                                                  client: str) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"this is not a protobuf")
+    front = dev_front("--model_name", "m", "--model_dir", str(tmp_path / "model.onnx"))
+    error, took = call(client, front.url)  # default policies
+    assert isinstance(error, ColdStartFailed), error
+    assert took < 30.0
+    assert error.reason is not None and "Protobuf parsing failed" in error.reason
+    assert error.exit_status == 1 and error.retry_after is not None
+
+
+# --- a front answering the start-state contract as `zeroserve dev` does: a process starting, then failed ---
 
 class ContractFront:
     """A tiny real Starlette app on loopback: every request meets ``loading`` (phase ``process``) for
