@@ -37,7 +37,7 @@ import httpx
 import numpy as np
 
 from zeroserve import AsyncRemoteModel, RemoteModel
-from zeroserve.protocol.types import decode_response, encode_request
+from zeroserve.protocol.client_codec import decode_response, encode_request
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "examples" / "models" / "mlp"

@@ -6,6 +6,7 @@
 Without --url it runs the example model behind `zeroserve dev` (scale to zero on this machine), so the first
 call meets a cold start. A too-tight cold-start deadline gives up with ColdStartTimeout (a TimeoutError);
 a realistic one waits for the service, which the first attempt already started waking; then a warm call.
+Last, what is no cold start is not waited for: a host that does not resolve fails at once with Unreachable.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zeroserve import ColdStartPolicy, ColdStartTimeout, RemoteModel, RetryPolicy
+from zeroserve import ColdStartPolicy, ColdStartTimeout, RemoteModel, RetryPolicy, Unreachable
 
 MODEL_DIR = Path(__file__).parent / "models" / "mlp"
 
@@ -57,7 +58,8 @@ def main() -> int:
             impatient.infer({"input": features})
             print("tight deadline: the service was already warm")
         except ColdStartTimeout as exc:
-            print(f"tight deadline: {type(exc).__name__} after {exc.attempts} attempts: {exc.message}")
+            print(f"tight deadline: {type(exc).__name__} after {exc.probes} readiness probe(s), "
+                  f"{exc.attempts} sends: {exc.message}")
         finally:
             impatient.close()
 
@@ -69,6 +71,14 @@ def main() -> int:
                 took = (time.perf_counter() - started) * 1000
                 print(f"{label}: output {scores.shape} {scores.dtype} in {took:.0f} ms -> class {int(scores.argmax())}")
             print("ready:", model.ready(), "| inputs:", model.metadata()["inputs"])
+
+        started = time.perf_counter()
+        with RemoteModel("http://no-such-host.invalid:8080", model=args.model) as nowhere:
+            try:
+                nowhere.infer({"input": features})
+            except Unreachable as exc:  # no 300 s wait for a cold start that cannot come
+                took = time.perf_counter() - started
+                print(f"unreachable: {type(exc).__name__} in {took:.1f} s: {exc.message}")
         return 0
     finally:
         if front is not None:

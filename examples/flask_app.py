@@ -5,6 +5,8 @@
 
 Plain WSGI: calls are synchronous and no event loop runs in the process. POST /label with
 {"features": [16 numbers]}, or use /predict (convenience JSON) and /predict/v2/models/mlp/... (V2).
+A bad request gets a JSON 400 with the reason (the model server's own words for a wrong shape), a model that
+cannot be reached a JSON 502/503: never Flask's HTML 500.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 from flask import Flask, jsonify, request
 from flask.typing import ResponseReturnValue
 
-from zeroserve import ColdStartPolicy, RemoteModelError
+from zeroserve import ColdStartPolicy, RemoteModelError, RequestRejected, Unavailable
 from zeroserve.flask import ZeroServe
 
 LABELS = ["cat", "dog", "bird", "fish"]
@@ -29,12 +31,21 @@ def create_app(model_url: str | None = None, model_name: str = "mlp") -> Flask:
 
     @app.post("/label")
     def label() -> ResponseReturnValue:
-        features = request.get_json()["features"]
+        payload = request.get_json(silent=True)
+        features = payload.get("features") if isinstance(payload, dict) else None
+        if not isinstance(features, list):
+            return jsonify(error='send {"features": [16 numbers]}'), 400
         try:
             scores = predict.model.infer({"input": [features]})["output"][0]
-        except RemoteModelError as exc:
-            return jsonify(error=exc.message), 502
+        except ValueError as exc:  # not numbers, ragged lists: the client cannot encode them
+            return jsonify(error=str(exc)), 400
         return jsonify(label=LABELS[int(scores.argmax())], scores=scores.tolist())
+
+    @app.errorhandler(RemoteModelError)
+    def model_failed(exc: RemoteModelError) -> ResponseReturnValue:
+        if isinstance(exc, RequestRejected) and exc.last_status is not None and exc.last_status < 500:
+            return jsonify(error=exc.message), exc.last_status  # e.g. 400 for a wrong shape, in the server's words
+        return jsonify(error=exc.message), 503 if isinstance(exc, Unavailable) else 502
 
     predict.init_app(app)  # state lives in app.extensions["zeroserve"]: one extension, any number of apps
     return app

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from zeroserve import AsyncRemoteModel, ColdStartPolicy, RemoteModelError
+from zeroserve import AsyncRemoteModel, ColdStartPolicy, RemoteModelError, RequestRejected, Unavailable
 from zeroserve.starlette import mount_model
 
 LABELS = ["cat", "dog", "bird", "fish"]
@@ -41,11 +41,22 @@ def create_app(model_url: str | None = None, model_name: str = "mlp") -> Starlet
         return JSONResponse({"ok": True})
 
     async def label(request: Request) -> JSONResponse:
-        features = (await request.json())["features"]
+        try:
+            payload = await request.json()
+        except ValueError:
+            payload = None
+        features = payload.get("features") if isinstance(payload, dict) else None
+        if not isinstance(features, list):
+            return JSONResponse({"error": 'send {"features": [16 numbers]}'}, status_code=400)
         try:
             scores = (await model.infer({"input": [features]}))["output"][0]
+        except ValueError as exc:  # not numbers, ragged lists: the client cannot encode them
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        except RequestRejected as exc:  # the server's own words, e.g. a wrong shape (400)
+            status = exc.last_status if exc.last_status is not None and exc.last_status < 500 else 502
+            return JSONResponse({"error": exc.message}, status_code=status)
         except RemoteModelError as exc:  # one error tree; it says which endpoint failed and how often
-            return JSONResponse({"error": exc.message}, status_code=502)
+            return JSONResponse({"error": exc.message}, status_code=503 if isinstance(exc, Unavailable) else 502)
         return JSONResponse({"label": LABELS[int(scores.argmax())], "scores": scores.tolist()})
 
     @contextlib.asynccontextmanager

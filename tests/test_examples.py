@@ -98,3 +98,16 @@ def test_call_from_python_meets_a_cold_start() -> None:
     assert lines[0].startswith("tight deadline: ColdStartTimeout")
     assert lines[1].startswith("cold: output (1, 4) float32") and lines[2].startswith("warm: output (1, 4)")
     assert lines[3].startswith("ready: True")
+    assert lines[4].startswith("unreachable: Unreachable in ") and "no-such-host.invalid does not resolve" in lines[4]
+
+
+@pytest.mark.parametrize("example", ["starlette_app.py", "flask_app.py"])
+def test_web_app_examples_answer_bad_input_with_json(example: str, mlp_server: ServerProcess) -> None:
+    with running(example, mlp_server.url) as url, httpx.Client(base_url=url, timeout=60) as client:
+        wrong_shape = client.post("/label", json={"features": [0.5] * 3})
+        assert wrong_shape.status_code == 400, wrong_shape.text
+        assert "shape" in wrong_shape.json()["error"]  # the model server's own words
+        not_numbers = client.post("/label", json={"features": ["a", "b"]})
+        assert not_numbers.status_code == 400 and "FP32" in not_numbers.json()["error"]
+        missing = client.post("/label", content=b"not json")
+        assert missing.status_code == 400 and "features" in missing.json()["error"]

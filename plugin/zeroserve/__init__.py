@@ -34,6 +34,7 @@ __path__ = _extend_path(__path__)
 
 from zeroserve.errors import (  # noqa: E402  (after __path__ is set)
     CircuitOpen,
+    ColdStartFailed,
     ColdStartTimeout,
     DeadlineExceeded,
     OutcomeUnknown,
@@ -41,6 +42,7 @@ from zeroserve.errors import (  # noqa: E402  (after __path__ is set)
     RemoteModelError,
     RequestRejected,
     Unavailable,
+    Unreachable,
     ZeroServeError,
 )
 
@@ -54,6 +56,7 @@ __all__ = [
     "AsyncRemoteModel",
     "CircuitOpen",
     "CircuitPolicy",
+    "ColdStartFailed",
     "ColdStartPolicy",
     "ColdStartTimeout",
     "DeadlineExceeded",
@@ -64,6 +67,7 @@ __all__ = [
     "RequestRejected",
     "RetryPolicy",
     "Unavailable",
+    "Unreachable",
     "ZeroServeError",
     "__version__",
 ]

@@ -10,52 +10,31 @@ start); failures are raised as the ``zeroserve.errors`` tree.
 
 from __future__ import annotations
 
-import enum
+import copy
+import logging
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
+from zeroserve._outcome import NEVER_EXECUTED, Kind, Outcome
 from zeroserve._state import EndpointState
 from zeroserve.errors import (
     CircuitOpen,
+    ColdStartFailed,
     ColdStartTimeout,
     DeadlineExceeded,
     OutcomeUnknown,
     RemoteModelError,
     RequestRejected,
     Unavailable,
+    Unreachable,
 )
 from zeroserve.policy import ColdStartPolicy, RetryPolicy
 
+logger = logging.getLogger("zeroserve.client")
 Clock = Callable[[], float]
-
-
-class Kind(enum.Enum):
-    """What one request's result means for resending it."""
-
-    SUCCESS = "success"  # 2xx
-    ANSWER = "answer"  # any other final answer (400, 404, 500, ...): handed to the caller as it is
-    NOT_SENT = "not_sent"  # never left this process: connect refused or timed out, pool timeout, write failed
-    NOT_READY = "not_ready"  # the model server is up but its model is not loaded yet (503 + Retry-After)
-    OVERLOADED = "overloaded"  # turned away before dispatch: 429, Knative's 503 "pending request queue full"
-    MAYBE = "maybe"  # sent, then failed: 502, 504, connection reset or read timeout after sending
-
-
-NEVER_EXECUTED = frozenset({Kind.NOT_SENT, Kind.NOT_READY, Kind.OVERLOADED})
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """The classified result of one request.
-
-    ``cold`` marks results that mean "the service is scaled to zero or starting" (connection refused,
-    502, 503 not ready): the call then waits for one shared wake-up probe instead of resending blindly.
-    """
-
-    kind: Kind
-    status: int | None = None
-    retry_after: float | None = None
-    cold: bool = False
-    reason: str = ""
+#: A wait for a cold start is logged (INFO) when it begins and then at most this often, in seconds.
+PROGRESS_EVERY = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +69,14 @@ class Wake:
 
 @dataclass(frozen=True, slots=True)
 class WakeReport:
-    """What a finished wake-up went through."""
+    """What a finished wake-up went through. ``cold``: it met a cold start (a cold sign started it, a probe
+    failed, or one took longer than ``slow_probe``). ``init_traceparent``: the server's ``zeroserve.init`` span,
+    when an answer named it (the driver fills it in)."""
 
     probes: int
     seconds: float
     cold: bool
+    init_traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +98,16 @@ class CallReport:
     cold_start: bool = False
     cold_wait: float = 0.0
     woke: bool = False
+    init_traceparent: str | None = None
+
+    def absorb(self, part: CallReport) -> None:
+        """Add what one request of a call went through (a call may send two: metadata, then infer)."""
+        self.attempts += part.attempts
+        self.last = part.last or self.last
+        self.cold_start = self.cold_start or part.cold_start
+        self.cold_wait += part.cold_wait
+        self.woke = self.woke or part.woke
+        self.init_traceparent = part.init_traceparent or self.init_traceparent
 
 
 _HARD = (Unavailable, OutcomeUnknown, DeadlineExceeded)
@@ -137,6 +129,7 @@ def call_flow(
     deadline: float | None = None,
     cold_wait: float | None = None,
     report: CallReport | None = None,
+    started: float | None = None,
 ) -> Generator[Send | Sleep | Wake, Outcome | WakeResult | None, CallReport]:
     """One logical call: send, resend what is safe to resend, wait for cold starts, all inside a deadline.
 
@@ -151,13 +144,14 @@ def call_flow(
             (a mounted route set to reject rather than hold passes a short grace); None waits up to
             the cold-start deadline.
         report: filled in as the call goes (the driver reads it even when the call fails).
+        started: when the logical call began, if before this request (the deadlines count from there).
     """
-    start = now()
+    start = now() if started is None else started
     resend_after_send = retry.idempotent if idempotent is None else idempotent
     limit = start + (retry.deadline if deadline is None else deadline)
     cold_limit = max(limit, start + cold.deadline)
     report = report if report is not None else CallReport()
-    admission = state.circuit.admit(start)
+    admission = state.circuit.admit(now())
     if not admission.allowed:
         raise CircuitOpen(
             f"failing fast: the circuit breaker opened after {state.circuit.policy.failures} hard failures "
@@ -167,19 +161,27 @@ def call_flow(
         )
     settled = False
     try:
-        if admission.trial or state.needs_wake(start, cold.probe_after_idle):
+        if admission.trial or state.needs_wake(now(), cold.probe_after_idle):
             # Waiting for a possible cold start may take the cold-start budget; a quick answer means the
             # service was warm, and the call keeps its own deadline.
-            starting = yield from _wait_for_wake(report, endpoint, cold_limit, cold_wait, cold, now)
+            starting = yield from _wait_for_wake(report, endpoint, state, cold_limit, cold_wait, cold, now)
             if starting is not None:
                 raise starting
             if report.cold_start:
                 limit = cold_limit
         while True:
+            if state.not_before and (pause := state.pause_left(now())) > 0:  # its Retry-After, whoever heard it
+                if now() + pause >= limit:
+                    raise Unavailable(
+                        f"the service asked for {pause:.1f} s without requests (Retry-After), "
+                        "which would pass the call's deadline",
+                        endpoint=endpoint, attempts=report.attempts, last_status=_status(report), retry_after=pause,
+                    )
+                yield Sleep(pause)
             remaining = limit - now()
             if remaining <= 0:
                 raise DeadlineExceeded(
-                    f"no answer within the call's deadline of {limit - start:g} s",
+                    f"no answer within the call's deadline of {limit - start:g} s{_last_seen(report.last)}",
                     endpoint=endpoint, attempts=report.attempts, last_status=_status(report),
                 )
             outcome = yield Send(report.attempts, remaining)
@@ -191,8 +193,11 @@ def call_flow(
                 state.circuit.succeeded()
                 settled = True
                 return report
-            if outcome.cold:
-                state.cold = True
+            _heard(state, outcome, retry.retry_after_max, now())
+            if outcome.kind is Kind.START_FAILED:
+                raise _start_failed(outcome, endpoint, attempts=report.attempts)
+            if outcome.kind is Kind.UNREACHABLE:
+                raise Unreachable(outcome.reason, endpoint=endpoint, attempts=report.attempts)
             if outcome.kind not in NEVER_EXECUTED and not resend_after_send:
                 raise OutcomeUnknown(
                     f"{outcome.reason}; the request was sent and may have run, so it is not sent again "
@@ -208,11 +213,13 @@ def call_flow(
             if outcome.cold:
                 report.cold_start = True
                 limit = max(limit, cold_limit)
-                starting = yield from _wait_for_wake(report, endpoint, limit, cold_wait, cold, now)
+                starting = yield from _wait_for_wake(report, endpoint, state, limit, cold_wait, cold, now)
                 if starting is not None:
                     raise starting
                 continue
-            delay = backoff(report.attempts, retry, random) if outcome.retry_after is None else outcome.retry_after
+            delay = backoff(report.attempts, retry, random)
+            if outcome.retry_after is not None:
+                delay = max(delay, outcome.retry_after)
             if delay > retry.retry_after_max or now() + delay >= limit:
                 raise Unavailable(
                     f"{outcome.reason}; waiting {delay:.1f} s more would pass the call's deadline",
@@ -222,7 +229,7 @@ def call_flow(
             yield Sleep(delay)
     except _Starting as exc:  # a cold start the caller chose not to wait for is no failure of the service
         raise Unavailable(exc.message, endpoint=exc.endpoint, attempts=exc.attempts, last_status=exc.last_status,
-                          retry_after=exc.retry_after) from None
+                          retry_after=exc.retry_after, start=exc.start) from None
     except RemoteModelError as exc:
         if not settled:
             settled = True
@@ -240,6 +247,7 @@ def call_flow(
 def _wait_for_wake(
     report: CallReport,
     endpoint: str,
+    state: EndpointState,
     limit: float,
     cold_wait: float | None,
     cold: ColdStartPolicy,
@@ -253,22 +261,27 @@ def _wait_for_wake(
     waited = now() - started
     report.cold_wait += waited
     report.woke = True
-    if result.report is not None and result.report.cold:
-        report.cold_start = True
+    if result.report is not None:
+        report.cold_start = report.cold_start or result.report.cold
+        report.init_traceparent = result.report.init_traceparent or report.init_traceparent
     if result.error is not None:
         raise _rebind(result.error, endpoint, report)
     if result.ready:
         return None
     report.cold_start = True
+    sign = state.last_sign
     if now() < limit and cold_wait is not None:
+        progress = sign.start.describe() if sign is not None and sign.start is not None else "cold start in progress"
         return _Starting(
-            "the model service is starting (cold start in progress)",
+            f"the model service is starting ({progress})",
             endpoint=endpoint, attempts=report.attempts, last_status=_status(report),
-            retry_after=result.retry_after if result.retry_after is not None else cold.retry_after,
+            retry_after=_first(result.retry_after, sign.retry_after if sign is not None else None, cold.retry_after),
+            start=sign.start if sign is not None else None,
         )
     raise ColdStartTimeout(
-        f"the model service was not ready after waiting {waited:.1f} s for its cold start",
+        f"the model service was not ready after waiting {waited:.1f} s for its cold start{_last_seen(sign)}",
         endpoint=endpoint, attempts=report.attempts, last_status=_status(report),
+        start=sign.start if sign is not None else None,
     )
 
 
@@ -277,40 +290,70 @@ def wake_flow(
 ) -> Generator[Probe | Sleep, Outcome | None, WakeReport]:
     """Probe readiness until the model answers ready, within the cold-start deadline.
 
-    A probe is a GET, so every failure may be retried. An activator holding the probe during a cold
-    start answers once, late; a server answering "not ready" gets probed again after its ``Retry-After``
-    (or ``probe_interval``). A 4xx means the model will not appear by waiting (wrong name, no access).
+    A probe is a GET, so it may be retried after anything that may pass: an activator holding the probe
+    during a cold start answers once, late; a server answering "not ready" gets probed again after its
+    ``Retry-After`` (never sooner than half ``probe_interval``). It stops at once on what waiting cannot fix:
+    a 4xx (wrong name, no access), a failed start (``Zeroserve-Start: failed``), a host that does not
+    resolve or fails TLS verification; and after ``refused_grace`` seconds of refused connections.
     """
     start = now()
     deadline = start + cold.deadline
     probes = 0
     failed = False
+    was_cold = state.last_sign is not None  # a cold sign started this wake-up
     last: Outcome | None = None
+    refused_since: float | None = None
+    logged: float | None = None
     while True:
+        pause = min(state.pause_left(now()), max(deadline - now(), 0.0))
+        if pause > 0:
+            yield Sleep(pause)
         remaining = deadline - now()
         if remaining <= 0:
-            reason = f": {last.reason}" if last is not None and last.reason else ""
             raise ColdStartTimeout(
-                f"the model service was not ready within the cold-start deadline of {cold.deadline:g} s{reason}",
-                endpoint=endpoint, attempts=probes, last_status=last.status if last is not None else None,
+                f"the model service was not ready within the cold-start deadline of {cold.deadline:g} s"
+                f"{_last_seen(last)}",
+                endpoint=endpoint, probes=probes, last_status=last.status if last is not None else None,
+                start=last.start if last is not None else None,
             )
         sent = now()
         outcome = yield Probe(probes, remaining)
         assert isinstance(outcome, Outcome)
         probes += 1
-        last = outcome
         if outcome.kind is Kind.SUCCESS:
             took = now() - sent
             state.answered(now())
-            return WakeReport(probes, now() - start, cold=failed or took >= cold.slow_probe)
+            return WakeReport(probes, now() - start, cold=was_cold or failed or took >= cold.slow_probe)
         failed = True
+        last = outcome
+        _heard(state, outcome, cold.deadline, now())
+        if outcome.kind is Kind.START_FAILED:
+            raise _start_failed(outcome, endpoint, probes=probes)
+        if outcome.kind is Kind.UNREACHABLE:
+            raise Unreachable(outcome.reason, endpoint=endpoint, probes=probes)
         status = outcome.status
         if outcome.kind is Kind.ANSWER and status is not None and 400 <= status < 500 and status != 408:
             raise RequestRejected(
                 f"the readiness probe was answered {outcome.reason}",
-                endpoint=endpoint, attempts=probes, last_status=status,
+                endpoint=endpoint, probes=probes, last_status=status,
             )
-        delay = outcome.retry_after if outcome.retry_after is not None else cold.probe_interval * (0.5 + random())
+        if outcome.kind is Kind.REFUSED:
+            refused_since = sent if refused_since is None else refused_since
+            if now() - refused_since >= cold.refused_grace:
+                raise Unreachable(
+                    f"nothing is listening at {_address(endpoint)}: connections were refused for "
+                    f"{now() - refused_since:.1f} s (a service scaled to zero keeps its port open)",
+                    endpoint=endpoint, probes=probes,
+                )
+        else:
+            refused_since = None
+        if logged is None or now() - logged >= PROGRESS_EVERY:
+            logged = now()
+            logger.info("waiting for %s to start, %.0f s of %g s: %s", endpoint, logged - start, cold.deadline,
+                        _describe(outcome))
+        delay = cold.probe_interval * (0.5 + random())
+        if outcome.retry_after is not None:
+            delay = max(delay, outcome.retry_after)
         delay = min(delay, max(deadline - now(), 0.0))
         if delay > 0:
             yield Sleep(delay)
@@ -322,78 +365,57 @@ def backoff(attempts: int, retry: RetryPolicy, random: Clock) -> float:
     return random() * ceiling
 
 
+def _heard(state: EndpointState, outcome: Outcome, pause_cap: float, now: float) -> None:
+    """Record what a failed request says about the service: how long it asked to be left alone, a cold sign."""
+    if outcome.retry_after is not None and outcome.kind is not Kind.START_FAILED:
+        state.pause(now + min(outcome.retry_after, pause_cap))
+    if outcome.cold:
+        state.cold = True
+        state.last_sign = outcome
+
+
+def _start_failed(outcome: Outcome, endpoint: str, *, attempts: int = 0, probes: int = 0) -> ColdStartFailed:
+    start = outcome.start
+    why = start.describe() if start is not None and start.reason else outcome.reason
+    return ColdStartFailed(f"the model service failed to start: {why}", endpoint=endpoint, attempts=attempts,
+                           probes=probes, last_status=outcome.status, retry_after=outcome.retry_after, start=start)
+
+
+def _describe(outcome: Outcome) -> str:
+    if outcome.start is not None and not outcome.start.failed:
+        return outcome.start.describe()
+    return outcome.reason
+
+
+def _last_seen(last: Outcome | None) -> str:
+    """What the service said last, for a message about a wait that ran out."""
+    if last is None or not last.reason:
+        return ""
+    progress = f"; progress: {last.start.describe()}" if last.start is not None and not last.start.failed else ""
+    return f"; last answer: {last.reason}{progress}"
+
+
+def _address(endpoint: str) -> str:
+    parts = urlsplit(endpoint)
+    if not parts.hostname:
+        return endpoint
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"[{parts.hostname}]:{port}" if ":" in parts.hostname else f"{parts.hostname}:{port}"
+
+
+def _first(*values: float | None) -> float | None:
+    return next((value for value in values if value is not None), None)
+
+
 def _status(report: CallReport) -> int | None:
     return report.last.status if report.last is not None else None
 
 
 def _rebind(error: RemoteModelError, endpoint: str, report: CallReport) -> RemoteModelError:
-    """The wake-up's error, restated for this call (its endpoint and attempts, not the probe's)."""
-    message = f"{error.message} (readiness probe: {error.attempts} tries)"
-    last = error.last_status if error.last_status is not None else _status(report)
-    if isinstance(error, Unavailable):
-        return type(error)(message, endpoint=endpoint, attempts=report.attempts, last_status=last,
-                           retry_after=error.retry_after)
-    return type(error)(message, endpoint=endpoint, attempts=report.attempts, last_status=last)
-
-
-# --- classifying answers (pure) ---
-
-_QUEUE_FULL = b"pending request queue full"
-_ACTIVATOR_DEADLINE = b"context deadline exceeded"
-_NOT_READY_MARKERS = (b"not ready", b"still loading", b"is loading", b'"ready":false', b'"ready": false')
-
-
-def classify_response(status: int, retry_after: str | None, body: bytes) -> Outcome:
-    """Classify an HTTP answer: resend it or not, and is it a sign of a cold start."""
-    if 200 <= status < 300:
-        return Outcome(Kind.SUCCESS, status)
-    after = parse_retry_after(retry_after) if retry_after is not None else None
-    if status == 429:
-        return Outcome(Kind.OVERLOADED, status, after, reason="429 too many requests")
-    if status == 503:
-        lowered = body[:512].lower()
-        if _QUEUE_FULL in lowered:
-            return Outcome(Kind.OVERLOADED, status, after, reason="503 pending request queue full")
-        if _ACTIVATOR_DEADLINE in lowered:  # the activator gave up waiting for capacity before dispatching
-            return Outcome(Kind.OVERLOADED, status, after, cold=True, reason="503 no capacity in time")
-        if after is not None or any(marker in lowered for marker in _NOT_READY_MARKERS):
-            return Outcome(Kind.NOT_READY, status, after, cold=True, reason="503 model not ready")
-        return Outcome(Kind.ANSWER, status, after, reason=f"503 {error_message(body)}")
-    if status == 502:
-        return Outcome(Kind.MAYBE, status, after, cold=True, reason="502 bad gateway")
-    if status == 504:
-        return Outcome(Kind.MAYBE, status, after, reason=f"504 {error_message(body) or 'gateway timeout'}")
-    return Outcome(Kind.ANSWER, status, after, reason=f"{status} {error_message(body)}".rstrip())
-
-
-def parse_retry_after(value: str) -> float | None:
-    """Seconds from a ``Retry-After`` value: delta-seconds or an HTTP date; None when unreadable."""
-    value = value.strip()
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    import email.utils
-    import time
-
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - time.time(), 0.0)
-
-
-def error_message(body: bytes) -> str:
-    """The text of a V2 error body (``{"error": "..."}``), or the start of any other body."""
-    if body[:1] == b"{":
-        import json
-
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            parsed = None
-        if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
-            return str(parsed["error"])
-    text = body[:200].decode("utf-8", "replace")
-    return " ".join(text.split())
-
+    """The wake-up's error, restated for this call: its endpoint and sends; the wake-up's probes."""
+    restated = copy.copy(error)
+    restated.endpoint = endpoint
+    restated.attempts = report.attempts
+    if restated.last_status is None:
+        restated.last_status = _status(report)
+    return restated

@@ -1,13 +1,14 @@
-"""What RemoteModel and AsyncRemoteModel share: configuration, paths, building and classifying requests,
-decoding answers, and the sans-I/O flows they drive (``zeroserve._flow``)."""
+"""What RemoteModel and AsyncRemoteModel share: configuration, paths, encoding requests and decoding answers,
+and the pieces their drivers are built from (a call's scope and flows, one attempt: ``zeroserve._call``)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import re
 import time
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from http.cookiejar import CookieJar
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -15,14 +16,16 @@ from urllib.parse import quote
 import httpx
 
 from zeroserve import _flow
-from zeroserve._flow import CallReport, Kind, Outcome, Probe, Send, Sleep, WakeReport, WakeResult
-from zeroserve._gate import Flight, TaskGate, ThreadGate
+from zeroserve._call import Attempt, CallFlow, CallScope, CallSpec, WakeScope
+from zeroserve._flow import CallReport, WakeReport, WakeResult
+from zeroserve._outcome import Kind, Outcome, error_message
+from zeroserve._single_flight import Flight, TaskSingleFlight, ThreadSingleFlight
 from zeroserve._state import EndpointState
 from zeroserve.errors import ProtocolError, RemoteModelError, RequestRejected, Unavailable
 from zeroserve.policy import CircuitPolicy, ColdStartPolicy, RetryPolicy
-from zeroserve.protocol import types as v2
+from zeroserve.protocol import client_codec as v2
 from zeroserve.protocol.binary import HEADER_LENGTH
-from zeroserve.tracing import Telemetry
+from zeroserve.tracing import CallSpans
 
 if TYPE_CHECKING:
     import numpy as np
@@ -30,7 +33,6 @@ if TYPE_CHECKING:
 
     from zeroserve._types import Headers, Inputs
 
-Step = Send | Sleep | _flow.Wake
 _VERSIONED = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?")
 
 
@@ -78,8 +80,8 @@ class _BaseRemoteModel:
         self._invoked_name = invoked_name or model
         self._provider = provider
         self._tracer_provider = tracer_provider
-        self._telemetry: Telemetry | None = None
-        self._gate: ThreadGate[WakeReport] | TaskGate[WakeReport]
+        self._call_spans: CallSpans | None = None
+        self._wake_flight: ThreadSingleFlight[WakeReport] | TaskSingleFlight[WakeReport]
         self._templates: dict[str, str] = {}
         self._datatypes: dict[str, str] | None = None
         self._init_io(transport)
@@ -93,51 +95,51 @@ class _BaseRemoteModel:
     @property
     def waking(self) -> bool:
         """Whether a wake-up of the service is running now."""
-        return self._gate.running
+        return self._wake_flight.running
 
     # --- shared pieces of the drivers ---
 
     @property
-    def _spans(self) -> Telemetry:
-        if self._telemetry is None:  # created on first use: it looks up the package version
+    def _spans(self) -> CallSpans:
+        if self._call_spans is None:  # created on first use: it looks up the package version
             base = httpx.URL(self._public_url)
-            self._telemetry = Telemetry(
+            self._call_spans = CallSpans(
                 model=self.model, invoked_name=self._invoked_name, provider=self._provider, address=base.host,
                 port=base.port or (443 if base.scheme == "https" else 80), tracer_provider=self._tracer_provider,
             )
-        return self._telemetry
+        return self._call_spans
 
-    def _call_flow(
-        self,
-        method: str,
-        path: str,
-        report: CallReport,
-        idempotent: bool | None,
-        timeout: float | None,
-        cold_wait: float | None,
-    ) -> Generator[Step, Outcome | WakeResult | None, CallReport]:
-        if idempotent is None and method in ("GET", "HEAD"):
+    def _scope(self, spec: CallSpec) -> CallScope:
+        """The scope of one logical call; ``begin`` starts a flow for one of its requests."""
+        return CallScope(self._spans, spec, time.monotonic(), self._call_flow)
+
+    def _call_flow(self, spec: CallSpec, report: CallReport, started: float) -> CallFlow:
+        idempotent = spec.idempotent
+        if idempotent is None and spec.method in ("GET", "HEAD"):
             idempotent = True
         return _flow.call_flow(
-            endpoint=self._public_url + path, state=self.state, retry=self.retry, cold=self.cold_start,
-            now=time.monotonic, random=random.random, idempotent=idempotent, deadline=timeout,
-            cold_wait=cold_wait, report=report,
+            endpoint=self._public_url + spec.path, state=self.state, retry=self.retry, cold=self.cold_start,
+            now=time.monotonic, random=random.random, idempotent=idempotent, deadline=spec.timeout,
+            cold_wait=spec.cold_wait, report=report, started=started,
         )
 
-    def _wake_flow(self) -> Generator[Probe | Sleep, Outcome | None, WakeReport]:
-        return _flow.wake_flow(
+    def _wake_scope(self) -> WakeScope:
+        return WakeScope(self._spans, _flow.wake_flow(
             endpoint=self._public_url + self._ready_path, state=self.state, cold=self.cold_start,
             now=time.monotonic, random=random.random,
-        )
+        ))
 
-    def _request_headers(self, headers: Headers | None, carrier: dict[str, str]) -> dict[str, str]:
-        merged = dict(headers) if headers else {}
-        merged.update(carrier)
-        return merged
+    def _attempt(self, spec: CallSpec, resend_count: int, timeout: float, scope: CallScope | WakeScope) -> Attempt:
+        return Attempt(self._spans, spec, self._public_url + spec.path, self._template(spec.path), resend_count,
+                       timeout, self.retry.connect_timeout, scope)
 
-    @staticmethod
-    def _timeout(seconds: float, connect: float) -> httpx.Timeout:
-        return httpx.Timeout(seconds, connect=min(connect, seconds))
+    def _probe_spec(self) -> CallSpec:
+        return CallSpec("wake", "GET", self._ready_path)
+
+    def _metadata_spec(self, call: CallSpec) -> CallSpec:
+        """The metadata request an infer with plain lists sends first, as part of the same call."""
+        return dataclasses.replace(call, method="GET", path=self._metadata_path, content=None, headers=None,
+                                   idempotent=True)
 
     @staticmethod
     def _wake_result(finished: bool, value: WakeReport | None, error: BaseException | None) -> WakeResult:
@@ -163,7 +165,7 @@ class _BaseRemoteModel:
         endpoint = self._public_url + self._infer_path
         if response.status_code != 200:
             raise RequestRejected(
-                _flow.error_message(response.content) or f"status {response.status_code}",
+                error_message(response.content) or f"status {response.status_code}",
                 endpoint=endpoint, attempts=report.attempts, last_status=response.status_code,
             )
         try:
@@ -177,7 +179,7 @@ class _BaseRemoteModel:
         endpoint = self._public_url + self._metadata_path
         if response.status_code != 200:
             raise RequestRejected(
-                _flow.error_message(response.content) or f"status {response.status_code}",
+                error_message(response.content) or f"status {response.status_code}",
                 endpoint=endpoint, attempts=report.attempts, last_status=response.status_code,
             )
         try:
@@ -226,26 +228,6 @@ class _BaseRemoteModel:
             return self._wake_result(True, None, closing)
         failure = task.exception()
         return self._wake_result(True, None if failure else task.result(), failure)
-
-
-def classify(response: httpx.Response) -> Outcome:
-    return _flow.classify_response(response.status_code, response.headers.get("retry-after"), response.content)
-
-
-def outcome_of_error(exc: Exception, timeout: float) -> Outcome:
-    detail = str(exc) or type(exc).__name__
-    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-        return Outcome(Kind.NOT_SENT, cold=True, reason=f"could not connect ({detail})")
-    if isinstance(exc, httpx.PoolTimeout):
-        return Outcome(Kind.NOT_SENT, reason="no free connection in the client's pool")
-    if isinstance(exc, (httpx.WriteError, httpx.WriteTimeout)):
-        # The body did not all leave, and a V2 server reads the whole body before it runs anything.
-        return Outcome(Kind.NOT_SENT, reason=f"the request could not be written ({detail})")
-    if isinstance(exc, httpx.ReadTimeout):
-        return Outcome(Kind.MAYBE, reason=f"no answer within {timeout:.1f} s")
-    if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
-        return Outcome(Kind.MAYBE, reason=f"the connection broke before an answer ({detail})")
-    return Outcome(Kind.MAYBE, reason=f"{type(exc).__name__}: {detail}")
 
 
 class NoCookies(CookieJar):

@@ -15,7 +15,6 @@ so that any V2 client pointed at ``http(s)://host{prefix}`` works against the re
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,12 +27,17 @@ from zeroserve.errors import (
     RemoteModelError,
     RequestRejected,
     Unavailable,
+    Unreachable,
 )
+from zeroserve.protocol.start import START_HEADER, retry_after_value
+from zeroserve.tracing import incoming_context
 
 if TYPE_CHECKING:
     import httpx
+    from opentelemetry.context import Context
 
     from zeroserve._model import _BaseRemoteModel
+    from zeroserve._types import WhenCold
 
 MAX_BODY_BYTES = 64 * 2**20
 
@@ -48,7 +52,8 @@ _NEVER_FORWARDED = frozenset({
 })
 # Sent back to the caller. The body is already decoded by the client, so no Content-Encoding, and a
 # model service has no business setting cookies on the host app's domain.
-RETURNED_HEADERS = frozenset({"content-type", "inference-header-content-length", "retry-after", "server-timing"})
+RETURNED_HEADERS = frozenset({"content-type", "inference-header-content-length", "retry-after", "server-timing",
+                              START_HEADER})
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,85 @@ class Target:
 
     kind: Literal["status", "predict", "v2"]
     path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCall:
+    """What one proxied request asks of the model client, and how the result becomes the answer.
+
+    ``inputs`` set: ``model.infer(inputs, cold_wait=, context=)`` (the convenience JSON route); else
+    ``model.request(method, path, content=, headers=, cold_wait=, context=)``.
+    """
+
+    method: str
+    path: str
+    content: bytes | None
+    headers: dict[str, str]
+    cold_wait: float | None
+    context: Context | None
+    inputs: dict[str, Any] | None = None
+
+    def answer(self, result: Mapping[str, Any] | httpx.Response) -> Answer:
+        if isinstance(result, Mapping):
+            return predict_answer(result)
+        return upstream_answer(result)
+
+    def failed(self, error: Exception) -> Answer:
+        """The answer for a failed call; errors that are no failure of the call itself go on up."""
+        if isinstance(error, RemoteModelError):
+            return error_answer(error)
+        if isinstance(error, ValueError) and self.inputs is not None:  # inputs the codec cannot encode
+            return json_answer(400, {"error": str(error)})
+        raise error
+
+
+class Forwarding:
+    """What a mounted route does with a request under its prefix, whatever the framework: the Starlette route
+    and the Flask extension differ only in how they read the request and await the model.
+
+    Args:
+        when_cold: ``"hold"`` or ``"reject"`` (see ``zeroserve._types.WhenCold``).
+        cold_grace: seconds a request may wait for a wake-up in ``"reject"`` mode.
+        forward_headers: request headers to forward besides the protocol's own.
+        max_body_bytes: larger request bodies are answered 413.
+    """
+
+    def __init__(self, *, when_cold: WhenCold = "hold", cold_grace: float = 0.5, forward_headers: Iterable[str] = (),
+                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        if when_cold not in ("hold", "reject"):
+            raise ValueError(f"when_cold must be 'hold' or 'reject', got {when_cold!r}")
+        if not cold_grace >= 0:
+            raise ValueError(f"cold_grace must not be negative, got {cold_grace}")
+        if max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
+        self.when_cold: WhenCold = when_cold
+        self.cold_grace = cold_grace
+        self.headers = HeaderPolicy(forward_headers)
+        self.max_body_bytes = max_body_bytes
+
+    def too_large(self, length: int | None) -> Answer | None:
+        """The 413 answer when a body of ``length`` bytes is over the limit."""
+        return too_large(self.max_body_bytes) if length is not None and length > self.max_body_bytes else None
+
+    def call(self, target: Target, method: str, query: str, headers: Iterable[tuple[str, str]],
+             body: bytes) -> ModelCall | Answer:
+        """What to ask of the model for a ``predict`` or ``v2`` target (or the answer when the body is wrong)."""
+        headers = list(headers)
+        cold_wait = self.cold_grace if self.when_cold == "reject" else None
+        context = incoming_context({name.lower(): value for name, value in headers})
+        if target.kind == "predict":
+            inputs = predict_inputs(body)
+            if isinstance(inputs, Answer):
+                return inputs
+            return ModelCall("POST", "", None, {}, cold_wait, context, inputs)
+        path = target.path + (f"?{query}" if query else "")
+        return ModelCall(method, path, body or None, self.headers.outgoing(headers), cold_wait, context)
+
+
+def check_prefix(prefix: str) -> None:
+    """A mount prefix looks like ``/predict``: a leading slash, none at the end."""
+    if not prefix.startswith("/") or prefix == "/" or prefix.endswith("/"):
+        raise ValueError(f"prefix must look like '/predict' (a leading slash, none at the end), got {prefix!r}")
 
 
 class HeaderPolicy:
@@ -122,12 +206,22 @@ def upstream_answer(response: httpx.Response) -> Answer:
 
 
 def error_answer(error: RemoteModelError) -> Answer:
-    """The answer for a failed call, in the V2 error shape (the message only: no internal URLs)."""
+    """The answer for a failed call, in the V2 error shape (the message only: no internal URLs).
+
+    A 503 about the service's start (it failed, or it is still starting and the route would not wait) passes
+    the marker on: ``Zeroserve-Start`` and the body's ``start`` object, so the host app's caller sees the cause.
+    """
     headers: dict[str, str] = {}
-    if isinstance(error, Unavailable):
+    content: dict[str, Any] = {"error": error.message}
+    if isinstance(error, Unreachable):
+        status = 502  # the route could not reach the model service at all
+    elif isinstance(error, Unavailable):
         status = 503
         if error.retry_after is not None:
-            headers["retry-after"] = str(max(1, math.ceil(error.retry_after)))
+            headers["retry-after"] = retry_after_value(error.retry_after)
+        if error.start is not None:
+            headers[START_HEADER] = error.start.state
+            content["start"] = error.start.to_json()
     elif isinstance(error, DeadlineExceeded):
         status = 504
     elif isinstance(error, OutcomeUnknown):
@@ -136,7 +230,7 @@ def error_answer(error: RemoteModelError) -> Answer:
         status = error.last_status
     else:
         status = 502
-    return json_answer(status, {"error": error.message}, headers)
+    return json_answer(status, content, headers)
 
 
 def status_answer(model: _BaseRemoteModel, waking: bool) -> Answer:
@@ -160,7 +254,7 @@ def predict_inputs(body: bytes) -> dict[str, Any] | Answer:
 
 
 def predict_answer(outputs: Mapping[str, Any]) -> Answer:
-    from zeroserve.protocol.types import to_json_outputs
+    from zeroserve.protocol.client_codec import to_json_outputs
 
     return json_answer(200, to_json_outputs(outputs))
 

@@ -1,13 +1,18 @@
 """What a client knows about its model service, shared by all its calls: when the service last answered,
-whether it looks cold, and the circuit breaker. Plain state with a lock, no I/O; the flows read and update it.
+whether it looks cold, the last cold sign it gave, how long it asked to be left alone (``Retry-After``), and
+the circuit breaker. Plain state with a lock, no I/O; the flows read and update it.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from zeroserve.policy import CircuitPolicy
+
+if TYPE_CHECKING:
+    from zeroserve._outcome import Outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +83,17 @@ class EndpointState:
         self.last_answer: float | None = None
         self.cold = False
         self.circuit = Circuit(circuit)
+        self.last_sign: Outcome | None = None  # the last sign of a cold start since the service last answered
+        self.not_before = 0.0  # no request before this time: the service's Retry-After
+
+    def pause(self, until: float) -> None:
+        """The service asked for no request before ``until`` (its ``Retry-After``)."""
+        if until > self.not_before:
+            self.not_before = until
+
+    def pause_left(self, now: float) -> float:
+        """Seconds to wait before the next request to the service, probes included."""
+        return self.not_before - now if self.not_before > now else 0.0
 
     def needs_wake(self, now: float, probe_after_idle: float | None) -> bool:
         if self.cold:
@@ -89,6 +105,7 @@ class EndpointState:
     def answered(self, now: float) -> None:
         self.last_answer = now
         self.cold = False
+        self.last_sign = None
 
     def describe(self, now: float, probe_after_idle: float | None) -> str:
         if self.cold:

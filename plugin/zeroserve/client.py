@@ -1,8 +1,9 @@
 """RemoteModel and AsyncRemoteModel: a model served over the V2 protocol, called like a local function.
 
-Both share ``_BaseRemoteModel`` (configuration, request building, classification, spans) and drive the
-same sans-I/O flows from ``zeroserve._flow``: the sync one with ``httpx.Client`` and ``time.sleep``,
-the async one with ``httpx.AsyncClient`` and ``asyncio.sleep``.
+Both share ``_BaseRemoteModel`` (configuration, encoding, decoding) and the call scope of ``zeroserve._call``
+(a call's span and flows, one attempt's span and classification), and drive the same sans-I/O flows from
+``zeroserve._flow``: the sync one with ``httpx.Client`` and ``time.sleep``, the async one with
+``httpx.AsyncClient`` and ``asyncio.sleep``. Only the I/O differs between the two.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from opentelemetry import context as otel_context
 
-from zeroserve._flow import CallReport, Outcome, Probe, Send, Sleep, WakeReport, WakeResult
-from zeroserve._gate import TaskGate, ThreadGate
-from zeroserve._model import NoCookies, _BaseRemoteModel, classify, outcome_of_error
+from zeroserve._call import CallScope, CallSpec, WakeScope
+from zeroserve._flow import CallReport, Probe, Send, Sleep, WakeReport, WakeResult
+from zeroserve._model import NoCookies, _BaseRemoteModel
+from zeroserve._outcome import Outcome
+from zeroserve._single_flight import TaskSingleFlight, ThreadSingleFlight
 from zeroserve.errors import ColdStartTimeout
-from zeroserve.protocol import types as v2
-from zeroserve.tracing import Telemetry
+from zeroserve.protocol import client_codec as v2
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,7 +51,7 @@ class RemoteModel(_BaseRemoteModel):
         transport: an httpx transport (``httpx.WSGITransport``, a mock, or one with custom TLS).
     """
 
-    _gate: ThreadGate[WakeReport]
+    _wake_flight: ThreadSingleFlight[WakeReport]
 
     def _init_io(self, transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None) -> None:
         if transport is not None and not isinstance(transport, httpx.BaseTransport):
@@ -58,7 +59,7 @@ class RemoteModel(_BaseRemoteModel):
         self._transport = transport
         self._http: httpx.Client | None = None
         self._lock = threading.Lock()
-        self._gate = ThreadGate()
+        self._wake_flight = ThreadSingleFlight()
 
     def __enter__(self) -> RemoteModel:
         return self
@@ -111,26 +112,36 @@ class RemoteModel(_BaseRemoteModel):
             cold_wait: the longest to wait for a cold start before raising ``Unavailable`` (None: up to
                 the cold-start deadline).
             context: the OpenTelemetry context to parent this call's spans (the current one when None).
+
+        Raises:
+            ValueError: the inputs cannot be encoded (not numbers, ragged lists).
+            RemoteModelError: the call failed; the subclass says how (``zeroserve.errors``): e.g.
+                ``RequestRejected`` (a wrong shape), ``ColdStartFailed`` (the service cannot start, with its
+                reason), ``ColdStartTimeout``, ``Unreachable`` (no such host, TLS verification failed, nothing
+                listening), ``OutcomeUnknown`` (it may have run).
         """
-        datatypes = self._input_datatypes(cold_wait, context) if v2.has_plain_values(inputs) else None
-        body, content_headers = self._encode(inputs, datatypes, outputs, parameters, request_id, headers)
-        response, report = self._call("POST", self._infer_path, body, content_headers, None, timeout, cold_wait,
-                                      context, "infer")
-        return self._outputs(response, report)
+        spec = CallSpec("infer", "POST", self._infer_path, timeout=timeout, cold_wait=cold_wait, context=context)
+        with self._scope(spec) as scope:
+            plain = v2.has_plain_values(inputs)
+            if plain and self._datatypes is None:  # part of this call: a cold start met here is the call's
+                self._metadata_answer(self._run(scope, self._metadata_spec(spec)), scope.part)
+            body, content_headers = self._encode(inputs, self._datatypes if plain else None, outputs, parameters,
+                                                 request_id, headers)
+            response = self._run(scope, spec.with_content(body, content_headers))
+        return self._outputs(response, scope.part)
 
     def metadata(self, *, cold_wait: float | None = None, context: Context | None = None) -> dict[str, Any]:
         """The model's metadata (name, versions, inputs and outputs with datatypes and shapes)."""
-        response, report = self._call("GET", self._metadata_path, None, None, None, None, cold_wait, context,
-                                      "metadata")
+        response, report = self._call(CallSpec("metadata", "GET", self._metadata_path, cold_wait=cold_wait,
+                                               context=context))
         return self._metadata_answer(response, report)
 
     def ready(self, timeout: float = 5.0) -> bool:
         """Whether the model answers ready now: one GET, no retries, no waiting for a cold start."""
-        span, context = self._spans.start_call("ready", None)
-        try:
-            _, outcome = self._send("GET", self._ready_path, None, None, 0, timeout, context)
-        finally:
-            Telemetry.end_call(span, CallReport(attempts=1), None, None)
+        spec = CallSpec("ready", "GET", self._ready_path)
+        with self._scope(spec) as scope:
+            scope.report.attempts = 1
+            outcome = self._send(spec, 0, timeout, scope)
         return self._readiness(outcome)
 
     def wake(self, *, background: bool = False) -> None:
@@ -138,8 +149,12 @@ class RemoteModel(_BaseRemoteModel):
 
         Args:
             background: start the wake-up and return at once (e.g. on app start-up).
+
+        Raises:
+            ColdStartFailed, ColdStartTimeout, Unreachable, RequestRejected: the wake-up failed (not raised with
+                ``background``: the next call meets the failure).
         """
-        flight = self._gate.join(self._wake_work, 0.0 if background else self.cold_start.deadline + 5.0)
+        flight = self._wake_flight.join(self._wake_work, 0.0 if background else self.cold_start.deadline + 5.0)
         if background:
             return
         if flight is None:
@@ -169,122 +184,60 @@ class RemoteModel(_BaseRemoteModel):
             context: the OpenTelemetry context to parent this call's spans (the current one when None).
         """
         self._check_path(path)
-        response, _ = self._call(method, path, content, headers, idempotent, timeout, cold_wait, context, "request")
+        response, _ = self._call(CallSpec("request", method, path, content, headers, idempotent, timeout, cold_wait,
+                                          context))
         return response
 
     # --- the driver ---
 
-    def _input_datatypes(self, cold_wait: float | None, context: Context | None) -> dict[str, str]:
-        if self._datatypes is None:
-            self.metadata(cold_wait=cold_wait, context=context)
-        return self._datatypes or {}
+    def _call(self, spec: CallSpec) -> tuple[httpx.Response, CallReport]:
+        with self._scope(spec) as scope:
+            return self._run(scope, spec), scope.part
 
-    def _call(
-        self,
-        method: str,
-        path: str,
-        content: bytes | None,
-        headers: Headers | None,
-        idempotent: bool | None,
-        timeout: float | None,
-        cold_wait: float | None,
-        parent: Context | None,
-        operation: str,
-    ) -> tuple[httpx.Response, CallReport]:
-        telemetry = self._spans
-        span, context = telemetry.start_call(operation, parent)
-        token = otel_context.attach(context)  # a wake-up started here parents its spans to this call
-        report = CallReport()
-        flow = self._call_flow(method, path, report, idempotent, timeout, cold_wait)
-        response: httpx.Response | None = None
-        error: BaseException | None = None
-        try:
-            step = next(flow)
-            while True:
-                reply: Outcome | WakeResult | None
-                if isinstance(step, Send):
-                    response, reply = self._send(method, path, content, headers, step.resend_count, step.timeout,
-                                                 context)
-                elif isinstance(step, Sleep):
-                    time.sleep(step.seconds)
-                    reply = None
-                else:
-                    flight = self._gate.join(self._wake_work, step.timeout)
-                    reply = self._flight_result(flight)
-                step = flow.send(reply)
-        except StopIteration:
-            pass
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            flow.close()
-            otel_context.detach(token)
-            timing = response.headers.get("server-timing") if response is not None else None
-            telemetry.end_call(span, report, error, timing)
-        assert response is not None
-        return response, report
+    def _run(self, scope: CallScope, spec: CallSpec) -> httpx.Response:
+        """Drive the flow of one request of the call in ``scope`` to its final answer."""
+        scope.begin(spec)
+        reply: Outcome | WakeResult | None = None
+        while (step := scope.next(reply)) is not None:
+            if isinstance(step, Send):
+                reply = self._send(spec, step.resend_count, step.timeout, scope)
+            elif isinstance(step, Sleep):
+                time.sleep(step.seconds)
+                reply = None
+            else:
+                reply = self._flight_result(self._wake_flight.join(self._wake_work, step.timeout))
+        return scope.answer
 
-    def _send(
-        self,
-        method: str,
-        path: str,
-        content: bytes | None,
-        headers: Headers | None,
-        resend_count: int,
-        timeout: float,
-        context: Context,
-    ) -> tuple[httpx.Response | None, Outcome]:
-        url = self._public_url + path
-        span, carrier = self._spans.start_attempt(method, url, self._template(path), resend_count, context)
-        response: httpx.Response | None = None
-        error: Exception | None = None
+    def _send(self, spec: CallSpec, resend_count: int, timeout: float, scope: CallScope | WakeScope) -> Outcome:
+        attempt = self._attempt(spec, resend_count, timeout, scope)
         try:
-            response = self.http.request(
-                method, self.url + path, content=content, headers=self._request_headers(headers, carrier),
-                timeout=self._timeout(timeout, self.retry.connect_timeout),
-            )
-            outcome = classify(response)
+            response = self.http.request(spec.method, self.url + spec.path, content=spec.content,
+                                         headers=attempt.headers, timeout=attempt.httpx_timeout)
         except httpx.RequestError as exc:
-            error = exc
-            outcome = outcome_of_error(exc, timeout)
+            return attempt.failed(exc)
         except BaseException:
-            span.end()
+            attempt.abandoned()
             raise
-        Telemetry.end_attempt(span, outcome, error, response.headers.get("server-timing") if response else None)
-        return response, outcome
+        return attempt.answered(response)
 
     def _wake_work(self) -> WakeReport:
-        telemetry = self._spans
-        span, context = telemetry.start_call("wake", None)
-        flow = self._wake_flow()
-        report: WakeReport | None = None
-        error: BaseException | None = None
-        try:
-            step = next(flow)
-            while True:
-                reply: Outcome | None = None
+        probe = self._probe_spec()
+        with self._wake_scope() as scope:
+            reply: Outcome | None = None
+            while (step := scope.next(reply)) is not None:
                 if isinstance(step, Probe):
-                    _, reply = self._send("GET", self._ready_path, None, None, step.number, step.timeout, context)
+                    reply = self._send(probe, step.number, step.timeout, scope)
                 else:
                     time.sleep(step.seconds)
-                step = flow.send(reply)
-        except StopIteration as done:
-            report = done.value
-            return done.value  # type: ignore[no-any-return]
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            flow.close()
-            telemetry.end_wake(span, report, error)
+                    reply = None
+            return scope.result
 
 
 class AsyncRemoteModel(_BaseRemoteModel):
     """A remote V2 model, called from asyncio code (httpx.AsyncClient). Same arguments as ``RemoteModel``;
     ``transport`` is an ``httpx.AsyncBaseTransport`` (e.g. ``httpx.ASGITransport``)."""
 
-    _gate: TaskGate[WakeReport]
+    _wake_flight: TaskSingleFlight[WakeReport]
 
     def _init_io(self, transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None) -> None:
         if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
@@ -293,7 +246,7 @@ class AsyncRemoteModel(_BaseRemoteModel):
         self._async_transport = transport
         self._http: httpx.AsyncClient | None = None
         self._http_loop: asyncio.AbstractEventLoop | None = None
-        self._gate = TaskGate()
+        self._wake_flight = TaskSingleFlight()
 
     async def __aenter__(self) -> AsyncRemoteModel:
         return self
@@ -303,7 +256,7 @@ class AsyncRemoteModel(_BaseRemoteModel):
 
     async def aclose(self) -> None:
         """Stop a running wake-up and close the connection pool."""
-        await self._gate.aclose()
+        await self._wake_flight.aclose()
         client, self._http = self._http, None
         if client is not None and self._http_loop is asyncio.get_running_loop():
             await client.aclose()
@@ -333,33 +286,36 @@ class AsyncRemoteModel(_BaseRemoteModel):
         context: Context | None = None,
     ) -> dict[str, np.ndarray]:
         """Run the model; see ``RemoteModel.infer``."""
-        datatypes = await self._input_datatypes(cold_wait, context) if v2.has_plain_values(inputs) else None
-        body, content_headers = self._encode(inputs, datatypes, outputs, parameters, request_id, headers)
-        response, report = await self._call("POST", self._infer_path, body, content_headers, None, timeout,
-                                            cold_wait, context, "infer")
-        return self._outputs(response, report)
+        spec = CallSpec("infer", "POST", self._infer_path, timeout=timeout, cold_wait=cold_wait, context=context)
+        with self._scope(spec) as scope:
+            plain = v2.has_plain_values(inputs)
+            if plain and self._datatypes is None:
+                self._metadata_answer(await self._run(scope, self._metadata_spec(spec)), scope.part)
+            body, content_headers = self._encode(inputs, self._datatypes if plain else None, outputs, parameters,
+                                                 request_id, headers)
+            response = await self._run(scope, spec.with_content(body, content_headers))
+        return self._outputs(response, scope.part)
 
     async def metadata(self, *, cold_wait: float | None = None, context: Context | None = None) -> dict[str, Any]:
         """The model's metadata; see ``RemoteModel.metadata``."""
-        response, report = await self._call("GET", self._metadata_path, None, None, None, None, cold_wait, context,
-                                            "metadata")
+        response, report = await self._call(CallSpec("metadata", "GET", self._metadata_path, cold_wait=cold_wait,
+                                                     context=context))
         return self._metadata_answer(response, report)
 
     async def ready(self, timeout: float = 5.0) -> bool:
         """Whether the model answers ready now; see ``RemoteModel.ready``."""
-        span, context = self._spans.start_call("ready", None)
-        try:
-            _, outcome = await self._send("GET", self._ready_path, None, None, 0, timeout, context)
-        finally:
-            Telemetry.end_call(span, CallReport(attempts=1), None, None)
+        spec = CallSpec("ready", "GET", self._ready_path)
+        with self._scope(spec) as scope:
+            scope.report.attempts = 1
+            outcome = await self._send(spec, 0, timeout, scope)
         return self._readiness(outcome)
 
     async def wake(self, *, background: bool = False) -> None:
         """Make the service ready; see ``RemoteModel.wake``."""
         if background:
-            self._gate.start(self._wake_work)
+            self._wake_flight.start(self._wake_work)
             return
-        task = await self._gate.join(self._wake_work, self.cold_start.deadline + 5.0)
+        task = await self._wake_flight.join(self._wake_work, self.cold_start.deadline + 5.0)
         if task is None:
             raise ColdStartTimeout("the wake-up did not finish", endpoint=self._public_url + self._ready_path)
         task.result()
@@ -378,113 +334,51 @@ class AsyncRemoteModel(_BaseRemoteModel):
     ) -> httpx.Response:
         """Send any V2 request of the service; see ``RemoteModel.request``."""
         self._check_path(path)
-        response, _ = await self._call(method, path, content, headers, idempotent, timeout, cold_wait, context,
-                                       "request")
+        response, _ = await self._call(CallSpec("request", method, path, content, headers, idempotent, timeout,
+                                                cold_wait, context))
         return response
 
     # --- the driver ---
 
-    async def _input_datatypes(self, cold_wait: float | None, context: Context | None) -> dict[str, str]:
-        if self._datatypes is None:
-            await self.metadata(cold_wait=cold_wait, context=context)
-        return self._datatypes or {}
+    async def _call(self, spec: CallSpec) -> tuple[httpx.Response, CallReport]:
+        with self._scope(spec) as scope:
+            return await self._run(scope, spec), scope.part
 
-    async def _call(
-        self,
-        method: str,
-        path: str,
-        content: bytes | None,
-        headers: Headers | None,
-        idempotent: bool | None,
-        timeout: float | None,
-        cold_wait: float | None,
-        parent: Context | None,
-        operation: str,
-    ) -> tuple[httpx.Response, CallReport]:
-        telemetry = self._spans
-        span, context = telemetry.start_call(operation, parent)
-        token = otel_context.attach(context)
-        report = CallReport()
-        flow = self._call_flow(method, path, report, idempotent, timeout, cold_wait)
-        response: httpx.Response | None = None
-        error: BaseException | None = None
-        try:
-            step = next(flow)
-            while True:
-                reply: Outcome | WakeResult | None
-                if isinstance(step, Send):
-                    response, reply = await self._send(method, path, content, headers, step.resend_count,
-                                                       step.timeout, context)
-                elif isinstance(step, Sleep):
-                    await asyncio.sleep(step.seconds)
-                    reply = None
-                else:
-                    reply = self._task_result(await self._gate.join(self._wake_work, step.timeout))
-                step = flow.send(reply)
-        except StopIteration:
-            pass
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            flow.close()
-            otel_context.detach(token)
-            timing = response.headers.get("server-timing") if response is not None else None
-            telemetry.end_call(span, report, error, timing)
-        assert response is not None
-        return response, report
+    async def _run(self, scope: CallScope, spec: CallSpec) -> httpx.Response:
+        """Drive the flow of one request of the call in ``scope`` to its final answer."""
+        scope.begin(spec)
+        reply: Outcome | WakeResult | None = None
+        while (step := scope.next(reply)) is not None:
+            if isinstance(step, Send):
+                reply = await self._send(spec, step.resend_count, step.timeout, scope)
+            elif isinstance(step, Sleep):
+                await asyncio.sleep(step.seconds)
+                reply = None
+            else:
+                reply = self._task_result(await self._wake_flight.join(self._wake_work, step.timeout))
+        return scope.answer
 
-    async def _send(
-        self,
-        method: str,
-        path: str,
-        content: bytes | None,
-        headers: Headers | None,
-        resend_count: int,
-        timeout: float,
-        context: Context,
-    ) -> tuple[httpx.Response | None, Outcome]:
-        url = self._public_url + path
-        span, carrier = self._spans.start_attempt(method, url, self._template(path), resend_count, context)
-        response: httpx.Response | None = None
-        error: Exception | None = None
+    async def _send(self, spec: CallSpec, resend_count: int, timeout: float,
+                    scope: CallScope | WakeScope) -> Outcome:
+        attempt = self._attempt(spec, resend_count, timeout, scope)
         try:
-            response = await self.http.request(
-                method, self.url + path, content=content, headers=self._request_headers(headers, carrier),
-                timeout=self._timeout(timeout, self.retry.connect_timeout),
-            )
-            outcome = classify(response)
+            response = await self.http.request(spec.method, self.url + spec.path, content=spec.content,
+                                               headers=attempt.headers, timeout=attempt.httpx_timeout)
         except httpx.RequestError as exc:
-            error = exc
-            outcome = outcome_of_error(exc, timeout)
+            return attempt.failed(exc)
         except BaseException:
-            span.end()
+            attempt.abandoned()
             raise
-        Telemetry.end_attempt(span, outcome, error, response.headers.get("server-timing") if response else None)
-        return response, outcome
+        return attempt.answered(response)
 
     async def _wake_work(self) -> WakeReport:
-        telemetry = self._spans
-        span, context = telemetry.start_call("wake", None)
-        flow = self._wake_flow()
-        report: WakeReport | None = None
-        error: BaseException | None = None
-        try:
-            step = next(flow)
-            while True:
-                reply: Outcome | None = None
+        probe = self._probe_spec()
+        with self._wake_scope() as scope:
+            reply: Outcome | None = None
+            while (step := scope.next(reply)) is not None:
                 if isinstance(step, Probe):
-                    _, reply = await self._send("GET", self._ready_path, None, None, step.number, step.timeout,
-                                                context)
+                    reply = await self._send(probe, step.number, step.timeout, scope)
                 else:
                     await asyncio.sleep(step.seconds)
-                step = flow.send(reply)
-        except StopIteration as done:
-            report = done.value
-            return done.value  # type: ignore[no-any-return]
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            flow.close()
-            telemetry.end_wake(span, report, error)
+                    reply = None
+            return scope.result

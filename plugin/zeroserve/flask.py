@@ -31,11 +31,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("zeroserve.flask needs Flask: pip install 'zeroserve[flask]'") from exc
 
 from zeroserve import _proxy
-from zeroserve._proxy import Answer, HeaderPolicy, Target
+from zeroserve._proxy import Answer, Forwarding
 from zeroserve._types import WhenCold
 from zeroserve.client import RemoteModel
 from zeroserve.errors import RemoteModelError
-from zeroserve.tracing import incoming_context
 
 __all__ = ["ZeroServe"]
 
@@ -45,10 +44,7 @@ EXTENSION = "zeroserve"
 @dataclass(slots=True)
 class _State:
     model: RemoteModel
-    when_cold: WhenCold
-    cold_grace: float
-    headers: HeaderPolicy
-    max_body_bytes: int
+    forwarding: Forwarding
 
     def answer(self, path: str) -> Answer:
         target = _proxy.resolve(request.method, path, self.model.model)
@@ -56,35 +52,26 @@ class _State:
             return target
         if target.kind == "status":
             return _proxy.status_answer(self.model, self.model.waking)
-        length = request.content_length
-        if length is not None and length > self.max_body_bytes:
-            return _proxy.too_large(self.max_body_bytes)
+        refused = self.forwarding.too_large(request.content_length)
+        if refused is not None:
+            return refused
         body = request.get_data(cache=False)
-        if len(body) > self.max_body_bytes:
-            return _proxy.too_large(self.max_body_bytes)
-        return self._forward(target, body)
-
-    def _forward(self, target: Target, body: bytes) -> Answer:
-        cold_wait = self.cold_grace if self.when_cold == "reject" else None
-        context = incoming_context({name.lower(): value for name, value in request.headers.items()})
+        refused = self.forwarding.too_large(len(body))
+        if refused is not None:
+            return refused
+        query = request.query_string.decode("latin-1")
+        call = self.forwarding.call(target, request.method, query, request.headers.items(), body)
+        if isinstance(call, Answer):
+            return call
         try:
-            if target.kind == "predict":
-                inputs = _proxy.predict_inputs(body)
-                if isinstance(inputs, Answer):
-                    return inputs
-                try:
-                    outputs = self.model.infer(inputs, cold_wait=cold_wait, context=context)
-                except ValueError as exc:
-                    return _proxy.json_answer(400, {"error": str(exc)})
-                return _proxy.predict_answer(outputs)
-            query = request.query_string.decode("latin-1")
-            response = self.model.request(
-                request.method, target.path + (f"?{query}" if query else ""), content=body or None,
-                headers=self.headers.outgoing(request.headers.items()), cold_wait=cold_wait, context=context,
-            )
-        except RemoteModelError as exc:
-            return _proxy.error_answer(exc)
-        return _proxy.upstream_answer(response)
+            if call.inputs is not None:
+                result: Any = self.model.infer(call.inputs, cold_wait=call.cold_wait, context=call.context)
+            else:
+                result = self.model.request(call.method, call.path, content=call.content, headers=call.headers,
+                                            cold_wait=call.cold_wait, context=call.context)
+        except (RemoteModelError, ValueError) as exc:
+            return call.failed(exc)
+        return call.answer(result)
 
 
 class ZeroServe:
@@ -123,8 +110,7 @@ class ZeroServe:
         max_body_bytes: int = _proxy.MAX_BODY_BYTES,
         **client_options: Any,
     ) -> None:
-        if when_cold not in ("hold", "reject"):
-            raise ValueError(f"when_cold must be 'hold' or 'reject', got {when_cold!r}")
+        Forwarding(when_cold=when_cold, cold_grace=cold_grace, max_body_bytes=max_body_bytes)  # checks them now
         if not name.isidentifier():
             raise ValueError(f"name must be an identifier, got {name!r}")
         self.url = url
@@ -150,14 +136,14 @@ class ZeroServe:
                 f"{config}_URL and {config}_MODEL in the app's config"
             )
         prefix = self.prefix or f"/models/{model_name}"
-        if not prefix.startswith("/") or prefix == "/" or prefix.endswith("/"):
-            raise ValueError(f"prefix must look like '/predict' (a leading slash, none at the end), got {prefix!r}")
+        _proxy.check_prefix(prefix)
         states = app.extensions.setdefault(EXTENSION, {})
         if self.name in states:
             raise RuntimeError(f"a zeroserve extension named {self.name!r} is already registered on this app")
         remote = RemoteModel(url, model_name, **self.client_options)
-        states[self.name] = _State(remote, self.when_cold, self.cold_grace, HeaderPolicy(self.forward_headers),
-                                   self.max_body_bytes)
+        forwarding = Forwarding(when_cold=self.when_cold, cold_grace=self.cold_grace,
+                                forward_headers=self.forward_headers, max_body_bytes=self.max_body_bytes)
+        states[self.name] = _State(remote, forwarding)
         app.register_blueprint(self._blueprint(), url_prefix=prefix)
         if remote.cold_start.wake_on_start:
             remote.wake(background=True)

@@ -61,6 +61,9 @@ class ColdStartPolicy:
             None sends calls straight away and wakes only on a cold signal.
         slow_probe: a probe that takes longer than this was held by a cold start (Knative's activator
             holds requests while a pod starts), so the call reports a cold start.
+        refused_grace: seconds the wake-up keeps probing while connections are refused (a server that is
+            restarting) before the call fails with ``Unreachable`` ("nothing is listening at host:port").
+            A scaled-to-zero service never refuses: Knative's activator and ``zeroserve dev`` hold its port.
         wake_on_start: wake the service when the app starts (mounted routes), before the first request.
         retry_after: the ``Retry-After`` seconds a mounted route answers with while the service is cold
             and the route is set to reject instead of hold, when the server gave no estimate.
@@ -70,6 +73,7 @@ class ColdStartPolicy:
     probe_interval: float = 0.5
     probe_after_idle: float | None = 60.0
     slow_probe: float = 1.0
+    refused_grace: float = 20.0
     wake_on_start: bool = False
     retry_after: float = 5.0
 
@@ -78,6 +82,8 @@ class ColdStartPolicy:
                   retry_after=self.retry_after)
         if self.probe_after_idle is not None and self.probe_after_idle < 0:
             raise ValueError(f"probe_after_idle must not be negative, got {self.probe_after_idle}")
+        if not self.refused_grace >= 0:
+            raise ValueError(f"refused_grace must not be negative, got {self.refused_grace}")
 
 
 @dataclass(frozen=True, slots=True)

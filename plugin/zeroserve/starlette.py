@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
+from urllib.parse import quote, unquote
 
 try:
     from starlette.routing import Mount, Route
@@ -28,11 +29,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("zeroserve.starlette needs Starlette: pip install 'zeroserve[starlette]'") from exc
 
 from zeroserve import _proxy
-from zeroserve._proxy import Answer, HeaderPolicy, Target
+from zeroserve._proxy import Answer, Forwarding, HeaderPolicy, ModelCall
 from zeroserve._types import WhenCold
 from zeroserve.client import AsyncRemoteModel
 from zeroserve.errors import RemoteModelError
-from zeroserve.tracing import incoming_context
 
 __all__ = ["ModelRoute", "mount_model"]
 
@@ -61,18 +61,34 @@ class ModelRoute:
         forward_headers: Iterable[str] = (),
         max_body_bytes: int = _proxy.MAX_BODY_BYTES,
     ) -> None:
-        if when_cold not in ("hold", "reject"):
-            raise ValueError(f"when_cold must be 'hold' or 'reject', got {when_cold!r}")
+        self.forwarding = Forwarding(when_cold=when_cold, cold_grace=cold_grace, forward_headers=forward_headers,
+                                     max_body_bytes=max_body_bytes)
         self.model = model
-        self.when_cold = when_cold
-        self.cold_grace = cold_grace
-        self.headers = HeaderPolicy(forward_headers)
-        self.max_body_bytes = max_body_bytes
         self._entered = 0
         self._started = False
 
     def __repr__(self) -> str:
         return f"ModelRoute({self.model!r}, when_cold={self.when_cold!r})"
+
+    @property
+    def when_cold(self) -> WhenCold:
+        """``"hold"`` or ``"reject"``."""
+        return self.forwarding.when_cold
+
+    @property
+    def cold_grace(self) -> float:
+        """Seconds a request may wait for a wake-up in ``"reject"`` mode."""
+        return self.forwarding.cold_grace
+
+    @property
+    def headers(self) -> HeaderPolicy:
+        """Which request headers go on to the model service."""
+        return self.forwarding.headers
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Larger request bodies are answered 413."""
+        return self.forwarding.max_body_bytes
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -116,37 +132,31 @@ class ModelRoute:
             await _send_answer(send, _proxy.status_answer(self.model, self.model.waking))
             return
         headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]]
-        body = await _read_body(receive, headers, self.max_body_bytes)
+        body = await _read_body(receive, headers, self.forwarding)
         if isinstance(body, Answer):
             await _send_answer(send, body)
             return
         if body is None:
             return  # the client left
-        answer = await _unless_disconnected(receive, self._answer(scope, target, headers, body))
+        query = scope.get("query_string", b"").decode("latin-1")
+        call = self.forwarding.call(target, scope["method"], query, headers, body)
+        if isinstance(call, Answer):
+            await _send_answer(send, call)
+            return
+        answer = await _unless_disconnected(receive, self._answer(call))
         if answer is not None:
             await _send_answer(send, answer)
 
-    async def _answer(self, scope: Scope, target: Target, headers: list[tuple[str, str]], body: bytes) -> Answer:
-        cold_wait = self.cold_grace if self.when_cold == "reject" else None
-        context = incoming_context(dict((name.lower(), value) for name, value in headers))
+    async def _answer(self, call: ModelCall) -> Answer:
         try:
-            if target.kind == "predict":
-                inputs = _proxy.predict_inputs(body)
-                if isinstance(inputs, Answer):
-                    return inputs
-                try:
-                    outputs = await self.model.infer(inputs, cold_wait=cold_wait, context=context)
-                except ValueError as exc:
-                    return _proxy.json_answer(400, {"error": str(exc)})
-                return _proxy.predict_answer(outputs)
-            query = scope.get("query_string", b"").decode("latin-1")
-            response = await self.model.request(
-                scope["method"], target.path + (f"?{query}" if query else ""), content=body or None,
-                headers=self.headers.outgoing(headers), cold_wait=cold_wait, context=context,
-            )
-        except RemoteModelError as exc:
-            return _proxy.error_answer(exc)
-        return _proxy.upstream_answer(response)
+            if call.inputs is not None:
+                result: Any = await self.model.infer(call.inputs, cold_wait=call.cold_wait, context=call.context)
+            else:
+                result = await self.model.request(call.method, call.path, content=call.content, headers=call.headers,
+                                                  cold_wait=call.cold_wait, context=call.context)
+        except (RemoteModelError, ValueError) as exc:
+            return call.failed(exc)
+        return call.answer(result)
 
 
 class _Root:
@@ -165,8 +175,7 @@ def mount_model(app: Any, prefix: str, model: AsyncRemoteModel, **options: Any) 
     The route's lifespan joins the host app's (wake-up on start if the model's cold-start policy asks,
     client closed on shut-down). ``options`` are ``ModelRoute``'s.
     """
-    if not prefix.startswith("/") or prefix == "/" or prefix.endswith("/"):
-        raise ValueError(f"prefix must look like '/predict' (a leading slash, none at the end), got {prefix!r}")
+    _proxy.check_prefix(prefix)
     route = ModelRoute(model, **options)
     router = app.router
     router.routes.append(Route(prefix, endpoint=_Root(route), methods=["GET", "POST"]))
@@ -183,17 +192,30 @@ def mount_model(app: Any, prefix: str, model: AsyncRemoteModel, **options: Any) 
 
 
 def _relative_path(scope: Scope) -> str:
+    """The path below the prefix as the client sent it: percent-escapes kept, so ``versions/1%23`` stays one
+    segment and ``%3F`` no query (``scope["path"]`` is decoded; ``raw_path`` is not)."""
     path: str = scope["path"]
     root: str = scope.get("root_path", "")
-    if root and path.startswith(root):
-        return path[len(root):]
-    return path
+    relative = path[len(root):] if root and path.startswith(root) else path
+    raw = scope.get("raw_path")
+    if isinstance(raw, bytes) and len(raw) <= _MAX_RAW_PATH:
+        text = raw.decode("latin-1").split("?", 1)[0]
+        for start, char in enumerate(text):  # the raw tail that decodes to the relative path
+            if char == "/" and unquote(text[start:]) == relative:
+                return text[start:]
+    return quote(relative, safe="/:@!$&'()*+,;=~")  # no raw path from the server: escape what decoding undid
 
 
-async def _read_body(receive: Receive, headers: list[tuple[str, str]], limit: int) -> bytes | Answer | None:
+_MAX_RAW_PATH = 8192
+
+
+async def _read_body(receive: Receive, headers: list[tuple[str, str]],
+                     forwarding: Forwarding) -> bytes | Answer | None:
     for name, value in headers:
-        if name.lower() == "content-length" and value.isdigit() and int(value) > limit:
-            return _proxy.too_large(limit)
+        if name.lower() == "content-length" and value.isdigit():
+            refused = forwarding.too_large(int(value))
+            if refused is not None:
+                return refused
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -202,8 +224,9 @@ async def _read_body(receive: Receive, headers: list[tuple[str, str]], limit: in
             return None
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > limit:
-            return _proxy.too_large(limit)
+        refused = forwarding.too_large(size)
+        if refused is not None:
+            return refused
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

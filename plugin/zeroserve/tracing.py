@@ -11,6 +11,12 @@ conventions ask ("every physical attempt is its own span"). Spans carry:
   ``zeroserve.coldstart`` (a cold start was met), ``zeroserve.coldstart.wait_duration`` (seconds spent
   waiting for the wake-up) and, when the server sent a ``Server-Timing`` header with an ``init`` metric,
   ``zeroserve.coldstart.server_init_duration`` (seconds).
+- INTERNAL (per wake-up, a child of the call that started it): ``zeroserve.wake.probes``,
+  ``zeroserve.coldstart``, ``zeroserve.coldstart.wait_duration``.
+
+When an answer names the server's ``zeroserve.init`` span (header ``zeroserve-init-traceparent``: the server
+started in another trace, e.g. a Knative pod no request started), the call's span (or the wake-up's) gets a
+span link to it, with ``zeroserve.link=init``.
 
 W3C ``traceparent``/``tracestate``/``baggage`` go out on every attempt through the global propagator.
 With no SDK installed the spans are no-ops and an incoming trace context still passes through.
@@ -22,16 +28,19 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from zeroserve._version import version
 from zeroserve.errors import RemoteModelError
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.trace import Span, TracerProvider
 
-    from zeroserve._flow import CallReport, Outcome, WakeReport
+    from zeroserve._flow import CallReport, WakeReport
+    from zeroserve._outcome import Outcome
 
 HTTP_REQUEST_METHOD = "http.request.method"
 HTTP_RESPONSE_STATUS_CODE = "http.response.status_code"
@@ -49,11 +58,13 @@ COLDSTART = "zeroserve.coldstart"
 COLDSTART_WAIT = "zeroserve.coldstart.wait_duration"
 COLDSTART_SERVER_INIT = "zeroserve.coldstart.server_init_duration"
 WAKE_PROBES = "zeroserve.wake.probes"
+LINK = "zeroserve.link"
 SERVER_TIMING_PREFIX = "zeroserve.server_timing."
 
 
-class Telemetry:
-    """Span factory for one remote model (its name, provider and address are on every span)."""
+class CallSpans:
+    """The spans of one remote model's calls (its name, provider and address are on every span). Not the
+    server's ``zeroserve.runtime.telemetry.Telemetry``, which records the server's own spans and metrics."""
 
     def __init__(
         self,
@@ -66,7 +77,8 @@ class Telemetry:
         tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.model = model
-        self.tracer = trace.get_tracer("zeroserve", _version(), tracer_provider=tracer_provider)
+        self.address = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"  # for messages
+        self.tracer = trace.get_tracer("zeroserve", version(), tracer_provider=tracer_provider)
         self.common: dict[str, str | int] = {
             FAAS_INVOKED_NAME: invoked_name,
             FAAS_INVOKED_PROVIDER: provider,
@@ -82,6 +94,8 @@ class Telemetry:
             kind=SpanKind.INTERNAL,
             attributes={MODEL: self.model, **self.common},
         )
+        if not span.get_span_context().is_valid:  # older APIs (1.25) answer no-op spans so: keep the parent
+            return span, parent if parent is not None else otel_context.get_current()
         return span, trace.set_span_in_context(span, parent)
 
     def start_attempt(
@@ -95,7 +109,8 @@ class Telemetry:
         span = self.tracer.start_span(f"{method} {template}", context=context, kind=SpanKind.CLIENT,
                                       attributes=attributes)
         carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=trace.set_span_in_context(span, context))
+        propagate.inject(carrier, context=trace.set_span_in_context(span, context)
+                         if span.get_span_context().is_valid else context)
         return span, carrier
 
     @staticmethod
@@ -126,22 +141,48 @@ class Telemetry:
             if error is not None:
                 span.set_attribute(ERROR_TYPE, type(error).__name__)
                 span.set_status(Status(StatusCode.ERROR, str(error)))
+            if report.init_traceparent is not None:
+                link_init(span, report.init_traceparent)
         span.end()
 
-
     @staticmethod
-    def end_wake(span: Span, report: WakeReport | None, error: BaseException | None) -> None:
+    def end_wake(span: Span, report: WakeReport | None, error: BaseException | None,
+                 init_traceparent: str | None = None) -> None:
         if span.is_recording():
             if report is not None:
                 span.set_attribute(WAKE_PROBES, report.probes)
                 span.set_attribute(COLDSTART, report.cold)
                 span.set_attribute(COLDSTART_WAIT, report.seconds)
             elif isinstance(error, RemoteModelError):
-                span.set_attribute(WAKE_PROBES, error.attempts)
+                span.set_attribute(WAKE_PROBES, error.probes)
+                span.set_attribute(COLDSTART, True)  # it waited for a start that did not come
             if error is not None:
                 span.set_attribute(ERROR_TYPE, type(error).__name__)
                 span.set_status(Status(StatusCode.ERROR, str(error)))
+            if init_traceparent is not None:
+                link_init(span, init_traceparent)
         span.end()
+
+
+def link_init(span: Span, traceparent: str) -> None:
+    """Link ``span`` to the server's ``zeroserve.init`` span named by a W3C ``traceparent`` (ignored if malformed)."""
+    context = span_context_of(traceparent)
+    if context is not None:
+        span.add_link(context, {LINK: "init"})
+
+
+def span_context_of(traceparent: str) -> SpanContext | None:
+    """The remote span context of a W3C ``traceparent`` value (version 00), or None when it is not one."""
+    parts = traceparent.strip().split("-")
+    if len(parts) < 4 or parts[0] != "00" or len(parts[1]) != 32 or len(parts[2]) != 16 or len(parts[3]) != 2:
+        return None
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags & TraceFlags.SAMPLED))
 
 
 # Server-Timing: metric *( ";" param ), comma-separated; params are token=value or token="quoted".
@@ -183,15 +224,6 @@ def server_init_seconds(timings: Mapping[str, float]) -> float | None:
         return timings["init"]
     phases = [seconds for name, seconds in timings.items() if name[:5] in ("init.", "init-", "init_")]
     return sum(phases) if phases else None
-
-
-def _version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("zeroserve")
-    except PackageNotFoundError:
-        return None
 
 
 def incoming_context(headers: Mapping[str, str]) -> Context | None:

@@ -17,7 +17,7 @@ from flask.typing import ResponseReturnValue
 from tests.plugin.conftest import Activator, FaultProxy, Spans, waitress_server
 from zeroserve import ColdStartPolicy, RemoteModel, RetryPolicy
 from zeroserve.flask import ZeroServe
-from zeroserve.protocol.types import encode_request
+from zeroserve.protocol.client_codec import encode_request
 
 from conftest import ServerProcess
 
@@ -186,3 +186,17 @@ def test_reject_mode_and_wake_on_start(activator: Callable[..., Activator]) -> N
         assert client.post("/predict", json={"a": A.tolist(), "b": B.tolist()}).status_code == 200
     assert cold.proxy.count("GET", "/ready") == 1
     extension.close(app)
+
+
+def test_the_path_is_forwarded_with_its_escapes(server: ServerProcess, fault_proxy: MakeProxy) -> None:
+    proxy = fault_proxy(server.url)
+    extension = ZeroServe(url=proxy.url, model="add", prefix="/predict",
+                          cold_start=ColdStartPolicy(probe_after_idle=None))
+    app = make_app(extension)
+    body, headers = encode_request({"a": A, "b": B})
+    with wsgi_client(app) as client:
+        for path in ("/predict/v2/models/add/versions/1%23/infer", "/predict/v2/models/add/versions/1%3Fx/infer"):
+            assert client.post(path, content=body, headers=headers).status_code == 404
+    extension.close(app)
+    assert [seen.path for seen in proxy.requests] == ["/v2/models/add/versions/1%23/infer",
+                                                      "/v2/models/add/versions/1%3Fx/infer"]

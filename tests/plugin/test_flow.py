@@ -10,8 +10,6 @@ import pytest
 
 from zeroserve._flow import (
     CallReport,
-    Kind,
-    Outcome,
     Probe,
     Send,
     Sleep,
@@ -20,10 +18,9 @@ from zeroserve._flow import (
     WakeResult,
     backoff,
     call_flow,
-    classify_response,
-    parse_retry_after,
     wake_flow,
 )
+from zeroserve._outcome import Kind, Outcome, classify_response, parse_retry_after
 from zeroserve._state import Circuit, EndpointState
 from zeroserve.errors import (
     CircuitOpen,
@@ -37,7 +34,7 @@ from zeroserve.policy import CircuitPolicy, ColdStartPolicy, RetryPolicy
 
 OK = Outcome(Kind.SUCCESS, 200)
 BAD_INPUT = Outcome(Kind.ANSWER, 400, reason="400 wrong shape")
-REFUSED = Outcome(Kind.NOT_SENT, cold=True, reason="could not connect")
+REFUSED = Outcome(Kind.REFUSED, cold=True, reason="connection refused by m:80")
 QUEUE_FULL = Outcome(Kind.OVERLOADED, 503, reason="503 pending request queue full")
 GATEWAY_TIMEOUT = Outcome(Kind.MAYBE, 504, reason="504 activator request timeout")
 RESET = Outcome(Kind.MAYBE, reason="the connection broke before an answer")
@@ -216,12 +213,14 @@ def test_an_unknown_or_idle_service_is_woken_before_the_payload_goes() -> None:
 
 def test_a_failed_wake_up_fails_the_call_with_the_calls_own_endpoint() -> None:
     run = Run()
-    error = ColdStartTimeout("not ready within 1 s", endpoint="http://m/v2/models/m/ready", attempts=4,
+    error = ColdStartTimeout("not ready within 1 s", endpoint="http://m/v2/models/m/ready", probes=4,
                              last_status=503)
     with pytest.raises(ColdStartTimeout) as caught:
         run.call([REFUSED, WakeResult(ready=False, error=error)])
     assert caught.value.endpoint == "http://m/v2/models/m/infer"
-    assert caught.value.attempts == 1 and caught.value.last_status == 503 and "4 tries" in caught.value.message
+    assert (caught.value.attempts, caught.value.probes, caught.value.last_status) == (1, 4, 503)
+    assert str(caught.value) == (
+        "not ready within 1 s (http://m/v2/models/m/infer: 1 attempt, 4 readiness probes, last status 503)")
     assert isinstance(caught.value, TimeoutError)
 
 
@@ -270,8 +269,8 @@ def drive_wake(run: Run, outcomes: Iterable[Outcome], cold: ColdStartPolicy, too
         run.now += took
         return next(script)
 
-    flow = wake_flow(endpoint="e", state=state or EndpointState(CircuitPolicy()), cold=cold, now=run.clock,
-                     random=run.random)
+    flow = wake_flow(endpoint="http://m/v2/models/m/ready", state=state or EndpointState(CircuitPolicy()), cold=cold,
+                     now=run.clock, random=run.random)
     report: WakeReport = run.drive(flow, reply)
     return report
 
@@ -297,7 +296,7 @@ def test_one_slow_probe_is_a_cold_start_held_by_an_activator() -> None:
 def test_a_404_ends_the_wake_up_at_once() -> None:
     with pytest.raises(RequestRejected) as caught:
         drive_wake(Run(), [Outcome(Kind.ANSWER, 404, reason="404 model 'x' not found")], ColdStartPolicy())
-    assert caught.value.last_status == 404 and caught.value.attempts == 1
+    assert caught.value.last_status == 404 and caught.value.probes == 1 and caught.value.attempts == 0
 
 
 def test_the_wake_up_gives_up_at_the_cold_start_deadline() -> None:
@@ -305,8 +304,8 @@ def test_the_wake_up_gives_up_at_the_cold_start_deadline() -> None:
     with pytest.raises(ColdStartTimeout) as caught:
         drive_wake(run, [REFUSED] * 1000, ColdStartPolicy(deadline=5, probe_interval=0.5))
     assert run.now == pytest.approx(5.0)
-    assert caught.value.attempts == len([s for s in run.steps if isinstance(s, Probe)]) >= 9
-    assert "could not connect" in caught.value.message
+    assert caught.value.probes == len([s for s in run.steps if isinstance(s, Probe)]) >= 9
+    assert caught.value.message.endswith("last answer: connection refused by m:80")
 
 
 # --- circuit breaker ---

@@ -55,12 +55,15 @@ def test_the_public_names_resolve() -> None:
 def test_one_exception_tree() -> None:
     from zeroserve.runtime.server_errors import ServerError
 
-    client_errors = [errors.RequestRejected, errors.Unavailable, errors.CircuitOpen, errors.OutcomeUnknown,
-                     errors.DeadlineExceeded, errors.ColdStartTimeout, errors.ProtocolError]
+    client_errors = [errors.RequestRejected, errors.Unavailable, errors.CircuitOpen, errors.ColdStartFailed,
+                     errors.Unreachable, errors.OutcomeUnknown, errors.DeadlineExceeded, errors.ColdStartTimeout,
+                     errors.ProtocolError]
     assert all(issubclass(cls, errors.RemoteModelError) for cls in client_errors)
     assert issubclass(errors.RemoteModelError, errors.ZeroServeError)
     assert issubclass(ServerError, errors.ZeroServeError)
     assert issubclass(errors.ColdStartTimeout, TimeoutError) and issubclass(errors.CircuitOpen, errors.Unavailable)
+    assert issubclass(errors.ColdStartFailed, errors.Unavailable) and issubclass(errors.Unreachable, errors.Unavailable)
+    assert issubclass(errors.Unreachable, ConnectionError)
     for cls in client_errors:
         assert cls.__name__ in (errors.__doc__ or "")  # the tree is drawn where it is defined
 
@@ -74,6 +77,21 @@ def test_errors_carry_endpoint_attempts_and_status_and_survive_pickling() -> Non
         "queue full", "http://m/v2/models/m/infer", 3, 503, 2.0)
 
 
+def test_a_failed_start_carries_the_servers_reason_and_survives_pickling() -> None:
+    from zeroserve.protocol.start import StartState
+
+    start = StartState("failed", reason="INVALID_PROTOBUF", exit_status=1, starts=3, retry_after_s=20.0)
+    error = errors.ColdStartFailed("the model service failed to start: INVALID_PROTOBUF",
+                                   endpoint="http://m/v2/models/m/infer", probes=2, last_status=503, retry_after=20.0,
+                                   start=start)
+    assert str(error) == ("the model service failed to start: INVALID_PROTOBUF (http://m/v2/models/m/infer: not sent, "
+                          "2 readiness probes, last status 503)")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.reason, copy.exit_status, copy.retry_after, copy.probes, copy.start) == (
+        "INVALID_PROTOBUF", 1, 20.0, 2, start)
+    assert errors.ColdStartFailed("x", endpoint="e").reason is None  # a marker without details
+
+
 def test_policies_are_checked_frozen_values() -> None:
     policy = zeroserve.RetryPolicy(deadline=5)
     with pytest.raises(AttributeError):
@@ -84,6 +102,9 @@ def test_policies_are_checked_frozen_values() -> None:
         zeroserve.RetryPolicy(max_attempts=0)
     with pytest.raises(ValueError, match="probe_after_idle"):
         zeroserve.ColdStartPolicy(probe_after_idle=-1)
+    with pytest.raises(ValueError, match="refused_grace"):
+        zeroserve.ColdStartPolicy(refused_grace=float("nan"))
+    assert zeroserve.ColdStartPolicy().refused_grace <= 30  # a port nobody holds is named within 30 s
     assert "deadline=300.0" in repr(zeroserve.ColdStartPolicy())
 
 

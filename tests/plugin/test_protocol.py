@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from zeroserve.protocol.types import decode_response, encode_request, input_datatypes, to_json_outputs
+from zeroserve.protocol.client_codec import decode_response, encode_request, input_datatypes, to_json_outputs
 
 
 def split(body: bytes, headers: dict[str, str]) -> tuple[dict, bytes]:  # type: ignore[type-arg]

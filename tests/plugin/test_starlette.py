@@ -29,7 +29,7 @@ from tests.plugin.conftest import (
     wait_until,
 )
 from zeroserve import AsyncRemoteModel, ColdStartPolicy, RemoteModel, RetryPolicy
-from zeroserve.protocol.types import encode_request
+from zeroserve.protocol.client_codec import encode_request
 from zeroserve.starlette import ModelRoute, mount_model
 
 from conftest import ServerProcess
@@ -297,3 +297,20 @@ def test_a_host_app_served_twice_gets_a_working_client_each_time(server: ServerP
 
     assert asyncio.run(once()) == 200
     assert asyncio.run(once()) == 200
+
+
+@pytest.mark.parametrize(("sent", "forwarded"), [
+    ("/predict/v2/models/add/versions/1%23/infer", "/v2/models/add/versions/1%23/infer"),
+    ("/predict/v2/models/add/versions/1%3Fx=1/infer", "/v2/models/add/versions/1%3Fx=1/infer"),
+    ("/predict/v2/models/add/versions/1/infer?trace=%2F", "/v2/models/add/versions/1/infer?trace=%2F"),
+])
+def test_the_raw_path_is_forwarded_as_sent(server: ServerProcess, fault_proxy: MakeProxy, sent: str,
+                                           forwarded: str) -> None:
+    proxy = fault_proxy(server.url)
+    app, _, _ = host_app(AsyncRemoteModel(proxy.url, model="add", cold_start=ColdStartPolicy(probe_after_idle=None)))
+    body, headers = encode_request({"a": A, "b": B})
+    with uvicorn_server(app) as url:
+        raw = httpx.URL(url + sent)  # httpx keeps percent-escapes as they are written
+        answer = httpx.post(raw, content=body, headers=headers, timeout=30)
+    assert [seen.path for seen in proxy.requests] == [forwarded]
+    assert answer.status_code == (200 if "%" not in forwarded.split("?")[0] else 404), answer.text

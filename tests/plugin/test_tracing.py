@@ -127,3 +127,90 @@ def test_server_timing_parsing() -> None:
     assert server_init_seconds(parse_server_timing("init.fetch;dur=100, init.session;dur=50")) == pytest.approx(0.15)
     assert server_init_seconds(parse_server_timing("queue;dur=1")) is None
     assert parse_server_timing("garbage;;, ,infer;dur=x") == {"garbage": 0.0, "infer": 0.0}
+
+
+# --- the spans of a call that waited agree with each other ---
+
+def test_the_wake_up_a_cold_sign_started_says_so_like_its_call(server: ServerProcess, fault_proxy: MakeProxy,
+                                                               spans: Spans) -> None:
+    loading = b'{"error":"model \'add\' is loading"}'
+    proxy = fault_proxy(server.url, lambda seen, index: Respond(503, loading, (("retry-after", "0"),)) if index == 0
+                        else Forward())
+    with RemoteModel(proxy.url, model="add", cold_start=WARM, tracer_provider=spans.provider) as model:
+        model.infer({"a": A, "b": A})
+    (call,) = spans.named("zeroserve infer")
+    (wake,) = spans.named("zeroserve wake")
+    assert dict(call.attributes or {})["zeroserve.coldstart"] is True
+    assert dict(wake.attributes or {})["zeroserve.coldstart"] is True  # one quick probe, but it met a cold start
+    assert wake.parent is not None and wake.parent.span_id == call.context.span_id
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_with_plain_lists_the_wait_belongs_to_the_infer_call(activator: Callable[..., Activator], spans: Spans,
+                                                             client: str) -> None:
+    import asyncio
+
+    from zeroserve import AsyncRemoteModel
+
+    cold = activator()
+    inputs = {"a": [[1.0, 2.0, 3.0, 4.0]], "b": [[1.0, 1.0, 1.0, 1.0]]}
+    options = {"retry": FAST, "cold_start": ColdStartPolicy(deadline=60), "tracer_provider": spans.provider}
+    if client == "sync":
+        with RemoteModel(cold.url, model="add", **options) as model:  # type: ignore[arg-type]
+            outputs = model.infer(inputs)
+    else:
+        async def run() -> dict[str, np.ndarray]:
+            async with AsyncRemoteModel(cold.url, model="add", **options) as model:  # type: ignore[arg-type]
+                return await model.infer(inputs)
+
+        outputs = asyncio.run(run())
+    assert outputs["sum"].shape == (1, 4)
+    assert spans.named("zeroserve metadata") == []  # the metadata fetch is part of the call, not a call of its own
+    (call,) = spans.named("zeroserve infer")
+    (wake,) = spans.named("zeroserve wake")
+    (metadata,) = [span for span in spans.named("GET") if span.name == "GET /v2/models/{model}"]
+    assert wake.parent is not None and wake.parent.span_id == call.context.span_id
+    assert metadata.parent is not None and metadata.parent.span_id == call.context.span_id
+    attributes = dict(call.attributes or {})
+    assert attributes["zeroserve.coldstart"] is True and attributes["zeroserve.coldstart.wait_duration"] > 0.2
+    assert attributes["zeroserve.attempts"] == 2  # GET metadata, POST infer
+    (post,) = spans.named("POST")
+    assert "http.request.resend_count" not in dict(post.attributes or {})  # the POST's first send
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_an_answer_naming_the_servers_init_span_links_to_it(server: ServerProcess, fault_proxy: MakeProxy,
+                                                           spans: Spans, client: str) -> None:
+    import asyncio
+
+    from zeroserve import AsyncRemoteModel
+
+    init = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    proxy = fault_proxy(server.url, lambda seen, index: Forward(set_headers=(("zeroserve-init-traceparent", init),)))
+    if client == "sync":
+        with RemoteModel(proxy.url, model="add", tracer_provider=spans.provider) as model:
+            model.infer({"a": A, "b": A})
+    else:
+        async def run() -> None:
+            async with AsyncRemoteModel(proxy.url, model="add", tracer_provider=spans.provider) as model:
+                await model.infer({"a": A, "b": A})
+
+        asyncio.run(run())
+    (call,) = spans.named("zeroserve infer")
+    (wake,) = spans.named("zeroserve wake")  # the pre-flight probe of a service never heard from
+    for span in (call, wake):
+        (link,) = span.links
+        assert link.context.trace_id == 0x4BF92F3577B34DA6A3CE929D0E0E4736
+        assert link.context.span_id == 0x00F067AA0BA902B7 and link.context.is_remote
+        assert dict(link.attributes or {}) == {"zeroserve.link": "init"}
+    assert call.context.trace_id != link.context.trace_id  # a link, not a parent: the server's start has its trace
+
+
+def test_a_malformed_init_traceparent_adds_no_link(server: ServerProcess, fault_proxy: MakeProxy,
+                                                   spans: Spans) -> None:
+    proxy = fault_proxy(server.url, lambda seen, index: Forward(set_headers=(("zeroserve-init-traceparent",
+                                                                             "00-nothex-00f067aa0ba902b7-01"),)))
+    with RemoteModel(proxy.url, model="add", cold_start=WARM, tracer_provider=spans.provider) as model:
+        model.infer({"a": A, "b": A})
+    (call,) = spans.named("zeroserve infer")
+    assert list(call.links) == []

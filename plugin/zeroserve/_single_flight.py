@@ -26,7 +26,7 @@ class Flight(Generic[T]):
         self.error: BaseException | None = None
 
 
-class ThreadGate(Generic[T]):
+class ThreadSingleFlight(Generic[T]):
     """Single flight for threads. The work runs in its own daemon thread (with the starter's context
     variables, so its spans join the starter's trace), so no caller's timeout can cut it short."""
 
@@ -71,7 +71,7 @@ def _run(work: Callable[[], T], flight: Flight[T]) -> None:
         flight.done.set()
 
 
-class TaskGate(Generic[T]):
+class TaskSingleFlight(Generic[T]):
     """Single flight for asyncio. The work runs as its own task; waiters await it through
     ``asyncio.shield``, so a cancelled or timed-out waiter leaves it running for the rest."""
 

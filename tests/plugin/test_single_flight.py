@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from zeroserve._gate import TaskGate, ThreadGate
+from zeroserve._single_flight import TaskSingleFlight, ThreadSingleFlight
 
 
 def test_threads_joining_a_running_flight_share_one_run() -> None:
-    gate: ThreadGate[str] = ThreadGate()
+    single: ThreadSingleFlight[str] = ThreadSingleFlight()
     release = threading.Event()
     runs = []
 
@@ -26,7 +26,7 @@ def test_threads_joining_a_running_flight_share_one_run() -> None:
 
     def caller() -> None:
         joined.wait(10)
-        flight = gate.join(work, 10)
+        flight = single.join(work, 10)
         results.append(flight.value if flight else None)
 
     threads = [threading.Thread(target=caller) for _ in range(8)]
@@ -34,42 +34,42 @@ def test_threads_joining_a_running_flight_share_one_run() -> None:
         thread.start()
     joined.wait(10)
     time.sleep(0.1)
-    assert gate.running
+    assert single.running
     release.set()
     for thread in threads:
         thread.join(10)
-    assert runs == ["zeroserve-wake"] and gate.started == 1
+    assert runs == ["zeroserve-wake"] and single.started == 1
     assert results == ["ready"] * 8
-    assert not gate.running
+    assert not single.running
 
 
 def test_a_thread_waits_only_its_own_budget_and_the_flight_goes_on() -> None:
-    gate: ThreadGate[int] = ThreadGate()
+    single: ThreadSingleFlight[int] = ThreadSingleFlight()
     release = threading.Event()
     started = time.monotonic()
-    assert gate.join(lambda: release.wait(10) and 1, 0.05) is None  # gave up waiting
+    assert single.join(lambda: release.wait(10) and 1, 0.05) is None  # gave up waiting
     assert time.monotonic() - started < 1
-    assert gate.running
+    assert single.running
     release.set()
-    flight = gate.join(lambda: 2, 5)  # joins the same flight: its value, not a new run
-    assert flight is not None and flight.value == 1 and gate.started == 1
+    flight = single.join(lambda: 2, 5)  # joins the same flight: its value, not a new run
+    assert flight is not None and flight.value == 1 and single.started == 1
 
 
 def test_an_error_reaches_every_waiter_and_the_next_join_starts_afresh() -> None:
-    gate: ThreadGate[int] = ThreadGate()
+    single: ThreadSingleFlight[int] = ThreadSingleFlight()
 
     def fail() -> int:
         raise RuntimeError("no")
 
-    flight = gate.join(fail, 5)
+    flight = single.join(fail, 5)
     assert flight is not None and isinstance(flight.error, RuntimeError)
-    flight = gate.join(lambda: 3, 5)
-    assert flight is not None and flight.value == 3 and gate.started == 2
+    flight = single.join(lambda: 3, 5)
+    assert flight is not None and flight.value == 3 and single.started == 2
 
 
 def test_tasks_joining_share_one_run_and_a_cancelled_waiter_does_not_cancel_it() -> None:
     async def main() -> None:
-        gate: TaskGate[str] = TaskGate()
+        single: TaskSingleFlight[str] = TaskSingleFlight()
         release = asyncio.Event()
         runs = 0
 
@@ -79,15 +79,15 @@ def test_tasks_joining_share_one_run_and_a_cancelled_waiter_does_not_cancel_it()
             await release.wait()
             return "ready"
 
-        waiters = [asyncio.ensure_future(gate.join(work, 10)) for _ in range(8)]
+        waiters = [asyncio.ensure_future(single.join(work, 10)) for _ in range(8)]
         await asyncio.sleep(0.05)
         waiters[0].cancel()  # e.g. its HTTP client went away
         with pytest.raises(asyncio.CancelledError):
             await waiters[0]
-        assert gate.running
+        assert single.running
         release.set()
         tasks = await asyncio.gather(*waiters[1:])
-        assert runs == 1 and gate.started == 1
+        assert runs == 1 and single.started == 1
         assert all(task is not None and task.result() == "ready" for task in tasks)
 
     asyncio.run(main())
@@ -95,18 +95,18 @@ def test_tasks_joining_share_one_run_and_a_cancelled_waiter_does_not_cancel_it()
 
 def test_a_task_waits_only_its_own_budget_and_errors_are_not_lost() -> None:
     async def main() -> None:
-        gate: TaskGate[int] = TaskGate()
+        single: TaskSingleFlight[int] = TaskSingleFlight()
 
         async def slow() -> int:
             await asyncio.sleep(0.2)
             raise RuntimeError("probe failed")
 
-        assert await gate.join(slow, 0.01) is None
-        assert gate.running
-        task = await gate.join(slow, 5)
+        assert await single.join(slow, 0.01) is None
+        assert single.running
+        task = await single.join(slow, 5)
         assert task is not None and isinstance(task.exception(), RuntimeError)
-        gate.start(slow)  # a background start, never awaited by anyone: closing cancels it
-        await gate.aclose()
-        assert not gate.running
+        single.start(slow)  # a background start, never awaited by anyone: closing cancels it
+        await single.aclose()
+        assert not single.running
 
     asyncio.run(main())
