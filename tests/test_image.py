@@ -33,7 +33,7 @@ import tomllib
 import yaml
 from packaging.requirements import Requirement
 
-from zeroserve import knative
+from zeroserve import render_options
 
 import models as test_models
 from conftest import unused_port
@@ -233,10 +233,10 @@ def test_non_root_numeric_user_with_a_writable_cache(image: Image) -> None:
     assert uid == UID and gid == "0"
     assert final.commands.index(user) > max(final.commands.index(c) for c in final.all("RUN"))
     env = final.env()
-    assert env["ZEROSERVE_CACHE_DIR"] == knative.CACHE_DIR  # what the manifests mount an emptyDir on
+    assert env["ZEROSERVE_CACHE_DIR"] == render_options.CACHE_DIR  # what the manifests mount an emptyDir on
     setup = " ".join(final.runs())
     assert f"useradd --uid {UID}" in setup
-    assert f"install -d -m 0775 -o {UID} -g 0 {knative.CACHE_DIR}" in setup
+    assert f"install -d -m 0775 -o {UID} -g 0 {render_options.CACHE_DIR}" in setup
 
 
 def test_exec_form_entrypoint_and_knatives_port(image: Image) -> None:
@@ -246,7 +246,7 @@ def test_exec_form_entrypoint_and_knatives_port(image: Image) -> None:
     assert list(entrypoint.value) == [f"{VENV}/bin/python", "-m", "zeroserve.runtime"]
     assert all(c.json for c in final.all("CMD"))
     assert "PORT" not in final.env()  # Knative injects it; the server listens on it
-    assert [c.value for c in final.all("EXPOSE")] == [(str(knative.HTTP_PORT),)]
+    assert [c.value for c in final.all("EXPOSE")] == [(str(render_options.HTTP_PORT),)]
 
 
 def test_bytecode_is_precompiled_in_the_build_stage(image: Image) -> None:
@@ -323,7 +323,7 @@ def rehearsed_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
     root = tmp_path_factory.mktemp("image")
     venv, cache = root / "opt-zeroserve", root / "var-cache-zeroserve"
     cache.mkdir()
-    paths = {VENV: str(venv), knative.CACHE_DIR: str(cache)}
+    paths = {VENV: str(venv), render_options.CACHE_DIR: str(cache)}
     minor = re.fullmatch(r"python:(\d+\.\d+)-.*", image.global_args["PYTHON_IMAGE"])[1]  # type: ignore[index]
     base_python = python_for(minor)
 
@@ -345,7 +345,7 @@ def rehearsed_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
 
 def final_env(paths: Mapping[str, str]) -> dict[str, str]:
     """The final stage's ENV with image paths mapped, on a clean environment (what the container starts with)."""
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": paths[knative.CACHE_DIR], "LANG": "C.UTF-8"}
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": paths[render_options.CACHE_DIR], "LANG": "C.UTF-8"}
     for key, value in IMAGES["cpu"].final.env().items():
         value = expand(value, env)
         for image_path, local in paths.items():
@@ -366,7 +366,7 @@ def test_rehearsal_installs_exactly_the_pinned_runtime(rehearsed_image: dict[str
     args = IMAGES["cpu"].stage("build").args(IMAGES["cpu"].global_args)
     pin = Requirement(args["ONNXRUNTIME"])
     assert installed[pin.name] == str(pin.specifier)[2:]
-    assert installed["zeroserve"] == knative.VERSION
+    assert installed["zeroserve"] == render_options.VERSION
     assert {"starlette", "uvicorn", "numpy", "orjson", "fsspec"} <= set(installed)
     unwanted = {"pip", "pytest", "onnx", "kserve", "tritonclient", "moto", "hatchling", "build", "kubernetes",
                 "onnxruntime-gpu", "grpcio", "s3fs", "flask"}
@@ -382,7 +382,7 @@ def test_rehearsal_installs_exactly_the_pinned_runtime(rehearsed_image: dict[str
 @pytest.mark.slow
 def test_rehearsal_entrypoint_answers_a_real_inference(rehearsed_image: dict[str, Path]) -> None:
     image = IMAGES["cpu"]
-    paths = {VENV: str(rehearsed_image["venv"]), knative.CACHE_DIR: str(rehearsed_image["cache"])}
+    paths = {VENV: str(rehearsed_image["venv"]), render_options.CACHE_DIR: str(rehearsed_image["cache"])}
     env = final_env(paths)
     # The final stage's smoke test, then the container as Knative starts it.
     smoke = next(r for r in image.final.runs() if r.startswith("python -c"))

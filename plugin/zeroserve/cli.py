@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from zeroserve.deploy import Cluster
-    from zeroserve.knative import RenderOptions
+    from zeroserve.render_options import RenderOptions
 
 USAGE = """usage: zeroserve <command> [options]
 
@@ -90,32 +90,89 @@ def _add_render_arguments(parser: argparse.ArgumentParser) -> None:
         help="expected cold start; sizes the startup probe, progress deadline and timeouts (default 60, GPU 300)")
     add("--no-startup-probe", dest="startup_probe", action="store_false", default=None,
         help="no kubelet startup probe: slightly faster cold starts, no restart of a container stuck loading")
+    pod = parser.add_argument_group("credentials, identity, sizes and placement")
+    add = pod.add_argument
+    add("--s3-secret", dest="s3_secret", metavar="SECRET",
+        help="Secret with the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY: env of the server on Knative; "
+        "with --kserve, a ServiceAccount listing it for KServe's storage initializer")
+    add("--s3-endpoint", dest="s3_endpoint", metavar="URL", help="S3-compatible endpoint (MinIO: http://minio:9000)")
+    add("--s3-region", dest="s3_region", metavar="REGION", help="the bucket's region (AWS_DEFAULT_REGION)")
+    add("--service-account", dest="service_account", metavar="NAME",
+        help="the pod's ServiceAccount (cloud identity: IRSA, Workload Identity)")
+    add("--image-pull-secret", dest="image_pull_secrets", action="append", metavar="SECRET",
+        help="registry credentials for the image (repeatable)")
+    add("--env", action="append", metavar="NAME=VALUE", help="an environment variable of the server (repeatable)")
+    add("--env-from-secret", dest="env_from_secrets", action="append", metavar="SECRET",
+        help="every key of this Secret becomes an environment variable (repeatable)")
+    add("--requests", metavar="cpu=1,memory=1Gi", help="resource requests, replacing the defaults key by key")
+    add("--limits", metavar="cpu=2,memory=2Gi", help="resource limits, replacing the defaults key by key")
+    add("--node-selector", dest="node_selector", action="append", metavar="KEY=VALUE",
+        help="a node label the pod needs (repeatable; Knative flag kubernetes.podspec-nodeselector)")
+    add("--toleration", dest="tolerations", action="append", metavar="KEY[=VALUE][:EFFECT]",
+        help="a node taint the pod tolerates (repeatable; Knative flag kubernetes.podspec-tolerations)")
+    add("--otel-endpoint", dest="otel_endpoint", metavar="URL",
+        help="OTLP/HTTP collector for traces and metrics (sets OTEL_*; service.name is Knative's K_SERVICE)")
 
 
 _OPTION_FIELDS = (
     "name", "model_name", "model_uri", "image", "accelerator", "protocol", "namespace", "min_scale", "max_scale",
-    "target_concurrency", "container_concurrency", "cold_start", "startup_probe",
+    "target_concurrency", "container_concurrency", "cold_start", "startup_probe", "service_account",
+    "image_pull_secrets", "s3_secret", "s3_endpoint", "s3_region", "env", "env_from_secrets", "requests", "limits",
+    "node_selector", "tolerations", "otel_endpoint",
 )
 
 
 def _given_options(ns: argparse.Namespace) -> dict[str, Any]:
-    return {field: getattr(ns, field) for field in _OPTION_FIELDS if getattr(ns, field, None) is not None}
+    """The render options given on the command line; raises ValueError for a malformed one."""
+    from zeroserve.render_options import Toleration, parse_pairs
+
+    given = {field: getattr(ns, field) for field in _OPTION_FIELDS if getattr(ns, field, None) is not None}
+    for field in ("image_pull_secrets", "env_from_secrets"):
+        if field in given:
+            given[field] = tuple(given[field])
+    for field in ("env", "node_selector"):
+        if field in given:  # one NAME=VALUE per flag, so a value may hold commas
+            given[field] = tuple(_pair(item, _flag(field)) for item in given[field])
+    for field in ("requests", "limits"):
+        if field in given:
+            given[field] = parse_pairs(given[field], _flag(field))
+    if "tolerations" in given:
+        given["tolerations"] = tuple(Toleration.parse(text) for text in given["tolerations"])
+    return given
+
+
+def _pair(item: str, flag: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"{flag} takes NAME=VALUE, got {item!r}")
+    return key, value
 
 
 def _render_options(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> RenderOptions:
-    from zeroserve.knative import RenderOptions
+    from zeroserve.render_options import RenderOptions
 
     try:
         return RenderOptions(**_given_options(ns))
     except ValueError as exc:
-        # The messages name the dataclass fields; say the flags instead.
-        fields = re.compile(r"\b(" + "|".join(f for f in _OPTION_FIELDS if "_" in f) + r")\b")
-        message = fields.sub(lambda m: "--" + m[1].replace("_", "-"), str(exc))
-        parser.error(message)
+        parser.error(_flag_names(str(exc)))
+
+
+_FLAGS = {"image_pull_secrets": "--image-pull-secret", "env_from_secrets": "--env-from-secret",
+          "tolerations": "--toleration"}
+
+
+def _flag(field: str) -> str:
+    return _FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def _flag_names(message: str) -> str:
+    # The messages name the dataclass fields; say the flags instead.
+    fields = re.compile(r"\b(" + "|".join(f for f in _OPTION_FIELDS if "_" in f) + r")\b")
+    return fields.sub(lambda m: _flag(m[1]), message)
 
 
 def _render(args: list[str]) -> int:
-    from zeroserve import knative
+    from zeroserve import render as rendering
 
     parser = argparse.ArgumentParser(
         prog="zeroserve render",
@@ -130,18 +187,21 @@ def _render(args: list[str]) -> int:
     if ns.check and ns.out_dir is None:
         parser.error("--check needs --out-dir")
     if ns.out_dir is None:
-        target: knative.Target = "kserve" if ns.kserve else "knative"
-        for note in knative.notes(options):
+        target: rendering.Target = "kserve" if ns.kserve else "knative"
+        manifests = _rendered(parser, options, target)
+        for note in rendering.notes(options, target):
             print(f"zeroserve render: warning: {note}", file=sys.stderr)
-        manifests = knative.render(options, target)
-        comment = knative.explain(options, target)
-        print(knative.to_yaml(manifests, comments=[comment] * len(manifests)), end="")
+        comment = rendering.explain(options, target)
+        print(rendering.to_yaml(manifests, comments=[comment] * len(manifests)), end="")
         return 0
     clashing = [flag for flag, given in (("--gpu", ns.accelerator), ("--grpc", ns.protocol), ("--kserve", ns.kserve),
                                          ("--image", ns.image)) if given]
     if clashing:
         parser.error(f"--out-dir writes every variant with its own image; drop {', '.join(clashing)}")
-    files = knative.layout(options)
+    try:
+        files = rendering.layout(options)
+    except ValueError as exc:
+        parser.error(_flag_names(str(exc)))
     if ns.check:
         drift = [path for path, text in files.items() if _read(ns.out_dir / path) != text]
         extra = sorted(str(p.relative_to(ns.out_dir)) for p in ns.out_dir.rglob("*.yaml"))
@@ -157,6 +217,15 @@ def _render(args: list[str]) -> int:
         target_path.write_text(text, encoding="utf-8")
         print(f"wrote {target_path}", file=sys.stderr)
     return 0
+
+
+def _rendered(parser: argparse.ArgumentParser, options: RenderOptions, target: str) -> list[dict[str, Any]]:
+    from zeroserve import render as rendering
+
+    try:
+        return rendering.render(options, "kserve" if target == "kserve" else "knative")
+    except ValueError as exc:
+        parser.error(_flag_names(str(exc)))
 
 
 def _read(path: Path) -> str | None:
@@ -216,12 +285,13 @@ def _deploy(args: list[str]) -> int:
     if ns.files:
         manifests = _read_manifests(parser, ns.files)
     else:
-        from zeroserve import knative
+        from zeroserve import render as rendering
 
         options = _render_options(parser, ns)
-        for note in knative.notes(options):
+        target = "kserve" if ns.kserve else "knative"
+        manifests = _rendered(parser, options, target)
+        for note in rendering.notes(options, "kserve" if ns.kserve else "knative"):
             print(f"zeroserve deploy: warning: {note}", file=sys.stderr)
-        manifests = knative.render(options, "kserve" if ns.kserve else "knative")
     if not _load_deploy("deploy"):
         return 2
     from zeroserve.deploy import DeployError, deploy, urls
@@ -275,9 +345,10 @@ def _status(args: list[str]) -> int:
     if not _load_deploy("status"):
         return 2
     from zeroserve.deploy import DeployError
+    from zeroserve.deploy import status as read_status
 
     try:
-        status = _connect(ns).status(ns.name, kserve=ns.kserve)
+        status = read_status(_connect(ns), ns.name, kserve=ns.kserve)
     except DeployError as exc:
         print(f"zeroserve status: {exc}", file=sys.stderr)
         return 1

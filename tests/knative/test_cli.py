@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from zeroserve import cli, knative
+from zeroserve import cli
+from zeroserve import render as rendering
+from zeroserve.render_options import RenderOptions
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,12 +54,12 @@ def test_render_options_reach_the_manifest(capsys: pytest.CaptureFixture[str]) -
             "--cold-start", "90", "--no-startup-probe"]
     code, out, err = run(args, capsys)
     assert code == 0
-    expected = knative.RenderOptions(
+    expected = RenderOptions(
         name="bert", model_uri="gs://b/bert/", image="reg.example/zs:1", namespace="ml", min_scale=1, max_scale=7,
         target_concurrency=2, container_concurrency=3, cold_start=90, startup_probe=False,
     )
-    assert out == knative.to_yaml(knative.render(expected), comments=[knative.explain(expected)])
-    assert err == f"zeroserve render: warning: {knative.notes(expected)[0]}\n"
+    assert out == rendering.to_yaml(rendering.render(expected), comments=[rendering.explain(expected)])
+    assert err == f"zeroserve render: warning: {rendering.notes(expected)[0]}\n"
     assert "never scales to zero" in err
 
 
@@ -84,7 +86,7 @@ def test_render_out_dir_writes_the_tree_and_check_finds_drift(
 ) -> None:
     assert run(["render", "--out-dir", str(tmp_path)], capsys)[0] == 0
     written = {str(p.relative_to(tmp_path)): p.read_text() for p in tmp_path.rglob("*") if p.is_file()}
-    assert written == knative.layout()
+    assert written == rendering.layout()
     assert run(["render", "--out-dir", str(tmp_path), "--check"], capsys)[0] == 0
     (tmp_path / "gpu" / "service.yaml").write_text("edited by hand\n")
     (tmp_path / "cpu" / "kustomization.yaml").unlink()

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from zeroserve import knative
-from zeroserve.knative import RenderOptions
+from zeroserve import render as rendering
+from zeroserve.render_options import RenderOptions
 
 REPO = Path(__file__).resolve().parents[2]
 VALIDATOR = REPO.parent / "shared" / "tools" / "validate-manifests"
@@ -46,8 +47,8 @@ VARIANTS = [
 
 
 @pytest.mark.parametrize(("target", "options"), VARIANTS)
-def test_render_output_validates_with_no_warnings(target: knative.Target, options: RenderOptions) -> None:
-    text = knative.to_yaml(knative.render(options, target), comments=[knative.explain(options, target)])
+def test_render_output_validates_with_no_warnings(target: rendering.Target, options: RenderOptions) -> None:
+    text = rendering.to_yaml(rendering.render(options, target), comments=[rendering.explain(options, target)])
     result = validate("-", stdin=text)
     assert result.returncode == 0, result.stdout
     assert "0 error(s), 0 warning(s), 0 skipped" in result.stdout
@@ -59,7 +60,7 @@ def test_validator_is_not_vacuous() -> None:
     container = service["spec"]["template"]["spec"]["containers"][0]
     container["ports"].append({"containerPort": 9000})
     container["env"] = [{"name": "PORT", "value": "9000"}]
-    result = validate("-", stdin=knative.to_yaml([service]))
+    result = validate("-", stdin=rendering.to_yaml([service]))
     assert result.returncode == 1
     assert "only a single port is allowed" in result.stdout
     assert '"PORT" is a reserved environment variable' in result.stdout
@@ -67,6 +68,6 @@ def test_validator_is_not_vacuous() -> None:
 
 def test_a_long_cold_start_is_flagged_as_the_render_note_says() -> None:
     options = RenderOptions(cold_start=900)
-    result = validate("-", stdin=knative.to_yaml(knative.render(options)))
+    result = validate("-", stdin=rendering.to_yaml(rendering.render(options)))
     assert result.returncode == 1 and "max-revision-timeout-seconds (600)" in result.stdout
-    assert "max-revision-timeout-seconds" in knative.notes(options)[0]
+    assert "max-revision-timeout-seconds" in rendering.notes(options)[0]
