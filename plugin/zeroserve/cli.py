@@ -167,7 +167,8 @@ def _flag(field: str) -> str:
 
 def _flag_names(message: str) -> str:
     # The messages name the dataclass fields; say the flags instead.
-    fields = re.compile(r"\b(" + "|".join(f for f in _OPTION_FIELDS if "_" in f) + r")\b")
+    named = [f for f in _OPTION_FIELDS if "_" in f or f in ("env", "requests", "limits")]
+    fields = re.compile(r"(?<![-\w])(" + "|".join(named) + r")\b")
     return fields.sub(lambda m: _flag(m[1]), message)
 
 

@@ -68,6 +68,20 @@ def test_stub_deploy_inference_service_applies_cluster_runtime_first(kube_stub: 
     assert "status" not in objs[0]  # the runtime is applied, not waited for
 
 
+def test_stub_deploy_applies_the_storage_service_account_before_the_inference_service(kube_stub: KubeStub) -> None:
+    options = RenderOptions(name="resnet", s3_secret="model-store")
+    objs = deploy(connect(kube_stub), rendering.render(options, "kserve"), **FAST)
+
+    assert kube_stub.paths("PATCH") == [
+        "/apis/serving.kserve.io/v1alpha1/clusterservingruntimes/zeroserve-onnx",
+        "/api/v1/namespaces/models/serviceaccounts/resnet-storage",  # the core group: /api/v1
+        "/apis/serving.kserve.io/v1beta1/namespaces/models/inferenceservices/resnet",
+    ]
+    assert objs[1]["secrets"] == [{"name": "model-store"}]
+    assert objs[2]["spec"]["predictor"]["serviceAccountName"] == "resnet-storage"
+    assert "/api/v1" in [path.rstrip("/") for path in kube_stub.paths("GET")]  # discovered like the others
+
+
 def test_stub_missing_knative_fails_before_applying_anything(kube_stub: KubeStub) -> None:
     kube_stub.groups = {}
     with pytest.raises(MissingAPIError, match=r"does not serve services\.serving\.knative\.dev/v1: install Knative"):

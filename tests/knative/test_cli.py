@@ -12,7 +12,7 @@ import pytest
 
 from zeroserve import cli
 from zeroserve import render as rendering
-from zeroserve.render_options import RenderOptions
+from zeroserve.render_options import RenderOptions, Toleration
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,6 +63,25 @@ def test_render_options_reach_the_manifest(capsys: pytest.CaptureFixture[str]) -
     assert "never scales to zero" in err
 
 
+def test_render_access_flags_reach_the_manifest(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["render", "--s3-secret", "creds", "--s3-endpoint", "http://minio:9000", "--s3-region", "us-east-1",
+            "--service-account", "sa", "--image-pull-secret", "r1", "--image-pull-secret", "r2", "--env", "A=1,2",
+            "--env", "B=", "--env-from-secret", "extra", "--requests", "cpu=250m,memory=512Mi", "--limits",
+            "memory=1Gi", "--node-selector", "pool=gpu", "--toleration", "nvidia.com/gpu:NoSchedule",
+            "--otel-endpoint", "http://otel:4318"]
+    code, out, err = run(args, capsys)
+    assert code == 0
+    expected = RenderOptions(
+        s3_secret="creds", s3_endpoint="http://minio:9000", s3_region="us-east-1", service_account="sa",
+        image_pull_secrets=("r1", "r2"), env=(("A", "1,2"), ("B", "")), env_from_secrets=("extra",),
+        requests=(("cpu", "250m"), ("memory", "512Mi")), limits=(("memory", "1Gi"),),
+        node_selector=(("pool", "gpu"),), tolerations=(Toleration("nvidia.com/gpu", effect="NoSchedule"),),
+        otel_endpoint="http://otel:4318",
+    )
+    assert out == rendering.to_yaml(rendering.render(expected), comments=[rendering.explain(expected)])
+    assert err.count("is off in a default Knative") == 2
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -73,6 +92,14 @@ def test_render_options_reach_the_manifest(capsys: pytest.CaptureFixture[str]) -
         (["--cold-start", "x"], "argument --cold-start: invalid int value: 'x'"),
         (["--check"], "--check needs --out-dir"),
         (["--out-dir", "somewhere", "--gpu", "--image", "i"], "drop --gpu, --image"),
+        (["--env", "PORT=9"], "error: --env PORT is Knative's to set"),
+        (["--env", "NOVALUE"], "error: --env takes NAME=VALUE, got 'NOVALUE'"),
+        (["--requests", "cpu"], "error: --requests takes NAME=VALUE items, got 'cpu'"),
+        (["--limits", "cpu=100m"], "error: --requests cpu=1 is above --limits cpu=100m"),
+        (["--toleration", "gpu:Never"], "error: toleration effect must be one of"),
+        (["--s3-endpoint", "minio:9000"], "error: --s3-endpoint must be an http:// or https:// URL"),
+        (["--image-pull-secret", "Bad"], "error: 'Bad' is not a valid Secret or ServiceAccount name"),
+        (["--kserve", "--s3-region", "us-east-1"], "error: under KServe the storage initializer reads --s3-endpoint"),
     ],
 )
 def test_render_errors_name_the_flag(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
