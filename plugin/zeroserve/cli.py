@@ -28,8 +28,14 @@ commands:
   render    print Knative or KServe manifests for a model, or write the kustomize tree (--out-dir)
   deploy    apply them to the current Kubernetes context and wait until the service is ready
   status    show a deployed service: readiness, URL, latest revision and scale
+
+  --version print the installed version
 """
 DEPLOY_EXTRA = "pip install 'zeroserve[deploy]'"
+SERVER_EXTRAS = "pip install 'zeroserve[runtime,cpu]' ('zeroserve[runtime,gpu]' for ONNX Runtime's GPU build)"
+# What `serve` and `dev` run on: the runtime extra's imports and an ONNX Runtime build (extra cpu or gpu). Checked
+# by name before anything is imported, since the server imports some of them only when it starts serving.
+SERVER_MODULES = ("starlette", "uvicorn", "numpy", "orjson", "onnxruntime")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,6 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        from zeroserve._version import version
+
+        print(f"zeroserve {version()}")
+        return 0
     command, rest = args[0], args[1:]
     if command in ("serve", "dev"):
         return _serve(command, rest)
@@ -48,21 +59,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(command: str, args: list[str]) -> int:
+    missing = [] if {"-h", "--help"} & set(args) else _missing_server_modules()
+    if missing:
+        print(f"zeroserve {command} needs the server extras ({', '.join(missing)} missing): {SERVER_EXTRAS}",
+              file=sys.stderr)
+        return 2
     try:
         if command == "dev":
             from zeroserve.activator.dev import main as run
         else:
             from zeroserve.runtime.__main__ import main as run
     except ImportError as exc:
-        if exc.name and exc.name.split(".")[0] in ("starlette", "uvicorn", "numpy", "orjson", "onnxruntime"):
-            print(
-                f"zeroserve {command} needs the server extras ({exc.name} is missing): "
-                "pip install 'zeroserve[runtime,cpu]'",
-                file=sys.stderr,
-            )
+        if exc.name and exc.name.split(".")[0] in SERVER_MODULES:
+            print(f"zeroserve {command} needs the server extras ({exc.name} missing): {SERVER_EXTRAS}", file=sys.stderr)
             return 2
         raise
     return run(args)
+
+
+def _missing_server_modules() -> list[str]:
+    from importlib.util import find_spec
+
+    return [name for name in SERVER_MODULES if find_spec(name) is None]
 
 
 # ---------------------------------------------------------------------------------------------------------

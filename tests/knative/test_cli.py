@@ -3,6 +3,7 @@ which flag is wrong; ``serve`` is unchanged; the command stays light."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -171,3 +172,31 @@ def test_console_script_renders(tmp_path: Path) -> None:
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert "name: h2c" in result.stdout
+
+
+def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["--version"], capsys) == (0, f"zeroserve {importlib.metadata.version('zeroserve')}\n", "")
+    assert run(["-V"], capsys)[0] == 0
+
+
+@pytest.mark.slow
+def test_serve_and_dev_without_the_server_extras_name_the_extra(tmp_path: Path) -> None:
+    # A fresh virtualenv with `pip install zeroserve` and nothing else, from the wheel the project builds.
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path / "dist"), str(REPO)],
+                   check=True, capture_output=True, timeout=300)
+    [wheel] = (tmp_path / "dist").glob("zeroserve-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, capture_output=True,
+                   timeout=600)
+    command = str(venv / "bin" / "zeroserve")
+    for args in (["serve", "--model_dir", str(tmp_path)], ["dev", "--model_dir", str(tmp_path)]):
+        result = subprocess.run([command, *args], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.splitlines()  # one line, no traceback
+        assert line.startswith(f"zeroserve {args[0]} needs the server extras (")
+        assert "uvicorn" in line and "onnxruntime" in line and "pip install 'zeroserve[runtime,cpu]'" in line
+    help_text = subprocess.run([command, "serve", "--help"], capture_output=True, text=True, timeout=60)
+    assert help_text.returncode == 0 and "--model_dir" in help_text.stdout  # the flags are readable before installing
+    version = subprocess.run([command, "--version"], capture_output=True, text=True, timeout=60)
+    assert version.stdout == f"zeroserve {importlib.metadata.version('zeroserve')}\n"
