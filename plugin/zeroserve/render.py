@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Literal
 
-from zeroserve import kserve, podspec
+from zeroserve import eventing, kserve, podspec
 from zeroserve._yaml import to_yaml
+from zeroserve.eventing import EventingOptions
 from zeroserve.knative import knative_service
 from zeroserve.render_options import Manifest, RenderOptions
 
@@ -133,13 +134,14 @@ def _kustomization(resources: Sequence[str], comment: Sequence[str]) -> str:
     return to_yaml([doc], comments=[comment])
 
 
-def layout(options: RenderOptions | None = None) -> dict[str, str]:
+def layout(options: RenderOptions | None = None, events: EventingOptions | None = None) -> dict[str, str]:
     """The Kustomize tree ``zeroserve render --out-dir`` writes: relative path -> file text.
 
     ``cpu/``, ``gpu/`` and ``grpc/`` each hold a Knative Service (named NAME, NAME-gpu and NAME-grpc, so they
-    can run side by side); ``kserve/`` the ClusterServingRuntime and an InferenceService (NAME-kserve); the
-    top-level kustomization deploys ``cpu/``. ``options.accelerator`` and ``options.protocol`` are ignored;
-    ``options.image`` must be unset (the CPU and GPU images differ: ``kustomize edit set image`` per folder).
+    can run side by side); ``kserve/`` the ClusterServingRuntime and an InferenceService (NAME-kserve);
+    ``eventing/`` a Broker, Triggers and a PingSource for the ``cpu/`` service; the top-level kustomization
+    deploys ``cpu/``. ``options.accelerator`` and ``options.protocol`` are ignored; ``options.image`` must be
+    unset (the CPU and GPU images differ: ``kustomize edit set image`` per folder).
     """
     if options is not None and options.image is not None:
         raise ValueError("the layout has a CPU and a GPU image: leave image unset and use kustomize edit set image")
@@ -166,6 +168,15 @@ def layout(options: RenderOptions | None = None) -> dict[str, str]:
             names,
             [f"kubectl apply -k knative/{folder}", how.format(image=opts.resolved_image.rsplit(":", 1)[0])],
         )
+    events = events or EventingOptions()
+    grouped: dict[str, list[Manifest]] = {}
+    for manifest in eventing.render(base, events):
+        grouped.setdefault(f"{str(manifest['kind']).lower()}.yaml", []).append(manifest)
+    for name, manifests in grouped.items():
+        files[f"eventing/{name}"] = to_yaml(manifests, comments=[eventing.explain(base, events)])
+    files["eventing/kustomization.yaml"] = _kustomization(
+        list(grouped), [f"kubectl apply -k knative/eventing: events to the cpu/ service ({base.name})"]
+    )
     return files
 
 
