@@ -35,9 +35,9 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-import tritonclient.grpc as grpcclient
 import yaml
 from container_pod import DOCKER, Container, PodSpec, docker, engine_problem, run
+from triton_grpc_process import TritonProcess
 
 from zeroserve import cli
 
@@ -186,22 +186,20 @@ def infer_rest(container: Container, port: int, model_file: Path) -> None:
 
 
 def infer_grpc(container: Container, port: int, model_file: Path) -> None:
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{container.host_port(port)}")
+    # tritonclient.grpc runs in a child process: its protobuf modules clash with KServe's in this one.
+    client = TritonProcess(f"127.0.0.1:{container.host_port(port)}")
     try:
-        tensor = grpcclient.InferInput("input", list(BATCH.shape), "FP32")
-        tensor.set_data_from_numpy(BATCH)
-        result = client.infer("mlp", [tensor], client_timeout=30)
-        np.testing.assert_allclose(result.as_numpy("output"), expected_output(model_file), rtol=1e-5, atol=1e-5)
+        answer = client.infer("mlp", {"input": BATCH})
+        assert answer["ok"], answer
+        np.testing.assert_allclose(answer["outputs"]["output"], expected_output(model_file), rtol=1e-5, atol=1e-5)
     finally:
         client.close()
 
 
-def grpc_ready(container: Container, port: int) -> bool:
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{container.host_port(port)}")
+def wait_grpc_ready(container: Container, port: int) -> None:
+    client = TritonProcess(f"127.0.0.1:{container.host_port(port)}")
     try:
-        return bool(client.is_server_ready(client_timeout=1))
-    except Exception:
-        return False
+        container.wait(lambda: client.call("ready").get("value") is True, "gRPC ServerReady", READY_TIMEOUT)
     finally:
         client.close()
 
@@ -295,7 +293,7 @@ def test_grpc_only_mode_serves_on_knatives_port(
         container_spec.pop(probe)
     [port] = container_spec["ports"]
     with running(image, pod, "grpconly", secrets={SECRET: secret}, knative_service="mlp-grpc") as container:
-        container.wait(lambda: grpc_ready(container, port["containerPort"]), "gRPC readiness", READY_TIMEOUT)
+        wait_grpc_ready(container, port["containerPort"])
         infer_grpc(container, port["containerPort"], model_file)
         assert "--grpc_port" not in " ".join(container_spec["args"])  # the port came from PORT
 
