@@ -1,9 +1,9 @@
 """The ``zeroserve`` command.
 
 ``serve`` hands its arguments to the runtime, imported only then. ``render`` (``zeroserve.render_command``) prints
-Knative, KServe or Eventing manifests (or writes the whole Kustomize tree); ``deploy`` applies them to the current Kubernetes context and waits until
-they are Ready; ``status`` reports on a deployed service. Each command imports what it needs when it runs, so
-``import zeroserve.cli`` stays light.
+Knative, KServe or Eventing manifests (or writes the whole Kustomize tree); ``deploy`` applies them to the current
+Kubernetes context and waits until they are Ready; ``status`` reports on a deployed service. Each command imports
+what it needs when it runs, so ``import zeroserve.cli`` stays light.
 """
 
 from __future__ import annotations
