@@ -2,7 +2,8 @@
 
 Used by tests/deploy (fixture ``kube_stub`` in its conftest.py).
 
-No cluster runs here, so these tests talk to this stub instead: discovery (``GET /apis/GROUP/VERSION``),
+No cluster runs here, so these tests talk to this stub instead: discovery (``GET /apis/GROUP/VERSION``, and
+``GET /api/v1`` for ServiceAccounts),
 server-side apply (``PATCH`` with ``application/apply-patch+yaml``) and reads of Services, InferenceServices and
 Revisions. It plays the controllers too: an applied Service turns Ready after a few reads, as Knative's would.
 """
@@ -26,7 +27,9 @@ KINDS = {  # plural -> (kind, namespaced)
     "inferenceservices": ("InferenceService", True),
     "servingruntimes": ("ServingRuntime", True),
     "clusterservingruntimes": ("ClusterServingRuntime", False),
+    "serviceaccounts": ("ServiceAccount", True),
 }
+CORE = {"v1": ["serviceaccounts"]}  # served under /api/v1, not /apis/GROUP/VERSION
 KNATIVE = {"serving.knative.dev/v1": ["services", "revisions", "configurations", "routes"]}
 KSERVE = {
     "serving.kserve.io/v1beta1": ["inferenceservices"],
@@ -48,7 +51,7 @@ class Request:
 class KubeStub:
     """The stub's state and knobs. ``groups`` are the API group versions it serves (its installed CRDs)."""
 
-    groups: dict[str, list[str]] = field(default_factory=lambda: {**KNATIVE, **KSERVE})
+    groups: dict[str, list[str]] = field(default_factory=lambda: {**CORE, **KNATIVE, **KSERVE})
     reads_until_ready: int = 2  # reads of an applied Service/InferenceService before its controller makes it Ready
     final_ready: str = "True"  # or "False": the rollout fails
     final_message: str = ""
@@ -71,13 +74,15 @@ class KubeStub:
             if req.headers.get("authorization") != f"Bearer {TOKEN}":
                 return 401, _status(401, "Unauthorized", "Unauthorized")
             parts = req.path.strip("/").split("/")
-            if len(parts) < 3 or parts[0] != "apis":
+            if len(parts) >= 2 and parts[0] == "api":
+                group_version, rest = parts[1], parts[2:]
+            elif len(parts) >= 3 and parts[0] == "apis":
+                group_version, rest = f"{parts[1]}/{parts[2]}", parts[3:]
+            else:
                 return 404, _status(404, "NotFound", "the server could not find the requested resource")
-            group_version = f"{parts[1]}/{parts[2]}"
             served = self.groups.get(group_version)
             if served is None:
                 return 404, _status(404, "NotFound", "the server could not find the requested resource")
-            rest = parts[3:]
             if not rest:
                 if req.method != "GET":
                     return 405, _status(405, "MethodNotAllowed", "method not allowed")

@@ -1,15 +1,14 @@
 """The ``zeroserve`` command.
 
-``serve`` hands its arguments to the runtime, imported only then. ``render`` prints Knative or KServe manifests
-(or writes the whole Kustomize tree); ``deploy`` applies them to the current Kubernetes context and waits until
-they are Ready; ``status`` reports on a deployed service. Each command imports what it needs when it runs, so
-``import zeroserve.cli`` stays light.
+``serve`` hands its arguments to the runtime, imported only then. ``render`` (``zeroserve.render_command``) prints
+Knative, KServe or Eventing manifests (or writes the whole Kustomize tree); ``deploy`` applies them to the current
+Kubernetes context and waits until they are Ready; ``status`` reports on a deployed service. Each command imports
+what it needs when it runs, so ``import zeroserve.cli`` stays light.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from zeroserve.deploy import Cluster
-    from zeroserve.knative import RenderOptions
 
 USAGE = """usage: zeroserve <command> [options]
 
@@ -25,11 +23,18 @@ commands:
   serve     serve ONNX models over the Open Inference Protocol (KServe V2); see `zeroserve serve --help`
   dev       serve with scale to zero on this machine: a server process starts on the first request, stops
             when idle (Knative's activator in miniature); see `zeroserve dev --help`
-  render    print Knative or KServe manifests for a model, or write the kustomize tree (--out-dir)
+  render    print Knative, KServe (--kserve) or Eventing (--eventing) manifests for a model, or write the
+            kustomize tree (--out-dir)
   deploy    apply them to the current Kubernetes context and wait until the service is ready
   status    show a deployed service: readiness, URL, latest revision and scale
+
+  --version print the installed version
 """
 DEPLOY_EXTRA = "pip install 'zeroserve[deploy]'"
+SERVER_EXTRAS = "pip install 'zeroserve[runtime,cpu]' ('zeroserve[runtime,gpu]' for ONNX Runtime's GPU build)"
+# What `serve` and `dev` run on: the runtime extra's imports and an ONNX Runtime build (extra cpu or gpu). Checked
+# by name before anything is imported, since the server imports some of them only when it starts serving.
+SERVER_MODULES = ("starlette", "uvicorn", "numpy", "orjson", "onnxruntime")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,6 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        from zeroserve._version import version
+
+        print(f"zeroserve {version()}")
+        return 0
     command, rest = args[0], args[1:]
     if command in ("serve", "dev"):
         return _serve(command, rest)
@@ -48,122 +58,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(command: str, args: list[str]) -> int:
+    missing = [] if {"-h", "--help"} & set(args) else _missing_server_modules()
+    if missing:
+        print(f"zeroserve {command} needs the server extras ({', '.join(missing)} missing): {SERVER_EXTRAS}",
+              file=sys.stderr)
+        return 2
     try:
         if command == "dev":
             from zeroserve.activator.dev import main as run
         else:
             from zeroserve.runtime.__main__ import main as run
     except ImportError as exc:
-        if exc.name and exc.name.split(".")[0] in ("starlette", "uvicorn", "numpy", "orjson", "onnxruntime"):
-            print(
-                f"zeroserve {command} needs the server extras ({exc.name} is missing): "
-                "pip install 'zeroserve[runtime,cpu]'",
-                file=sys.stderr,
-            )
+        if exc.name and exc.name.split(".")[0] in SERVER_MODULES:
+            print(f"zeroserve {command} needs the server extras ({exc.name} missing): {SERVER_EXTRAS}", file=sys.stderr)
             return 2
         raise
     return run(args)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# render
+def _missing_server_modules() -> list[str]:
+    from importlib.util import find_spec
 
-
-def _add_render_arguments(parser: argparse.ArgumentParser) -> None:
-    # Defaults live in RenderOptions only: an option left out here keeps its dataclass default.
-    group = parser.add_argument_group("what to render (defaults as in the repository's knative/ folder)")
-    add = group.add_argument
-    add("--name", help="Knative Service / InferenceService name (default mlp)")
-    add("--model-name", dest="model_name", help="name the model is served under (default: --name)")
-    add("--model-uri", dest="model_uri", help="where the server fetches the model: s3://, gs://, https://, ...")
-    add("--image", help="runtime image (default dev.local/zeroserve:VERSION, with -gpu for --gpu)")
-    add("--gpu", dest="accelerator", action="store_const", const="gpu", help="GPU image and an nvidia.com/gpu limit")
-    add("--grpc", dest="protocol", action="store_const", const="grpc", help="expose gRPC on the h2c port")
-    add("--kserve", action="store_true", help="a KServe ClusterServingRuntime and InferenceService instead")
-    add("--namespace", "-n", help="namespace (default: the one of the kubeconfig context)")
-    add("--min-scale", dest="min_scale", type=int, help="minimum pods; 0 scales to zero (default 0)")
-    add("--max-scale", dest="max_scale", type=int, help="maximum pods; 0 is unbounded (default 4)")
-    add("--target-concurrency", dest="target_concurrency", type=int, help="in-flight requests per pod (default 4)")
-    add("--container-concurrency", dest="container_concurrency", type=int,
-        help="hard cap of in-flight requests per pod; 0 is unlimited (default 8)")
-    add("--cold-start", dest="cold_start", type=int, metavar="SECONDS",
-        help="expected cold start; sizes the startup probe, progress deadline and timeouts (default 60, GPU 300)")
-    add("--no-startup-probe", dest="startup_probe", action="store_false", default=None,
-        help="no kubelet startup probe: slightly faster cold starts, no restart of a container stuck loading")
-
-
-_OPTION_FIELDS = (
-    "name", "model_name", "model_uri", "image", "accelerator", "protocol", "namespace", "min_scale", "max_scale",
-    "target_concurrency", "container_concurrency", "cold_start", "startup_probe",
-)
-
-
-def _given_options(ns: argparse.Namespace) -> dict[str, Any]:
-    return {field: getattr(ns, field) for field in _OPTION_FIELDS if getattr(ns, field, None) is not None}
-
-
-def _render_options(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> RenderOptions:
-    from zeroserve.knative import RenderOptions
-
-    try:
-        return RenderOptions(**_given_options(ns))
-    except ValueError as exc:
-        # The messages name the dataclass fields; say the flags instead.
-        fields = re.compile(r"\b(" + "|".join(f for f in _OPTION_FIELDS if "_" in f) + r")\b")
-        message = fields.sub(lambda m: "--" + m[1].replace("_", "-"), str(exc))
-        parser.error(message)
-
-
-def _render(args: list[str]) -> int:
-    from zeroserve import knative
-
-    parser = argparse.ArgumentParser(
-        prog="zeroserve render",
-        description="Print Knative Serving or KServe manifests for the zeroserve image (kubectl apply -f - takes "
-        "them), or write the whole kustomize tree the repository's knative/ folder holds.",
-    )
-    _add_render_arguments(parser)
-    parser.add_argument("--out-dir", type=Path, metavar="DIR", help="write the kustomize tree (every variant) here")
-    parser.add_argument("--check", action="store_true", help="with --out-dir: compare, write nothing, exit 1 on drift")
-    ns = parser.parse_args(args)
-    options = _render_options(parser, ns)
-    if ns.check and ns.out_dir is None:
-        parser.error("--check needs --out-dir")
-    if ns.out_dir is None:
-        target: knative.Target = "kserve" if ns.kserve else "knative"
-        for note in knative.notes(options):
-            print(f"zeroserve render: warning: {note}", file=sys.stderr)
-        manifests = knative.render(options, target)
-        comment = knative.explain(options, target)
-        print(knative.to_yaml(manifests, comments=[comment] * len(manifests)), end="")
-        return 0
-    clashing = [flag for flag, given in (("--gpu", ns.accelerator), ("--grpc", ns.protocol), ("--kserve", ns.kserve),
-                                         ("--image", ns.image)) if given]
-    if clashing:
-        parser.error(f"--out-dir writes every variant with its own image; drop {', '.join(clashing)}")
-    files = knative.layout(options)
-    if ns.check:
-        drift = [path for path, text in files.items() if _read(ns.out_dir / path) != text]
-        extra = sorted(str(p.relative_to(ns.out_dir)) for p in ns.out_dir.rglob("*.yaml"))
-        for path in drift:
-            print(f"zeroserve render: {ns.out_dir / path} differs from `zeroserve render --out-dir`", file=sys.stderr)
-        for path in (p for p in extra if p not in files):
-            drift.append(path)
-            print(f"zeroserve render: {ns.out_dir / path} is not part of the rendered tree", file=sys.stderr)
-        return 1 if drift else 0
-    for path, text in files.items():
-        target_path = ns.out_dir / path
-        target_path.parent.mkdir(parents=True, exist_ok=True)
-        target_path.write_text(text, encoding="utf-8")
-        print(f"wrote {target_path}", file=sys.stderr)
-    return 0
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError:
-        return None
+    return [name for name in SERVER_MODULES if find_spec(name) is None]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,26 +118,32 @@ def _deploy(args: list[str]) -> int:
         "context with server-side apply, wait until it is Ready and print its URL. The manifests are rendered "
         "from the options below, or read from -f files.",
     )
+    from zeroserve import render_command
+
     parser.add_argument("-f", "--filename", dest="files", action="append", metavar="FILE",
                         help="apply these manifests instead of rendering them ('-' reads stdin; repeatable)")
-    _add_render_arguments(parser)
+    render_command.add_render_arguments(parser)
     _add_cluster_arguments(parser)
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="how long to wait for Ready (default: the progress deadline plus a minute)")
     parser.add_argument("--no-wait", dest="wait", action="store_false", help="apply and return")
     ns = parser.parse_args(args)
-    rendered = {k: v for k, v in _given_options(ns).items() if k != "namespace"}
-    if ns.files and (rendered or ns.kserve):
+    try:
+        given = {k: v for k, v in render_command.given_options(ns).items() if k != "namespace"}
+    except ValueError as exc:
+        parser.error(str(exc))
+    if ns.files and (given or ns.kserve):
         parser.error("give either -f files or render options, not both")
     if ns.files:
         manifests = _read_manifests(parser, ns.files)
     else:
-        from zeroserve import knative
+        from zeroserve import render as rendering
 
-        options = _render_options(parser, ns)
-        for note in knative.notes(options):
+        options = render_command.render_options(parser, ns)
+        target: rendering.Target = "kserve" if ns.kserve else "knative"
+        manifests = render_command.rendered(parser, options, target)
+        for note in rendering.notes(options, target):
             print(f"zeroserve deploy: warning: {note}", file=sys.stderr)
-        manifests = knative.render(options, "kserve" if ns.kserve else "knative")
     if not _load_deploy("deploy"):
         return 2
     from zeroserve.deploy import DeployError, deploy, urls
@@ -275,14 +197,21 @@ def _status(args: list[str]) -> int:
     if not _load_deploy("status"):
         return 2
     from zeroserve.deploy import DeployError
+    from zeroserve.deploy import status as read_status
 
     try:
-        status = _connect(ns).status(ns.name, kserve=ns.kserve)
+        status = read_status(_connect(ns), ns.name, kserve=ns.kserve)
     except DeployError as exc:
         print(f"zeroserve status: {exc}", file=sys.stderr)
         return 1
     print("\n".join(status.lines()))
     return 0 if status.ready.status == "True" else 1
+
+
+def _render(args: list[str]) -> int:
+    from zeroserve import render_command
+
+    return render_command.main(args)
 
 
 _COMMANDS: dict[str, Callable[[list[str]], int]] = {"render": _render, "deploy": _deploy, "status": _status}

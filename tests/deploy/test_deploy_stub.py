@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from kube_stub import KubeStub, write_kubeconfig
 
-from zeroserve import cli, knative
+from zeroserve import cli
+from zeroserve import render as rendering
 from zeroserve.deploy import (
     Cluster,
     DeployError,
@@ -24,7 +25,9 @@ from zeroserve.deploy import (
     deploy,
     ready_condition,
     ready_timeout,
+    status,
 )
+from zeroserve.render_options import RenderOptions
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = {"poll": 0.01, "false_grace": 0.05}
@@ -35,7 +38,7 @@ def connect(stub: KubeStub, **kwargs: str) -> Cluster:
 
 
 def test_stub_deploy_applies_server_side_and_waits_for_ready(kube_stub: KubeStub) -> None:
-    manifests = knative.render(knative.RenderOptions())
+    manifests = rendering.render(RenderOptions())
     progress: list[str] = []
     [obj] = deploy(connect(kube_stub), manifests, on_progress=progress.append, **FAST)
 
@@ -54,8 +57,8 @@ def test_stub_deploy_applies_server_side_and_waits_for_ready(kube_stub: KubeStub
 
 
 def test_stub_deploy_inference_service_applies_cluster_runtime_first(kube_stub: KubeStub) -> None:
-    options = knative.RenderOptions(name="resnet", namespace="team")
-    objs = deploy(connect(kube_stub), knative.render(options, "kserve"), **FAST)
+    options = RenderOptions(name="resnet", namespace="team")
+    objs = deploy(connect(kube_stub), rendering.render(options, "kserve"), **FAST)
 
     assert [r.path for r in kube_stub.requests if r.method == "PATCH"] == [
         "/apis/serving.kserve.io/v1alpha1/clusterservingruntimes/zeroserve-onnx",  # cluster-scoped
@@ -65,55 +68,69 @@ def test_stub_deploy_inference_service_applies_cluster_runtime_first(kube_stub: 
     assert "status" not in objs[0]  # the runtime is applied, not waited for
 
 
+def test_stub_deploy_applies_the_storage_service_account_before_the_inference_service(kube_stub: KubeStub) -> None:
+    options = RenderOptions(name="resnet", s3_secret="model-store")
+    objs = deploy(connect(kube_stub), rendering.render(options, "kserve"), **FAST)
+
+    assert kube_stub.paths("PATCH") == [
+        "/apis/serving.kserve.io/v1alpha1/clusterservingruntimes/zeroserve-onnx",
+        "/api/v1/namespaces/models/serviceaccounts/resnet-storage",  # the core group: /api/v1
+        "/apis/serving.kserve.io/v1beta1/namespaces/models/inferenceservices/resnet",
+    ]
+    assert objs[1]["secrets"] == [{"name": "model-store"}]
+    assert objs[2]["spec"]["predictor"]["serviceAccountName"] == "resnet-storage"
+    assert "/api/v1" in [path.rstrip("/") for path in kube_stub.paths("GET")]  # discovered like the others
+
+
 def test_stub_missing_knative_fails_before_applying_anything(kube_stub: KubeStub) -> None:
     kube_stub.groups = {}
     with pytest.raises(MissingAPIError, match=r"does not serve services\.serving\.knative\.dev/v1: install Knative"):
-        deploy(connect(kube_stub), knative.render(knative.RenderOptions()), **FAST)
+        deploy(connect(kube_stub), rendering.render(RenderOptions()), **FAST)
     assert kube_stub.paths("PATCH") == []
 
 
 def test_stub_missing_kserve_applies_nothing_even_with_knative(kube_stub: KubeStub) -> None:
     kube_stub.groups = {"serving.knative.dev/v1": ["services", "revisions"]}
     with pytest.raises(MissingAPIError, match="install KServe"):
-        deploy(connect(kube_stub), knative.render(knative.RenderOptions(), "kserve"), **FAST)
+        deploy(connect(kube_stub), rendering.render(RenderOptions(), "kserve"), **FAST)
     assert kube_stub.paths("PATCH") == []
 
 
 def test_stub_ready_false_that_stays_fails_with_the_controllers_message(kube_stub: KubeStub) -> None:
     kube_stub.final_ready, kube_stub.final_message = "False", "Container failed with: model not found"
     with pytest.raises(NotReadyError, match="Ready=False \\(RevisionFailed\\): Container failed with: model not"):
-        deploy(connect(kube_stub), knative.render(knative.RenderOptions()), **FAST)
+        deploy(connect(kube_stub), rendering.render(RenderOptions()), **FAST)
 
 
 def test_stub_never_ready_times_out(kube_stub: KubeStub) -> None:
     kube_stub.reads_until_ready = 10**6
     with pytest.raises(ReadyTimeout, match="mlp not ready after 0 s: Ready=Unknown") as caught:
-        deploy(connect(kube_stub), knative.render(knative.RenderOptions()), timeout=0.2, **FAST)
+        deploy(connect(kube_stub), rendering.render(RenderOptions()), timeout=0.2, **FAST)
     assert isinstance(caught.value, TimeoutError)
 
 
 def test_stub_reapply_waits_for_the_new_generation(kube_stub: KubeStub) -> None:
     cluster = connect(kube_stub)
-    deploy(cluster, knative.render(knative.RenderOptions()), **FAST)
+    deploy(cluster, rendering.render(RenderOptions()), **FAST)
     # Re-deploying changed options: the stored status still says Ready=True for generation 1.
-    [obj] = cluster_apply = [cluster.apply(m) for m in knative.render(knative.RenderOptions(max_scale=9))]
+    [obj] = cluster_apply = [cluster.apply(m) for m in rendering.render(RenderOptions(max_scale=9))]
     assert cluster_apply[0]["metadata"]["generation"] == 2
     assert ready_condition(obj).status == "Unknown"  # stale Ready=True is not taken for the new spec
-    [done] = deploy(cluster, knative.render(knative.RenderOptions(max_scale=9)), **FAST)
+    [done] = deploy(cluster, rendering.render(RenderOptions(max_scale=9)), **FAST)
     assert done["status"]["observedGeneration"] == 2
 
 
 def test_stub_forbidden_apply_names_rbac(kube_stub: KubeStub) -> None:
     kube_stub.forbid_patch = True
     with pytest.raises(DeployError, match=r"refused it \(403\).*cannot patch resource.*RBAC"):
-        deploy(connect(kube_stub), knative.render(knative.RenderOptions()), **FAST)
+        deploy(connect(kube_stub), rendering.render(RenderOptions()), **FAST)
 
 
 def test_stub_status_reports_readiness_url_revision_and_scale(kube_stub: KubeStub) -> None:
     cluster = connect(kube_stub)
-    deploy(cluster, knative.render(knative.RenderOptions()), **FAST)
-    status = cluster.status("mlp")
-    assert status.lines() == [
+    deploy(cluster, rendering.render(RenderOptions()), **FAST)
+    found = status(cluster, "mlp")
+    assert found.lines() == [
         "Service mlp (namespace models)",
         "  ready     Ready=True",
         "  url       http://mlp.models.example.com",
@@ -124,8 +141,8 @@ def test_stub_status_reports_readiness_url_revision_and_scale(kube_stub: KubeStu
 
 def test_stub_status_of_an_inference_service(kube_stub: KubeStub) -> None:
     cluster = connect(kube_stub)
-    deploy(cluster, knative.render(knative.RenderOptions(), "kserve"), **FAST)
-    lines = cluster.status("mlp", kserve=True).lines()
+    deploy(cluster, rendering.render(RenderOptions(), "kserve"), **FAST)
+    lines = status(cluster, "mlp", kserve=True).lines()
     assert lines[0] == "InferenceService mlp (namespace models)"
     assert lines[3] == "  revision  mlp-predictor-00001"
     assert lines[4] == "  scale     1 pod(s) ready, 1 desired (min 0, max 4)"
@@ -133,7 +150,7 @@ def test_stub_status_of_an_inference_service(kube_stub: KubeStub) -> None:
 
 def test_stub_status_of_a_missing_service(kube_stub: KubeStub) -> None:
     with pytest.raises(NotFoundError, match="no service 'nope' in namespace models"):
-        connect(kube_stub).status("nope")
+        status(connect(kube_stub), "nope")
 
 
 def test_stub_context_flag_picks_that_contexts_namespace(kube_stub: KubeStub) -> None:
@@ -159,14 +176,14 @@ def test_unreachable_api_server_is_a_clear_error(tmp_path: Path) -> None:
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{port}")
     cluster = Cluster.connect(kubeconfig=str(kubeconfig), environ={})
     with pytest.raises(NoClusterError, match=f"cannot reach the Kubernetes API server at http://127.0.0.1:{port}"):
-        deploy(cluster, knative.render(knative.RenderOptions()), **FAST)
+        deploy(cluster, rendering.render(RenderOptions()), **FAST)
 
 
 def test_ready_timeout_follows_the_progress_deadline() -> None:
-    gpu = knative.render(knative.RenderOptions(accelerator="gpu"))[0]
-    assert ready_timeout(gpu) == knative.RenderOptions(accelerator="gpu").budget.progress_deadline + 60
-    isvc = knative.render(knative.RenderOptions(), "kserve")[1]
-    assert ready_timeout(isvc) == knative.RenderOptions().budget.progress_deadline + 60
+    gpu = rendering.render(RenderOptions(accelerator="gpu"))[0]
+    assert ready_timeout(gpu) == RenderOptions(accelerator="gpu").budget.progress_deadline + 60
+    isvc = rendering.render(RenderOptions(), "kserve")[1]
+    assert ready_timeout(isvc) == RenderOptions().budget.progress_deadline + 60
     assert ready_timeout({"metadata": {}}) == 660  # Knative's default progress deadline, plus a minute
 
 
@@ -192,7 +209,7 @@ def test_stub_cli_deploy_applies_the_repository_files(kube_stub: KubeStub, capsy
     assert code == 0, err
     assert out == "http://mlp-kserve.ml.example.com\n"
     bodies = [r.body for r in kube_stub.requests if r.method == "PATCH"]
-    expected = knative.render(knative.RenderOptions(name="mlp-kserve", model_name="mlp"), "kserve")
+    expected = rendering.render(RenderOptions(name="mlp-kserve", model_name="mlp"), "kserve")
     assert bodies[0] == expected[0]
     assert bodies[1] == {**expected[1], "metadata": {**expected[1]["metadata"], "namespace": "ml"}}
 
