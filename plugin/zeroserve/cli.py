@@ -67,13 +67,16 @@ def _serve(command: str, args: list[str]) -> int:
         if command == "dev":
             from zeroserve.activator.dev import main as run
         else:
+            from zeroserve.runtime.__main__ import exit_now
             from zeroserve.runtime.__main__ import main as run
     except ImportError as exc:
         if exc.name and exc.name.split(".")[0] in SERVER_MODULES:
             print(f"zeroserve {command} needs the server extras ({exc.name} missing): {SERVER_EXTRAS}", file=sys.stderr)
             return 2
         raise
-    return run(args)
+    if command == "dev":
+        return run(args)
+    exit_now(run(args))  # as `python -m zeroserve.runtime` ends: see exit_now
 
 
 def _missing_server_modules() -> list[str]:

@@ -30,8 +30,9 @@ def metered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPr
     test_models.conv_model(root / "conv" / "1" / "model.onnx", size=64, channels=32, layers=3)
     grpc_port = unused_port()
     server = start_server(
+        # One intra-op thread: all of a run's CPU is the calling thread's, which is what is counted.
         ["--model_dir", str(root), "--billing_memory_mib", "2048", "--grpc_port", str(grpc_port),
-         "--inline_run_ms", "0"],
+         "--inline_run_ms", "0", "--intra_op_threads", "1"],
         root / "log",
     )  # fmt: skip
     yield server, grpc_port

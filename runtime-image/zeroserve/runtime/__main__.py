@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         memory.resume_gc(freeze=False)
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int) -> NoReturn:
     """End the process without finalizing the interpreter: a thread of ONNX Runtime may still be running (a
     session built in the background, a TensorRT build), and tearing the interpreter down under it aborts the
     process. The server has flushed its telemetry and drained its requests by now."""
