@@ -42,7 +42,7 @@ def create_app(
     config = config if config.loaded else config.load()
     repository = ModelRepository()
     dataplane = DataPlane.from_config(repository, config)
-    endpoint = InferEndpoint(dataplane, config.limits, telemetry)
+    endpoint = InferEndpoint(dataplane, config.limits, telemetry, config.events)
     grpc_server = None
     if config.serves_grpc:  # imported only when asked for: grpc adds to every cold start
         from zeroserve.runtime.grpc import GrpcServer

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Literal
 
 from zeroserve.runtime import flags
-from zeroserve.runtime.settings import BatchSettings, Limits, MiB, PerformanceHint, Protocol, ProviderSettings
+from zeroserve.runtime.settings import (
+    BatchSettings,
+    EventSettings,
+    Limits,
+    MiB,
+    PerformanceHint,
+    Protocol,
+    ProviderSettings,
+)
 
 logger = logging.getLogger("zeroserve.runtime")
 
@@ -68,6 +76,7 @@ class RuntimeConfig:
     inflight_share: float = DEFAULT_INFLIGHT_SHARE
     shutdown_timeout: float = 30.0
     timeout_keep_alive: int = 65  # outlive the idle timeout of proxies in front (Envoy: 60 s)
+    events: EventSettings = field(default_factory=EventSettings)  # answers to CloudEvents (cloudevents.py)
     # The memory invocations are billed for (metering.py); 0 until ``load`` reads the container's memory limit.
     billing_memory_bytes: int = 0
     # Open connections at once (http_server.py); 0 until ``load`` derives it from the file descriptors allowed.
@@ -225,6 +234,7 @@ class RuntimeConfig:
             timeout_keep_alive=ns.timeout_keep_alive,
             max_connections=ns.max_connections,
             billing_memory_bytes=(ns.billing_memory_mib or 0) * MiB,
+            events=EventSettings.from_env(environ),
             log_level=ns.log_level,
             access_log=ns.access_log,
             event_loop=ns.event_loop,

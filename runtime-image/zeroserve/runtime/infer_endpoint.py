@@ -17,12 +17,12 @@ from starlette.applications import Starlette
 from starlette.types import Message, Receive, Scope, Send
 
 from zeroserve.protocol.binary import HEADER_LENGTH
-from zeroserve.runtime import rest_codec
+from zeroserve.runtime import cloudevents, rest_codec
 from zeroserve.runtime.dataplane import DataPlane, Holding
 from zeroserve.runtime.invocation import Invocation
 from zeroserve.runtime.messages import InferRequest
 from zeroserve.runtime.server_errors import InvalidInput, PayloadTooLarge, ServerError
-from zeroserve.runtime.settings import Limits
+from zeroserve.runtime.settings import EventSettings, Limits
 from zeroserve.runtime.telemetry import Telemetry, set_result
 from zeroserve.runtime.tensors import encode_is_heavy
 
@@ -57,10 +57,17 @@ class InferFastPath:
 
 
 class InferEndpoint:
-    def __init__(self, dataplane: DataPlane, limits: Limits, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        limits: Limits,
+        telemetry: Telemetry | None = None,
+        events: EventSettings | None = None,
+    ) -> None:
         self.dataplane = dataplane
         self.limits = limits
         self.telemetry = telemetry or Telemetry()
+        self.events = events or EventSettings()
 
     async def route(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The endpoint of the Starlette route (reached when the app runs without the front)."""
@@ -94,12 +101,25 @@ class InferEndpoint:
                     held.grow(max(0, len(body) - compressed))
                 raw_length = headers.get(_HEADER_LENGTH)
                 header_length = raw_length.decode("latin-1") if raw_length is not None else None
+                event = cloudevents.read_event(headers, body)
+                if event is not None:
+                    body, header_length = event.data, event.header_length
+                    if span is not None:
+                        span.set_attributes(cloudevents.span_attributes(event))
                 heavy = rest_codec.decode_is_heavy(body, header_length)
                 request = await invocation.work(heavy, rest_codec.decode_request, body, header_length, self.limits)
+                if event is not None and event.mode == "structured" and rest_codec.asks_binary_outputs(request):
+                    raise InvalidInput(
+                        "a structured CloudEvent carries JSON only: ask for JSON outputs, or send a binary-mode event"
+                    )
                 result = await self.dataplane.infer(name, version, request, rest=True)
                 content, response_headers = await invocation.work(
                     encode_is_heavy(result), rest_codec.encode_result, result, request
                 )
+                if event is not None:
+                    content, response_headers = cloudevents.answer(
+                        event, self.events, result.model_name, content, response_headers
+                    )
                 response_headers.update(invocation.answered(result))
                 status = 200
             except ServerError as exc:

@@ -190,6 +190,13 @@ def _decode_outputs(value: Any) -> list[RequestedOutput] | None:
     return outputs
 
 
+def asks_binary_outputs(request: InferRequest) -> bool:
+    """Whether the answer will carry binary tensors (the request asked for them, for some output or all)."""
+    if request.parameters.get("binary_data_output") is True:
+        return True
+    return any(output.binary for output in request.outputs or ())
+
+
 def encode_result(result: InferResult, request: InferRequest) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers; outputs go binary where the request asked for it."""
     binary_default = request.parameters.get("binary_data_output") is True

@@ -6,10 +6,12 @@ A leaf: it imports nothing else of ours, so the codecs, the model and the provid
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
 MiB: Final = 2**20
+DEFAULT_EVENT_TYPE: Final = "io.kserve.inference.response"  # KServe's
 
 # rest: REST on --http_port; grpc: gRPC only, on --grpc_port or PORT (a Knative h2c port);
 # both: REST on --http_port and gRPC on --grpc_port.
@@ -149,3 +151,21 @@ def _check_profiles(low: str | None, opt: str | None, high: str | None) -> None:
 
 def _dims(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
+
+
+@dataclass(frozen=True, slots=True)
+class EventSettings:
+    """How answers to CloudEvents are made (cloudevents.py), from KServe's environment variables CE_TYPE,
+    CE_SOURCE and CE_MERGE."""
+
+    type: str = DEFAULT_EVENT_TYPE
+    source: str | None = None  # None: io.kserve.inference.<model>
+    merge: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> EventSettings:
+        return cls(
+            type=environ.get("CE_TYPE") or DEFAULT_EVENT_TYPE,
+            source=environ.get("CE_SOURCE") or None,
+            merge=environ.get("CE_MERGE", "").strip().lower() == "true",
+        )
