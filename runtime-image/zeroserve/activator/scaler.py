@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 
 from zeroserve.activator.backoff import StartLedger
+from zeroserve.activator.billing import Billing
 from zeroserve.activator.process import ServerProcess, StartFailure
 from zeroserve.activator.settings import ScaleSettings
 from zeroserve.protocol.start import StartState
@@ -104,6 +105,8 @@ class Scaler:
         self._tasks: set[asyncio.Task[None]] = set()  # watchers and stops
         self._processes: set[ServerProcess] = set()
         self._probe_client: httpx.AsyncClient | None = None
+        self.billing = Billing()  # each ready process's metering counters, read before it is stopped
+        self._ready: set[ServerProcess] = set()  # processes that became ready: they have counters to read
 
     # --- capacity for requests ---
 
@@ -217,6 +220,7 @@ class Scaler:
                 self._start_failed(backend, failure)
                 return
             backend.ready_at = backend.last_used = time.monotonic()
+            self._ready.add(process)
             logger.info("server process %d ready after %.2f s", process.pid, backend.ready_at - process.spawned_at)
             self._on_start(True)
             self._spawn_task(self._watch(backend, process))
@@ -245,6 +249,8 @@ class Scaler:
         failure = await process.exit_failure()
         ready_for = time.monotonic() - (backend.ready_at or process.spawned_at)
         self.ledger.failed("crash", time.monotonic(), failure.reason, failure.exit_status, ready_for=ready_for)
+        self._ready.discard(process)
+        self.billing.lost()
         logger.warning("server process %d exited with status %s after %.1f s ready: %s", process.pid,
                        failure.exit_status, ready_for, failure.reason)
         self._processes.discard(process)
@@ -252,6 +258,7 @@ class Scaler:
 
     def _stop(self, process: ServerProcess, grace: float | None = None) -> None:
         async def stop() -> None:
+            await self._read_bill(process)
             await process.stop(self.settings.stop_grace if grace is None else grace)
             self._processes.discard(process)
 
@@ -300,6 +307,7 @@ class Scaler:
         self.backends.clear()
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
         # Processes retired before (idle, failed) have stopped with their tasks; anything left is stopped here.
+        await asyncio.gather(*(self._read_bill(process) for process in self._processes), return_exceptions=True)
         await asyncio.gather(*(process.stop(self.settings.stop_grace) for process in self._processes),
                              return_exceptions=True)
         self._processes.clear()
@@ -311,6 +319,11 @@ class Scaler:
         for process in self._processes:
             if process.running:
                 process.kill()
+
+    async def _read_bill(self, process: ServerProcess) -> None:
+        if process in self._ready and process.running:
+            self._ready.discard(process)
+            await self.billing.collect(self._client(), f"http://127.0.0.1:{process.port}")
 
     def _client(self) -> httpx.AsyncClient:
         if self._probe_client is None:

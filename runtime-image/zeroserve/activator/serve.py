@@ -19,6 +19,7 @@ import logging
 import math
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 
 import uvicorn
@@ -91,4 +92,6 @@ def serve(app: Activator, sock: socket.socket, drain_timeout: float) -> int:
     finally:
         app.scaler.kill_all()
         sock.close()
+    if server.started:
+        print(app.scaler.billing.summary(), file=sys.stderr, flush=True)
     return 0 if server.started else 1
