@@ -109,6 +109,11 @@ def _serve(address: str) -> None:
         "model_metadata": lambda request: {
             "value": client.get_model_metadata(request["model"], request.get("version", ""), as_json=True)
         },
+        "repository_index": lambda request: {
+            "value": client.get_model_repository_index(as_json=True).get("models", [])
+        },
+        "load_model": lambda request: {"value": client.load_model(request["model"])},
+        "unload_model": lambda request: {"value": client.unload_model(request["model"])},
     }
     for line in sys.stdin:
         request = json.loads(line)

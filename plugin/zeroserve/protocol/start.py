@@ -18,6 +18,10 @@ starts, or after one failed to start) carries:
 
   and a ``Retry-After`` header: when trying again makes sense (the next start, after a failure).
 
+A server that loads its models on demand answers a readiness probe for a model it has not loaded with
+``Zeroserve-Start: unloaded`` (``{"ready": false, "start": {"state": "unloaded"}}``): the model is not ready, and
+the request that needs it will load it, so there is nothing to wait for.
+
 Every key of ``start`` but ``state`` may be absent. V2 clients that read only ``error`` are unaffected.
 """
 
@@ -33,8 +37,11 @@ START_HEADER: Final = "zeroserve-start"
 INIT_SPAN_HEADER: Final = "zeroserve-init-traceparent"
 LOADING: Final = "loading"
 FAILED: Final = "failed"
+# A server that loads its models on demand (--model_loading on_demand) answers a readiness probe for a model it
+# has not loaded with this: not ready, and a request for it will load it. Waiting for readiness would wait forever.
+UNLOADED: Final = "unloaded"
 
-StartStateName = Literal["loading", "failed"]
+StartStateName = Literal["loading", "failed", "unloaded"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +49,8 @@ class StartState:
     """The ``start`` object of a 503 answer.
 
     Args:
-        state: ``loading`` (wait and ask again) or ``failed`` (the start failed; waiting will not help
-            until the service is fixed or its next start succeeds).
+        state: ``loading`` (wait and ask again), ``failed`` (the start failed; waiting will not help until the
+            service is fixed or its next start succeeds) or ``unloaded`` (not loaded; a request loads it).
         phase: loading: what the start is doing now (``process``, ``fetch``, ``session``, ``warmup``,
             ``tensorrt``).
         elapsed_s: loading: seconds since the start began.
@@ -78,7 +85,7 @@ class StartState:
     @classmethod
     def from_json(cls, value: Any) -> StartState | None:
         """Read a ``start`` object; None when it is not one (keys of the wrong type are dropped)."""
-        if not isinstance(value, dict) or value.get("state") not in (LOADING, FAILED):
+        if not isinstance(value, dict) or value.get("state") not in (LOADING, FAILED, UNLOADED):
             return None
         fields: dict[str, Any] = {"state": value["state"]}
         for key, kind in _TYPES.items():
@@ -95,6 +102,8 @@ class StartState:
 
     def describe(self) -> str:
         """One line for people: the phase and its progress, or the failure's reason."""
+        if self.state == UNLOADED:
+            return "not loaded; a request for it loads it"
         if self.failed:
             parts = [self.reason or "the start failed"]
             if self.exit_status is not None:

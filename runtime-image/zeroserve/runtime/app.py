@@ -40,8 +40,8 @@ def create_app(
     telemetry = telemetry or Telemetry()
     stop = stop or Stop(chain=True)
     config = config if config.loaded else config.load()
-    repository = ModelRepository()
-    dataplane = DataPlane.from_config(repository, config)
+    repository = ModelRepository(on_demand=config.loading.on_demand)
+    dataplane = DataPlane.from_config(repository, config, telemetry)
     endpoint = InferEndpoint(dataplane, config.limits, telemetry, config.events)
     grpc_server = None
     if config.serves_grpc:  # imported only when asked for: grpc adds to every cold start

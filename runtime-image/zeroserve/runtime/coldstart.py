@@ -68,15 +68,47 @@ def process_start_ns() -> int:
     return now - int(max(0.0, now_after_boot - started_after_boot) * 1e9)
 
 
-class ColdStart:
+class PhaseLog:
+    """Phases recorded as they happen: a process's cold start (``ColdStart``), or one model's load."""
+
+    def __init__(self) -> None:
+        self.phases: list[Phase] = []
+        self.bytes = ByteProgress()  # what a fetch has read of the model's bytes
+
+    def begin(self, name: str, **attributes: Any) -> Phase:
+        phase = Phase(name, time.time_ns(), attributes=attributes)
+        self.phases.append(phase)
+        return phase
+
+    @staticmethod
+    def end(phase: Phase, **attributes: Any) -> None:
+        phase.end_ns = time.time_ns()
+        phase.attributes.update(attributes)
+
+    def current_phase(self) -> str:
+        """The phase under way (``fetch``, ``session``, ``warmup``), or ``process`` before the first one."""
+        for phase in reversed(self.phases):
+            if not phase.end_ns:
+                return phase.name
+        return self.phases[-1].name if self.phases else "process"
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per phase name (a repository of several models has one session phase per model)."""
+        totals: dict[str, float] = {}
+        for phase in self.phases:
+            if phase.end_ns:
+                totals[phase.name] = totals.get(phase.name, 0.0) + phase.seconds
+        return totals
+
+
+class ColdStart(PhaseLog):
     """The init record of one process. ``ready_ns`` is set when every model is ready."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.process_start_ns = process_start_ns()
-        self.phases: list[Phase] = []
         self.ready_ns: int | None = None
         self._first_answer_pending = True
-        self.bytes = ByteProgress()  # what the fetch has read of the model's bytes
 
     def progress(self) -> StartState:
         """Where the start is now: its phase, its time so far and, while fetching, bytes and throughput."""
@@ -97,23 +129,6 @@ class ColdStart:
         first, self._first_answer_pending = self._first_answer_pending, False
         return first
 
-    def begin(self, name: str, **attributes: Any) -> Phase:
-        phase = Phase(name, time.time_ns(), attributes=attributes)
-        self.phases.append(phase)
-        return phase
-
-    @staticmethod
-    def end(phase: Phase, **attributes: Any) -> None:
-        phase.end_ns = time.time_ns()
-        phase.attributes.update(attributes)
-
-    def current_phase(self) -> str:
-        """The phase under way (``fetch``, ``session``, ``warmup``), or ``process`` before the first one."""
-        for phase in reversed(self.phases):
-            if not phase.end_ns:
-                return phase.name
-        return self.phases[-1].name if self.phases else "process"
-
     @property
     def init_seconds(self) -> float | None:
         if self.ready_ns is None:
@@ -128,9 +143,5 @@ class ColdStart:
         parts = []
         if self.init_seconds is not None:
             parts.append(f"init;dur={self.init_seconds * 1000:.1f}")
-        totals: dict[str, float] = {}
-        for phase in self.phases:
-            if phase.end_ns:
-                totals[phase.name] = totals.get(phase.name, 0.0) + phase.seconds
-        parts.extend(f"{name};dur={seconds * 1000:.1f}" for name, seconds in totals.items())
+        parts.extend(f"{name};dur={seconds * 1000:.1f}" for name, seconds in self.totals().items())
         return ", ".join(parts)

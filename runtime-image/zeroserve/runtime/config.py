@@ -20,6 +20,7 @@ from zeroserve.runtime.settings import (
     BatchSettings,
     EventSettings,
     Limits,
+    LoadingSettings,
     MiB,
     PerformanceHint,
     Protocol,
@@ -77,6 +78,7 @@ class RuntimeConfig:
     shutdown_timeout: float = 30.0
     timeout_keep_alive: int = 65  # outlive the idle timeout of proxies in front (Envoy: 60 s)
     events: EventSettings = field(default_factory=EventSettings)  # answers to CloudEvents (cloudevents.py)
+    loading: LoadingSettings = field(default_factory=LoadingSettings)  # when models load and unload
     # The memory invocations are billed for (metering.py); 0 until ``load`` reads the container's memory limit.
     billing_memory_bytes: int = 0
     # Open connections at once (http_server.py); 0 until ``load`` derives it from the file descriptors allowed.
@@ -235,6 +237,7 @@ class RuntimeConfig:
             max_connections=ns.max_connections,
             billing_memory_bytes=(ns.billing_memory_mib or 0) * MiB,
             events=EventSettings.from_env(environ),
+            loading=flags.loading(ns, parser),
             log_level=ns.log_level,
             access_log=ns.access_log,
             event_loop=ns.event_loop,

@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 from zeroserve.runtime import memory
 from zeroserve.runtime.batching import Batcher, batchable
+from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.cores import CoreScheduler
 from zeroserve.runtime.messages import InferRequest, InferResult, OutputTensor
 from zeroserve.runtime.metering import Metering
 from zeroserve.runtime.metrics import CallbackCounter, Gauge, Labels, Protocol, ServerMetrics
 from zeroserve.runtime.model import OnnxModel
+from zeroserve.runtime.model_manager import ModelManager
 from zeroserve.runtime.placement import Placement, PlacementSettings, Traffic, choose, extra_turn
 from zeroserve.runtime.repository import ModelRepository, State
 from zeroserve.runtime.run_stats import RunResult, timed_run
@@ -24,12 +26,12 @@ from zeroserve.runtime.server_errors import InvalidInput, ServerBusy
 from zeroserve.runtime.settings import BatchSettings
 
 if TYPE_CHECKING:
-    from zeroserve.runtime.config import RuntimeConfig
+    from zeroserve.runtime.telemetry import Telemetry
 
 SERVER_NAME = "zeroserve"
 # After requests that held this much at once, freed buffers are handed back to the kernel once none is held.
 TRIM_AFTER_BYTES = 64 * 1024 * 1024
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
 
 class DataPlane:
@@ -44,6 +46,7 @@ class DataPlane:
         max_inflight_bytes: int = 0,
         metrics: ServerMetrics | None = None,
         billing_memory_bytes: int = 0,
+        models: ModelManager | None = None,
     ) -> None:
         self.repository = repository
         self.placement = placement or PlacementSettings()
@@ -56,6 +59,8 @@ class DataPlane:
         self.traffic = Traffic()
         self.metrics = metrics or ServerMetrics()
         self.metering = Metering(billing_memory_bytes, self.metrics)
+        self.models = models or ModelManager(RuntimeConfig(), repository, self.metrics)
+        self.models.on_unload.append(self._forget)
         self.metrics.add_gauge(Gauge("zeroserve_queue_depth", "Requests waiting for a batch, per model", self._depths))
         self.metrics.add_gauge(
             Gauge("zeroserve_inference_in_flight", "Inferences admitted and not yet answered", self._in_flight)
@@ -82,14 +87,18 @@ class DataPlane:
             )
 
     @classmethod
-    def from_config(cls, repository: ModelRepository, config: RuntimeConfig) -> DataPlane:
+    def from_config(
+        cls, repository: ModelRepository, config: RuntimeConfig, telemetry: Telemetry | None = None
+    ) -> DataPlane:
         """The data plane the REST and gRPC servers share, sized and bounded by the server configuration."""
         placement = PlacementSettings(
             inline_run_seconds=config.inline_run_ms / 1000, share_cores=config.adaptive_cores()
         )
+        metrics = ServerMetrics()
         return cls(
             repository, config.inference_threads, placement, batching=config.batching, max_queue=config.max_queue_size,
             max_inflight_bytes=config.limits.max_inflight_bytes, billing_memory_bytes=config.billing_memory_bytes,
+            metrics=metrics, models=ModelManager(config, repository, metrics, telemetry),
         )
 
     def running_on(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -150,6 +159,12 @@ class DataPlane:
         if self._cores_pool is not None:
             self._cores_pool.shutdown()
 
+    def _forget(self, model: OnnxModel) -> None:
+        """A model is unloaded: its batcher goes with it (a later load makes a new one)."""
+        batcher = self._batchers.pop(model, None)
+        if batcher is not None:
+            batcher.close()
+
     def _batcher(self, model: OnnxModel) -> Batcher | None:
         if model not in self._batchers:
             batcher = None
@@ -189,9 +204,10 @@ class DataPlane:
     def model_ready(self, name: str, version: str | None) -> bool:
         return self.repository.find(name, version).state is State.READY
 
-    def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
-        model = self.repository.ready_model(name, version)
-        return model.metadata(self.repository.versions(name))
+    async def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        """A model's metadata, which its session holds: loaded first when the server loads on demand."""
+        async with self.models.using(name, version) as use:
+            return use.model.metadata(self.repository.versions(name))
 
     def observe(
         self, name: str, version: str | None, result: InferResult | None, status: int, seconds: float,
@@ -211,8 +227,14 @@ class DataPlane:
         return (name, version or "") if known else ("", "")
 
     async def infer(self, name: str, version: str | None, request: InferRequest, *, rest: bool = False) -> InferResult:
-        """Run one request where the placement policy says (placement.py). ``rest``: it came over REST."""
-        model = self.repository.ready_model(name, version)
+        """Run one request where the placement policy says (placement.py), its model loaded first when the server
+        loads on demand (model_manager.py). ``rest``: it came over REST."""
+        async with self.models.using(name, version) as use:
+            result = await self._run(use.model, request, rest)
+        result.load, result.load_span = use.load, use.load_span
+        return result
+
+    async def _run(self, model: OnnxModel, request: InferRequest, rest: bool) -> InferResult:
         feeds = model.feeds(request.inputs)
         output_names: list[str] | None = None
         if request.outputs is not None:

@@ -13,12 +13,14 @@ from typing import cast
 
 from zeroserve.runtime.settings import (
     CONV_ALGO_SEARCHES,
+    MODEL_LOADINGS,
     PERFORMANCE_HINTS,
     PROTOCOLS,
     PROVIDER_CHOICES,
     TRT_BUILDS,
     BatchSettings,
     Limits,
+    LoadingSettings,
     PerformanceHint,
     Protocol,
     ProviderChoice,
@@ -62,6 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup_shapes",
         help="shapes for the warmup run, e.g. 'input:8x3x224x224' (dynamic dimensions otherwise run as 1; "
         "default: --trt_profile_opt_shapes when given, so TensorRT builds its engine before readiness)",
+    )
+    model.add_argument(
+        "--model_loading", choices=MODEL_LOADINGS, default="eager",
+        help="eager (default): load every model at start; on_demand: index the repository at start and load a model "
+        "on its first request; explicit: load only through POST /v2/repository/models/NAME/load",
+    )
+    model.add_argument("--max_loaded_models", type=int, default=0,
+                       help="with on_demand/explicit: most models loaded at once (default 0: no bound)")
+    model.add_argument(
+        "--max_loaded_mib", type=int, default=0,
+        help="with on_demand/explicit: most memory the loaded models take, each as measured at its first load; "
+        "the least recently used idle model is unloaded to make room (default 0: no bound)",
+    )
+    model.add_argument(
+        "--model_idle_timeout", type=float, default=0.0, metavar="SECONDS",
+        help="with on_demand/explicit: unload a model after this long without requests (default 0: never)",
     )
     model.add_argument(
         "--progress_interval", type=float, default=5.0, metavar="SECONDS",
@@ -287,3 +305,17 @@ def provider_settings_from(ns: argparse.Namespace, environ: Mapping[str, str]) -
     # Every other flag's dest is the field's own name.
     given = {f.name: getattr(ns, f.name) for f in fields(ProviderSettings) if f.name != "choice"}
     return ProviderSettings(choice=cast(ProviderChoice, choice), **given)
+
+
+def loading(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> LoadingSettings:
+    for flag in ("max_loaded_models", "max_loaded_mib", "model_idle_timeout"):
+        if getattr(ns, flag) < 0:
+            parser.error(f"--{flag} must not be negative (0: no bound)")
+    bounds = ns.max_loaded_models or ns.max_loaded_mib or ns.model_idle_timeout
+    if ns.model_loading == "eager" and bounds:
+        parser.error("--max_loaded_models, --max_loaded_mib and --model_idle_timeout need --model_loading on_demand "
+                     "or explicit (eager loading keeps every model)")
+    return LoadingSettings(
+        mode=ns.model_loading, max_loaded_models=ns.max_loaded_models, max_loaded_bytes=ns.max_loaded_mib * 2**20,
+        idle_timeout=ns.model_idle_timeout,
+    )

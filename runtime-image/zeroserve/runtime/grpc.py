@@ -35,7 +35,7 @@ from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.dataplane import DataPlane
 from zeroserve.runtime.invocation import Invocation
 from zeroserve.runtime.repository import ModelRepository, State
-from zeroserve.runtime.server_errors import ModelLoadError, ModelNotReady, ServerError
+from zeroserve.runtime.server_errors import InvalidInput, ModelLoadError, ModelNotReady, ServerError
 from zeroserve.runtime.telemetry import Telemetry
 from zeroserve.runtime.tensors import encode_is_heavy
 
@@ -128,7 +128,30 @@ class InferenceServicer:
 
     @_rpc
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
-        return grpc_codec.model_metadata(self.dataplane.model_metadata(request.name, request.version or None))
+        return grpc_codec.model_metadata(await self.dataplane.model_metadata(request.name, request.version or None))
+
+    @_rpc
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Context
+    ) -> pb.RepositoryIndexResponse:
+        rows = self.dataplane.models.index(ready_only=request.ready)
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**row) for row in rows])
+
+    @_rpc
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        if request.parameters:
+            raise InvalidInput("load parameters (a model config, override files) are not supported")
+        await self.dataplane.models.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @_rpc
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self.dataplane.models.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, data: bytes, context: Context) -> bytes:
         """Takes and answers serialized messages: ``grpc_codec`` reads and writes their tensors in place."""
@@ -186,6 +209,13 @@ class InferenceServicer:
             "ServerMetadata": messages(self.ServerMetadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
             "ModelMetadata": messages(self.ModelMetadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
             "ModelInfer": grpc.unary_unary_rpc_method_handler(self.ModelInfer),
+            "RepositoryIndex": messages(self.RepositoryIndex, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
+            "RepositoryModelLoad": messages(
+                self.RepositoryModelLoad, pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse
+            ),
+            "RepositoryModelUnload": messages(
+                self.RepositoryModelUnload, pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse
+            ),
         }
 
 

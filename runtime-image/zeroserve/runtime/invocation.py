@@ -18,6 +18,7 @@ from zeroserve.runtime.metering import cpu_timed
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
+    from zeroserve.runtime.coldstart import PhaseLog
     from zeroserve.runtime.dataplane import DataPlane
     from zeroserve.runtime.metrics import Protocol
     from zeroserve.runtime.telemetry import Telemetry
@@ -74,6 +75,10 @@ class Invocation:
         first = coldstart.take_first_answer()
         self.cpu_seconds += result.cpu_seconds
         timing = f"{self._bill(result.model_name)}, {result.server_timing()}"
+        if result.load is not None:  # it waited for its model to load (on demand)
+            timing = f"{_load_timing(result.load)}, {timing}"
+            if self._span is not None:
+                self._telemetry.mark_model_load(self._span, result.load_span)
         extra: list[tuple[str, str]] = []
         if first:
             timing = f"{coldstart.server_timing()}, {timing}"
@@ -97,3 +102,11 @@ class Invocation:
         timing = self._bill(self._dataplane.model_label(name, version)[0])
         self._dataplane.observe(name, version, None, status, time.perf_counter() - self.received, self._protocol)
         return [("server-timing", timing)]
+
+
+def _load_timing(load: PhaseLog) -> str:
+    """``load;dur=…, load.fetch;dur=…, load.session;dur=…, load.warmup;dur=…`` (milliseconds)."""
+    totals = load.totals()
+    parts = [f"load;dur={sum(totals.values()) * 1000:.1f}"]
+    parts.extend(f"load.{name};dur={seconds * 1000:.1f}" for name, seconds in totals.items())
+    return ", ".join(parts)

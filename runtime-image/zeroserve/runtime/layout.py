@@ -11,6 +11,7 @@ Three layouts are understood, so that no config file is needed:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,3 +84,42 @@ def _versions(folder: Path) -> list[tuple[str, Path]]:
             if onnx_file is not None:
                 versions.append((int(child.name), child.name, onnx_file))
     return [(name, path) for _, name, path in sorted(versions)]
+
+
+@dataclass(frozen=True, slots=True)
+class ListedModel:
+    """A model found in a remote repository's listing: its folder (to fetch) and its file within it."""
+
+    name: str
+    version: str
+    folder: str  # relative to the repository: NAME/VERSION or NAME
+    file: str  # the .onnx file, relative to ``folder``
+    size_bytes: int  # every file in ``folder`` (external weights included)
+
+
+def discover_listing(files: Iterable[tuple[str, int]]) -> list[ListedModel]:
+    """The models of a ``NAME/VERSION/model.onnx`` or ``NAME/model.onnx`` repository, from a listing of its
+    files (relative path, size), by the rules ``discover`` applies to a local folder."""
+    folders: dict[str, dict[str, int]] = {}
+    for rel, size in files:
+        parts = rel.split("/")
+        if len(parts) in (2, 3) and not any(part.startswith(".") for part in parts):
+            folders.setdefault("/".join(parts[:-1]), {})[parts[-1]] = size
+    found: dict[str, list[ListedModel]] = {}
+    for folder, names in sorted(folders.items()):
+        onnx = sorted(name for name in names if name.endswith(".onnx"))
+        if not onnx:
+            continue
+        if len(onnx) > 1 and "model.onnx" not in onnx:
+            raise ModelLoadError(f"'{folder}' holds several .onnx files ({', '.join(onnx)}); call one model.onnx")
+        chosen = onnx[0] if len(onnx) == 1 else "model.onnx"
+        name, _, version = folder.partition("/")
+        if version and not version.isdigit():
+            continue  # not a version folder: NAME/other/... is no model of this layout
+        found.setdefault(name, []).append(ListedModel(name, version or "1", folder, chosen, sum(names.values())))
+    models = [model for name in sorted(found) for model in sorted(found[name], key=lambda m: int(m.version))]
+    if not models:
+        raise ModelLoadError(
+            "no ONNX model found in the repository: expected NAME/VERSION/model.onnx or NAME/model.onnx"
+        )
+    return models

@@ -149,6 +149,7 @@ async def serving(
             stop.request(exc)
 
     loading: asyncio.Task[None] | None = None
+    reaper: asyncio.Task[None] | None = None
     try:
         with stop.capture():
             if grpc_server is not None:
@@ -159,6 +160,7 @@ async def serving(
             loading = asyncio.create_task(
                 load_in_background(config, repository, failed, telemetry), name="zeroserve-load"
             )
+            reaper = asyncio.create_task(dataplane.models.reap_idle(), name="zeroserve-idle-models")
             if load_first:
                 stopped = asyncio.ensure_future(stop.wait())
                 try:
@@ -171,10 +173,11 @@ async def serving(
     finally:
         if grpc_server is not None:
             await grpc_server.stop()
-        if loading is not None:
-            loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loading
+        for task in (loading, reaper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         dataplane.close()
         await asyncio.to_thread(telemetry.shutdown)  # flushes the spans of the requests just drained
 

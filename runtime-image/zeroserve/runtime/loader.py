@@ -13,18 +13,63 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio.to_thread
 
 from zeroserve.runtime import layout, memory, storage
-from zeroserve.runtime.coldstart import ColdStart
+from zeroserve.runtime.coldstart import ColdStart, PhaseLog
 from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.model import OnnxModel
 from zeroserve.runtime.repository import Entry, ModelRepository, State
 from zeroserve.runtime.server_errors import InvalidInput, ServerError
 from zeroserve.runtime.telemetry import Telemetry
 
+if TYPE_CHECKING:
+    from zeroserve.runtime.artifact_cache import ArtifactStore
+
 logger = logging.getLogger("zeroserve.runtime")
+
+
+async def index_models(config: RuntimeConfig, repository: ModelRepository) -> None:
+    """On demand: find every model of the repository at ``--model_dir`` and add it unloaded; nothing is fetched
+    but the listing of a remote repository. Raises the ServerError after recording it, so callers may exit."""
+    started = time.perf_counter()
+    coldstart = repository.coldstart
+    artifacts = _artifact_store(config)
+    try:
+        phase = coldstart.begin("index", **{"url.full": config.model_dir})
+        if storage.is_remote(config.model_dir):
+            listing = await anyio.to_thread.run_sync(lambda: storage.list_files(config.model_dir))
+            base = config.model_dir.rstrip("/")
+            for found in layout.discover_listing(listing):
+                # Where the fetched folder will be, until it is: the file's name in it is all that matters.
+                placeholder = config.cache_dir / "on-demand" / found.folder / found.file
+                model = OnnxModel(found.name, found.version, placeholder, config.providers, artifacts=artifacts)
+                repository.add(model, State.UNLOADED, remote=f"{base}/{found.folder}/", size_bytes=found.size_bytes)
+        else:
+            local = await anyio.to_thread.run_sync(lambda: storage.fetch(config.model_dir, config.cache_dir))
+            for source in layout.discover(Path(local.path), config.model_name):
+                size = sum(f.stat().st_size for f in source.path.parent.iterdir() if f.is_file())
+                model = OnnxModel(source.name, source.version, source.path, config.providers, artifacts=artifacts)
+                repository.add(model, State.UNLOADED, size_bytes=size)
+        coldstart.end(phase, **{"zeroserve.index.models": len(repository.entries())})
+    except ServerError as exc:
+        repository.discovery_error = exc.message
+        raise
+    finally:
+        repository.discovering = False
+    coldstart.ready_ns = time.time_ns()
+    logger.info("%d model(s) indexed in %.3f s, loaded on demand (%.3f s after the process started)",
+                len(repository.entries()), time.perf_counter() - started, coldstart.init_seconds)
+
+
+def _artifact_store(config: RuntimeConfig) -> ArtifactStore | None:
+    if not config.cache_uri:
+        return None
+    from zeroserve.runtime.artifact_cache import ArtifactStore  # imported only when used
+
+    return ArtifactStore(config.cache_uri, config.cache_dir)
 
 
 async def load_models(config: RuntimeConfig, repository: ModelRepository) -> None:
@@ -49,11 +94,7 @@ async def load_models(config: RuntimeConfig, repository: ModelRepository) -> Non
         repository.discovery_error = exc.message
         repository.discovering = False
         raise
-    artifacts = None
-    if config.cache_uri:  # imported only when used
-        from zeroserve.runtime.artifact_cache import ArtifactStore
-
-        artifacts = ArtifactStore(config.cache_uri, config.cache_dir)
+    artifacts = _artifact_store(config)
     entries = [
         repository.add(OnnxModel(source.name, source.version, source.path, config.providers, artifacts=artifacts))
         for source in sources
@@ -62,7 +103,7 @@ async def load_models(config: RuntimeConfig, repository: ModelRepository) -> Non
     failure: ServerError | None = None
     for entry in entries:
         try:
-            await anyio.to_thread.run_sync(_load_one, entry, config, coldstart)
+            await anyio.to_thread.run_sync(load_entry, entry, config, coldstart)
         except ServerError as exc:
             entry.state, entry.error = State.FAILED, exc.message
             logger.error("model '%s' version %s failed to load: %s", entry.model.name, entry.model.version, exc.message)
@@ -80,13 +121,14 @@ async def load_in_background(
     on_failure: Callable[[ServerError], None] | None,
     telemetry: Telemetry | None = None,
 ) -> None:
-    """``load_models`` as a background task: a failure is logged and handed to ``on_failure``, never raised.
-    The cold start is then recorded in ``telemetry`` (its init spans and metrics), however loading ended."""
+    """``load_models`` (or, on demand, ``index_models``) as a background task: a failure is logged and handed
+    to ``on_failure``, never raised. The cold start is then recorded in ``telemetry`` (its init spans and
+    metrics), however it ended."""
     memory.resume_gc()  # the server stack is imported
     failure: ServerError | None = None
     reporter = asyncio.create_task(_report_progress(repository.coldstart, config.progress_interval))
     try:
-        await load_models(config, repository)
+        await (index_models(config, repository) if config.loading.on_demand else load_models(config, repository))
     except ServerError as exc:
         logger.error("model loading failed: %s", exc.message)
         failure = exc
@@ -113,23 +155,32 @@ async def _report_progress(coldstart: ColdStart, interval: float) -> None:
         logger.info("still starting: %s", coldstart.progress().describe())
 
 
-def _load_one(entry: Entry, config: RuntimeConfig, coldstart: ColdStart) -> None:
+def load_entry(entry: Entry, config: RuntimeConfig, log: PhaseLog) -> None:
+    """Build one model's session and warm it up, the phases recorded in ``log``; blocking (run it in a thread).
+    A model indexed from a remote repository is fetched first. Raises ServerError; the caller sets the state."""
     model = entry.model
     labels = {"zeroserve.model.name": model.name, "zeroserve.model.version": model.version}
+    if entry.remote is not None:
+        phase = log.begin("fetch", **{"url.full": entry.remote, **labels})
+        fetched = storage.fetch(entry.remote, config.cache_dir, progress=log.bytes)
+        log.end(phase, **{
+            "zeroserve.fetch.bytes": fetched.bytes_fetched, "zeroserve.fetch.cache_hit": fetched.cache_hit,
+        })
+        model.path = Path(fetched.path) / model.path.name
     started = time.perf_counter()
-    phase = coldstart.begin("session", **labels)
+    phase = log.begin("session", **labels)
     model.load()
-    coldstart.end(phase, **{"zeroserve.execution_providers": model.execution_providers})
+    log.end(phase, **{"zeroserve.execution_providers": model.execution_providers})
     loaded = time.perf_counter()
     if config.warmup:
-        phase = coldstart.begin("warmup", **labels)
+        phase = log.begin("warmup", **labels)
         try:
             model.warmup(dict(config.warmup_shapes))
         except InvalidInput as exc:
             # Zeros are not valid input for every model (a shape tensor, an index); serving still works.
             logger.warning("model '%s': warmup on zeros was rejected, serving without it: %s", model.name, exc)
         finally:
-            coldstart.end(phase)
+            log.end(phase)
     entry.state, entry.since = State.READY, time.monotonic()
     logger.info(
         "model '%s' version %s ready on %s (session %.3f s, warmup %.3f s)",

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
+    from zeroserve.runtime.coldstart import PhaseLog
+
 
 @dataclass(slots=True)
 class TensorSpec:
@@ -59,6 +61,8 @@ class InferResult:
     queue_seconds: float = 0.0  # waiting for an inference thread
     compute_seconds: float = 0.0  # session.run
     cpu_seconds: float = 0.0  # the CPU time of the thread that ran it (its share of a batch's)
+    load: PhaseLog | None = None  # the load of its model it waited for (model_manager.py), if any
+    load_span: Any = None  # that load's span (an OpenTelemetry SpanContext)
 
     def server_timing(self) -> str:
         """The Server-Timing entries for this inference (milliseconds)."""

@@ -13,6 +13,8 @@ from typing import Literal
 # Seconds: from 100 us (a tiny model's run) to 10 s (a large image batch on CPU).
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Seconds to load a model: from a tiny graph (tens of ms) to a TensorRT build (minutes).
+LOAD_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 Labels = tuple[tuple[str, str], ...]
 Protocol = Literal["rest", "grpc"]  # the transport a request came in on: the `protocol` label
@@ -97,6 +99,7 @@ class ServerMetrics:
         self.batch_size = Histogram("zeroserve_batch_size", "Rows per session.run that served a request", BATCH_BUCKETS)
         self._gauges: list[Gauge] = []
         self._counters: list[Counter] = []
+        self._histograms: list[Histogram] = []
 
     def add_gauge(self, gauge: Gauge) -> None:
         self._gauges.append(gauge)
@@ -106,6 +109,9 @@ class ServerMetrics:
 
     def add_counter(self, counter: Counter) -> None:
         self._counters.append(counter)
+
+    def add_histogram(self, histogram: Histogram) -> None:
+        self._histograms.append(histogram)
 
     def add_gauge_value(self, name: str, help_text: str, value: float) -> None:
         """A gauge that never changes (a setting worth seeing beside the counters it scales)."""
@@ -128,7 +134,7 @@ class ServerMetrics:
     def render(self) -> str:
         families: list[Counter | Histogram | Gauge] = [
             self.requests, self.request_seconds, self.queue_seconds, self.compute_seconds, self.batch_size,
-            *self._counters, *self._gauges,
+            *self._counters, *self._histograms, *self._gauges,
         ]
         lines = [line for family in families for line in family.render()]
         return "\n".join(lines) + "\n"

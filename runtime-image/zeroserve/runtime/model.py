@@ -110,6 +110,15 @@ class OnnxModel:
             )
         self._use(session)
 
+    def unload(self) -> None:
+        """Drop the sessions (ONNX Runtime frees them with their last reference); ``load`` may follow again. The
+        caller makes sure no run uses them (model_manager.py unloads only models with nothing in flight)."""
+        self._session = None
+        self._single_thread_session = None
+        self._single_thread_started = False
+        self.execution_providers = []
+        self.stats.reset()
+
     def upgrade(self, shapes: Mapping[str, Sequence[int]] | None = None) -> float:
         """Build the TensorRT session, warm it up (dynamic-shape engines are built on the first run), then
         swap it in; runs already under way finish on the session they started on. Returns seconds taken.

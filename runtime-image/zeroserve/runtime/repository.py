@@ -1,21 +1,36 @@
-"""The model registry: name -> versions -> load state, with the reason when loading failed."""
+"""The model registry: name -> versions -> state, with the reason when a model is not ready.
+
+Every model the repository holds has an entry from the moment it is known: loaded at start (``eager``), or only
+indexed and loaded later (``on_demand``, ``explicit``: model_manager.py). The states are Triton's, as the
+repository extension's index reports them: READY, LOADING, UNLOADING, and UNAVAILABLE for a model not loaded
+(``UNLOADED``) or whose load failed (``FAILED``, with the reason).
+"""
 
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from zeroserve.protocol.start import StartState
-from zeroserve.runtime.coldstart import ColdStart
+from zeroserve.runtime.coldstart import ColdStart, Phase
 from zeroserve.runtime.model import OnnxModel
 from zeroserve.runtime.server_errors import ModelLoadError, ModelNotFound, ModelNotReady
 
 
 class State(enum.Enum):
+    UNLOADED = "unloaded"  # indexed (or unloaded), not loaded
     LOADING = "loading"
     READY = "ready"
+    UNLOADING = "unloading"
     FAILED = "failed"
+
+    @property
+    def index_state(self) -> str:
+        """The state's name in the repository extension's index."""
+        return {State.READY: "READY", State.LOADING: "LOADING", State.UNLOADING: "UNLOADING"}.get(self, "UNAVAILABLE")
 
 
 @dataclass(slots=True)
@@ -24,12 +39,28 @@ class Entry:
     state: State = State.LOADING
     error: str | None = None
     since: float = field(default_factory=time.monotonic)
+    # Where a model indexed from a remote repository is fetched from when it loads; None: ``model.path`` is local.
+    remote: str | None = None
+    size_bytes: int = 0  # the model's files
+    cost_bytes: int = 0  # its memory when loaded, measured at its first load (model_manager.py); kept across unloads
+    last_used: float = field(default_factory=time.monotonic)
+    in_flight: int = 0  # requests using it now: it is never unloaded under them
+    failures: int = 0  # loads failed in a row
+    retry_at: float = 0.0  # after a failed load, when a request may try again
+    phases: list[Phase] = field(default_factory=list)  # the last load's fetch, session and warmup
+    load_span: Any = None  # the last load's span (an OpenTelemetry SpanContext), for the requests that waited
+
+    @property
+    def folder(self) -> Path:
+        return self.model.path.parent
 
 
 class ModelRepository:
-    def __init__(self) -> None:
+    def __init__(self, *, on_demand: bool = False) -> None:
         self._models: dict[str, dict[str, Entry]] = {}
-        # True until the model folder has been fetched and read: names are not known yet,
+        # Models indexed, loaded later: the server is ready once the index is built, not once models are loaded.
+        self.on_demand = on_demand
+        # True until the model folder has been fetched (or indexed) and read: names are not known yet,
         # so a request for any model is "not ready" rather than "not found".
         self.discovering = True
         self.discovery_error: str | None = None
@@ -44,8 +75,10 @@ class ModelRepository:
         """What a request for a model still loading is told: the phase the start is in and its time so far."""
         return self.coldstart.progress()
 
-    def add(self, model: OnnxModel) -> Entry:
-        entry = Entry(model)
+    def add(
+        self, model: OnnxModel, state: State = State.LOADING, remote: str | None = None, size_bytes: int = 0
+    ) -> Entry:
+        entry = Entry(model, state, remote=remote, size_bytes=size_bytes)
         self._models.setdefault(model.name, {})[model.version] = entry
         return entry
 
@@ -55,24 +88,39 @@ class ModelRepository:
     def versions(self, name: str) -> list[str]:
         return list(self._models.get(name, {}))
 
+    def versions_of(self, name: str) -> list[Entry]:
+        """Every version's entry of ``name``; ModelNotFound when the repository does not hold it."""
+        self.find(name)
+        return list(self._models[name].values())
+
     def entries(self) -> list[Entry]:
         return [entry for versions in self._models.values() for entry in versions.values()]
 
     def all_ready(self) -> bool:
+        """Ready to serve: every model loaded and warmed up, or (on demand) the repository indexed."""
+        if self.discovering or self.discovery_error is not None:
+            return False
         entries = self.entries()
-        return not self.discovering and bool(entries) and all(e.state is State.READY for e in entries)
+        if self.on_demand:
+            return bool(entries)
+        return bool(entries) and all(e.state is State.READY for e in entries)
 
     def start_state(self) -> StartState | None:
         """Why the server is not ready: a model failed to start, or they are still loading; None when ready."""
         if self.discovery_error is not None:
             return StartState("failed", reason=self.discovery_error)
+        if self.on_demand:
+            return None if self.all_ready() else self.loading()
         for entry in self.entries():
             if entry.state is State.FAILED:
                 return StartState("failed", reason=f"model '{entry.model.name}': {entry.error}")
         return None if self.all_ready() else self.loading()
 
     def model_start_state(self, name: str, version: str | None = None) -> StartState | None:
-        """Why one model is not ready (failed or loading); None when it is. Raises ModelNotFound."""
+        """Why one model is not ready (failed, loading, or not loaded); None when it is. Raises ModelNotFound."""
+        entry = self.find(name, version)
+        if entry.state is State.UNLOADED:
+            return StartState("unloaded")
         try:
             self.ready_model(name, version)
         except (ModelNotReady, ModelLoadError) as exc:
@@ -94,8 +142,7 @@ class ModelRepository:
                     f"model '{name}' is not available: {self.discovery_error}",
                     StartState("failed", reason=self.discovery_error),
                 )
-            known = ", ".join(repr(n) for n in self._models) or "none"
-            raise ModelNotFound(f"model '{name}' not found; models served here: {known}")
+            raise ModelNotFound(f"model '{name}' not found; models served here: {self._known()}")
         if version is None:
             return versions[max(versions, key=_version_key)]
         entry = versions.get(version)
@@ -112,9 +159,17 @@ class ModelRepository:
             return entry.model
         if entry.state is State.LOADING:
             raise ModelNotReady(f"model '{name}' is still loading", self.retry_after(), self.loading())
-        raise ModelLoadError(
-            f"model '{name}' failed to load: {entry.error}", StartState("failed", reason=entry.error)
-        )
+        if entry.state is State.FAILED:
+            raise ModelLoadError(
+                f"model '{name}' failed to load: {entry.error}", StartState("failed", reason=entry.error)
+            )
+        raise ModelNotReady(f"model '{name}' is not loaded", 1.0, StartState("unloaded"))
+
+    def _known(self) -> str:
+        names = list(self._models)
+        if len(names) > 20:  # a large repository: name a few, and the index for the rest
+            return ", ".join(repr(n) for n in names[:20]) + f" and {len(names) - 20} more (POST /v2/repository/index)"
+        return ", ".join(repr(n) for n in names) or "none"
 
 
 def _version_key(version: str) -> tuple[int, int | str]:

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp
 from zeroserve.protocol.start import START_HEADER, StartState
 from zeroserve.runtime.dataplane import DataPlane
 from zeroserve.runtime.rest_codec import encode_error
-from zeroserve.runtime.server_errors import ServerError
+from zeroserve.runtime.server_errors import InvalidInput, ServerError
 
 logger = logging.getLogger("zeroserve.runtime")
 
@@ -81,6 +81,9 @@ class RestApi:
                     Route(prefix + "/infer", self.infer, methods=["POST"]),
                 )
             ),
+            Route("/v2/repository/index", self.repository_index, methods=["POST"]),
+            Route("/v2/repository/models/{model_name}/load", self.repository_load, methods=["POST"]),
+            Route("/v2/repository/models/{model_name}/unload", self.repository_unload, methods=["POST"]),
         ]
 
     async def live(self, request: Request) -> Response:
@@ -103,7 +106,7 @@ class RestApi:
     async def model_metadata(self, request: Request) -> Response:
         params = request.path_params
         try:
-            metadata = self.dataplane.model_metadata(params["model_name"], params.get("model_version"))
+            metadata = await self.dataplane.model_metadata(params["model_name"], params.get("model_version"))
         except ServerError as exc:
             return error_response(exc)
         return json_response(metadata)
@@ -115,3 +118,51 @@ class RestApi:
         except ServerError as exc:
             return error_response(exc)
         return Response(_READY, 200, headers=_JSON) if start is None else not_ready(start)
+
+    # The model repository extension (Triton's; tritonclient's get_model_repository_index, load_model,
+    # unload_model): the models, and loading and unloading them (model_manager.py).
+
+    async def repository_index(self, request: Request) -> Response:
+        try:
+            ready = _repository_body(await request.body(), "ready")
+        except ServerError as exc:
+            return error_response(exc)
+        return json_response(self.dataplane.models.index(ready_only=ready is True))
+
+    async def repository_load(self, request: Request) -> Response:
+        name = request.path_params["model_name"]
+        try:
+            _repository_body(await request.body(), "parameters", refuse_parameters=True)
+            await self.dataplane.models.load(name)
+        except ServerError as exc:
+            return error_response(exc)
+        return json_response({"name": name, "load": True})
+
+    async def repository_unload(self, request: Request) -> Response:
+        name = request.path_params["model_name"]
+        try:
+            _repository_body(await request.body(), "parameters")
+            await self.dataplane.models.unload(name)
+        except ServerError as exc:
+            return error_response(exc)
+        return json_response({"name": name, "unload": True})
+
+
+def _repository_body(body: bytes, key: str, *, refuse_parameters: bool = False) -> Any:
+    """The one field of a repository request's JSON body that is read (an empty body is an empty request, as
+    tritonclient sends the index request)."""
+    if not body.strip():
+        return None
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidInput("request body must be a JSON object")
+    value = parsed.get(key)
+    if refuse_parameters and value:
+        raise InvalidInput(
+            "load parameters (a model config, override files) are not supported: models load from the repository "
+            "as they are"
+        )
+    return value

@@ -100,10 +100,10 @@ async def _grpc_only(config: RuntimeConfig) -> int:
     from zeroserve.runtime.grpc import GrpcServer
     from zeroserve.runtime.repository import ModelRepository
 
-    repository = ModelRepository()
-    dataplane = DataPlane.from_config(repository, config)
-    dataplane.running_on(asyncio.get_running_loop())
+    repository = ModelRepository(on_demand=config.loading.on_demand)
     tracing = telemetry.from_environment(os.environ)
+    dataplane = DataPlane.from_config(repository, config, tracing)
+    dataplane.running_on(asyncio.get_running_loop())
     grpc_server = GrpcServer(dataplane, config, tracing)
     metrics_server = None
     if config.metrics_port is not None:  # the gRPC-only server's one HTTP endpoint, only when asked for

@@ -34,6 +34,11 @@ class ServerError(ZeroServeError):
         super().__init__(message)
         self.message = message
 
+    def with_retry_after(self, seconds: float) -> ServerError:
+        """This error, telling the client when to ask again."""
+        self.retry_after = max(0.0, seconds)
+        return self
+
 
 class InvalidInput(ServerError):
     status = HTTPStatus.BAD_REQUEST

@@ -21,6 +21,9 @@ PROTOCOLS: tuple[Protocol, ...] = ("rest", "grpc", "both")
 # at once); throughput: one thread per run, as many runs as cores; adaptive: the first for a lone request, the
 # second under contention.
 PerformanceHint = Literal["adaptive", "latency", "throughput"]
+# When models load (model_manager.py): all at start; on their first request; or only through the repository API.
+ModelLoading = Literal["eager", "on_demand", "explicit"]
+MODEL_LOADINGS: tuple[ModelLoading, ...] = ("eager", "on_demand", "explicit")
 PERFORMANCE_HINTS: tuple[PerformanceHint, ...] = ("adaptive", "latency", "throughput")
 
 
@@ -169,3 +172,18 @@ class EventSettings:
             source=environ.get("CE_SOURCE") or None,
             merge=environ.get("CE_MERGE", "").strip().lower() == "true",
         )
+
+
+@dataclass(frozen=True, slots=True)
+class LoadingSettings:
+    """When models load and unload (model_manager.py)."""
+
+    mode: ModelLoading = "eager"
+    max_loaded_models: int = 0  # 0: no bound
+    max_loaded_bytes: int = 0  # the loaded models' memory, as measured at their first load; 0: no bound
+    idle_timeout: float = 0.0  # unload a model after this long without requests; 0: never
+
+    @property
+    def on_demand(self) -> bool:
+        """Models are indexed at start and loaded later (on a request, or through the repository API)."""
+        return self.mode != "eager"

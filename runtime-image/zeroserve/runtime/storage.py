@@ -130,6 +130,27 @@ def fetch(
     return FetchResult(target, False, fetched, time.perf_counter() - started)
 
 
+def is_remote(uri: str) -> bool:
+    """Whether ``uri`` names an object store or web server rather than a local path or file:// URI."""
+    scheme, sep, _ = uri.partition("://")
+    return bool(sep) and scheme.lower() != "file"
+
+
+def list_files(uri: str, *, storage_options: Mapping[str, Any] | None = None) -> list[tuple[str, int]]:
+    """Every file under the remote folder ``uri``: (path relative to it, size), in one recursive listing and
+    without reading any. Blocking: run it in a worker thread. Raises StorageError as ``fetch`` does."""
+    scheme = uri.partition("://")[0].lower()
+    backend = _BACKENDS.get(scheme)
+    if backend is None or backend.protocol in _HTTP:
+        raise StorageError(f"model repository URI {uri!r} cannot be listed; use a local path, s3://, gs:// or az://")
+    with _explained(uri):
+        fs = _model_filesystem(backend, storage_options or {})
+        files, single = _list(fs, uri.rstrip("/") + "/", backend)
+    if single:
+        raise StorageError(f"model repository URI {uri!r} names a file; on-demand loading needs a folder")
+    return [(f.rel, f.size) for f in files]
+
+
 def _local_path(uri: str) -> Path:
     if "://" in uri:
         parts = urlsplit(uri)

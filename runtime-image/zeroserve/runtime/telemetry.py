@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, SpanContext, TracerProvider
     from opentelemetry.util.types import Attributes
 
+    from zeroserve.runtime.coldstart import PhaseLog
     from zeroserve.runtime.metering import Bill
+    from zeroserve.runtime.server_errors import ServerError
 
 logger = logging.getLogger("zeroserve.runtime")
 
@@ -129,6 +131,40 @@ class Telemetry:
                 )
         if coldstart.init_seconds is not None:
             span.set_attribute("zeroserve.init.duration", coldstart.init_seconds)
+
+    def record_model_load(
+        self, name: str, version: str, start_ns: int, log: PhaseLog, failure: ServerError | None
+    ) -> SpanContext | None:
+        """A ``zeroserve.model.load`` span, with one child per phase, in the trace of the request that caused the
+        load (the current context); the requests that waited for it link to it (``mark_model_load``)."""
+        if not self.enabled:
+            return None
+        import time
+
+        from opentelemetry import trace
+
+        end_ns = time.time_ns()
+        span = self._tracer.start_span(
+            "zeroserve.model.load", start_time=start_ns,
+            attributes={"zeroserve.model.name": name, "zeroserve.model.version": version},
+        )
+        parent = trace.set_span_in_context(span)
+        for phase in log.phases:
+            child = self._tracer.start_span(phase.name, context=parent, start_time=phase.start_ns,
+                                            attributes=phase.attributes)
+            child.end(end_time=phase.end_ns or end_ns)
+        if failure is not None:
+            span.set_attribute("error.type", type(failure).__name__)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, failure.message))
+        span.end(end_time=end_ns)
+        return span.get_span_context()
+
+    @staticmethod
+    def mark_model_load(span: Span, load: SpanContext | None) -> None:
+        """A request that waited for its model to load: a link to the load's span when it is in another trace."""
+        if load is not None and load.trace_id != span.get_span_context().trace_id:
+            span.add_link(load, {"zeroserve.link": "model.load"})
+        span.set_attribute("zeroserve.model.loaded_on_demand", True)
 
     @staticmethod
     def set_bill(span: Span, bill: Bill) -> None:
