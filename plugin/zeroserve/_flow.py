@@ -324,6 +324,9 @@ def wake_flow(
             took = now() - sent
             state.answered(now())
             return WakeReport(probes, now() - start, cold=was_cold or failed or took >= cold.slow_probe)
+        if outcome.kind is Kind.LOADS_ON_REQUEST:  # awake; the call's own request loads the model (a cold start)
+            state.answered(now())
+            return WakeReport(probes, now() - start, cold=True)
         failed = True
         last = outcome
         _heard(state, outcome, cold.deadline, now())

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from zeroserve.protocol.start import FAILED, LOADING, StartState
+from zeroserve.protocol.start import FAILED, LOADING, UNLOADED, StartState
 
 
 class Kind(enum.Enum):
@@ -27,12 +27,16 @@ class Kind(enum.Enum):
     UNREACHABLE = "unreachable"  # never sent and never will be: the host does not resolve, TLS verification failed
     NOT_READY = "not_ready"  # the model server is up but its model is not loaded yet (503 + Retry-After)
     START_FAILED = "start_failed"  # the service says its start failed (503, Zeroserve-Start: failed)
+    # A readiness probe answered by a server that loads on demand: the model is not loaded, and the request that
+    # needs it loads it (503, Zeroserve-Start: unloaded). Waiting for readiness would wait forever.
+    LOADS_ON_REQUEST = "loads_on_request"
     OVERLOADED = "overloaded"  # turned away before dispatch: 429, Knative's 503 "pending request queue full"
     MAYBE = "maybe"  # sent, then failed: 502, 504, connection reset or read timeout after sending
 
 
 NEVER_EXECUTED = frozenset(
-    {Kind.NOT_SENT, Kind.REFUSED, Kind.UNREACHABLE, Kind.NOT_READY, Kind.START_FAILED, Kind.OVERLOADED}
+    {Kind.NOT_SENT, Kind.REFUSED, Kind.UNREACHABLE, Kind.NOT_READY, Kind.START_FAILED, Kind.OVERLOADED,
+     Kind.LOADS_ON_REQUEST}
 )
 
 #: The longest ``Retry-After`` taken as given; a longer (or unreadable) value is clipped to it.
@@ -76,6 +80,8 @@ def classify_response(status: int, retry_after: str | None, body: bytes, start: 
     if status == 429:
         return Outcome(Kind.OVERLOADED, status, after, reason="429 too many requests")
     if status == 503:
+        if start == UNLOADED:
+            return Outcome(Kind.LOADS_ON_REQUEST, status, after, reason="503 not loaded: the request will load it")
         if start in (LOADING, FAILED):
             return _start_outcome(start, after, body)
         lowered = body[:512].lower()

@@ -57,6 +57,7 @@ ATTEMPTS = "zeroserve.attempts"
 COLDSTART = "zeroserve.coldstart"
 COLDSTART_WAIT = "zeroserve.coldstart.wait_duration"
 COLDSTART_SERVER_INIT = "zeroserve.coldstart.server_init_duration"
+COLDSTART_MODEL_LOAD = "zeroserve.coldstart.model_load_duration"
 WAKE_PROBES = "zeroserve.wake.probes"
 LINK = "zeroserve.link"
 SERVER_TIMING_PREFIX = "zeroserve.server_timing."
@@ -131,9 +132,13 @@ class CallSpans:
     @staticmethod
     def end_call(span: Span, report: CallReport, error: BaseException | None, server_timing: str | None) -> None:
         if span.is_recording():
-            init = server_init_seconds(parse_server_timing(server_timing)) if server_timing else None
+            timings = parse_server_timing(server_timing) if server_timing else {}
+            init = server_init_seconds(timings)
+            load = timings.get("load")  # a server loading models on demand loaded this one for the call
             span.set_attribute(ATTEMPTS, report.attempts)
-            span.set_attribute(COLDSTART, report.cold_start or init is not None)
+            span.set_attribute(COLDSTART, report.cold_start or init is not None or load is not None)
+            if load is not None:
+                span.set_attribute(COLDSTART_MODEL_LOAD, load)
             if report.woke:
                 span.set_attribute(COLDSTART_WAIT, report.cold_wait)
             if init is not None:

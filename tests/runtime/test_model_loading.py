@@ -277,3 +277,36 @@ def test_a_repository_on_s3_is_indexed_without_reading_a_model(s3_server, tmp_pa
         assert s3_server.object_reads(bucket) == ["repo/m1/1/model.onnx"]  # only the model asked for
     finally:
         server.stop()
+
+
+def test_the_plugin_wakes_an_unloaded_model_with_its_call_not_a_readiness_wait(on_demand: ServerProcess) -> None:
+    """RemoteModel's wake-up probe learns that the model loads on request and sends the call at once; the call's
+    span says a cold start (the model's load) was met."""
+    import asyncio
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from zeroserve import AsyncRemoteModel, ColdStartPolicy, RemoteModel
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    policy = ColdStartPolicy(deadline=20)
+    started = time.monotonic()
+    with RemoteModel(on_demand.url, model="d", cold_start=policy, tracer_provider=provider) as model:
+        assert not model.ready()  # Triton's meaning: not loaded
+        outputs = model.infer({"input": np.full((1, 16), 0.5, np.float32)})
+    assert outputs["output"].shape == (1, 4) and time.monotonic() - started < 10
+    probes = [s for s in exporter.get_finished_spans() if s.name.startswith("GET") and s.name.endswith("/ready")]
+    assert len(probes) <= 2  # ready() and at most one wake-up probe: no readiness wait
+    call = next(s for s in exporter.get_finished_spans() if s.name == "zeroserve infer d")
+    assert call.attributes["zeroserve.coldstart"] is True
+    assert call.attributes["zeroserve.coldstart.model_load_duration"] > 0
+
+    async def async_call() -> dict[str, np.ndarray]:
+        async with AsyncRemoteModel(on_demand.url, model="b", cold_start=policy) as model:
+            return await model.infer({"input": np.full((1, 16), 0.5, np.float32)})
+
+    assert asyncio.run(async_call())["output"].shape == (1, 4)
