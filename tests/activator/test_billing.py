@@ -28,7 +28,7 @@ def test_the_summary_bills_each_invocation_and_each_process(activator: Start, mo
         assert infer(dev.url).status_code == 200
     assert dev.stop() == 0
     log = dev.log()
-    assert "billing over" in log and "2 server process(es), billed at 2.00 GB" in log
+    assert "billing over" in log and "2 server process(es) counted, billed at 2.00 GB" in log
     assert figure(log, "invocations") == 5
     billed, instances, always_on = (figure(log, name) for name in ("billed", "instances", "always on"))
     # Each invocation costs a few ms at 2 GB; the processes lived longer than their invocations took, and an

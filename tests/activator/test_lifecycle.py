@@ -1,5 +1,6 @@
 """Starting and stopping ``zeroserve dev`` (real processes): Ctrl-C in a terminal (SIGINT to the whole
-process group) during a start and after serving, SIGTERM, and a port that is already taken."""
+process group) during a start and after serving, a second Ctrl-C while draining, SIGTERM, and a port that is
+already taken."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -52,6 +53,34 @@ def test_ctrl_c_during_a_start_answers_the_held_requests(
     thread.join(30)
     assert held[0].status_code == 503
     assert held[0].json() == {"error": "zeroserve dev is shutting down"}
+
+
+def test_a_second_ctrl_c_stops_at_once_and_says_what_went_uncounted(activator: Start, model_dir: Path) -> None:
+    dev = activator("--model_name", "mlp", "--model_dir", str(model_dir), "--drain_timeout", "60")
+    assert infer(dev.url).status_code == 200
+
+    def trickle() -> Iterator[bytes]:  # a request still arriving holds the first stop's drain open
+        yield b'{"inputs": ['
+        time.sleep(20)
+        yield b"]}"
+
+    thread = threading.Thread(target=lambda: httpx.post(f"{dev.url}/v2/models/mlp/infer", content=trickle(),
+                                                          timeout=30), daemon=True)
+    thread.start()
+    time.sleep(0.3)
+    dev.signal_group(signal.SIGINT)
+    dev.wait_log("SIGINT: shutting down")
+    time.sleep(0.3)
+    assert dev.process.poll() is None, dev.log()  # still draining: the second signal finds it
+    dev.signal_group(signal.SIGINT)
+    code = dev.process.wait(15)
+    log = dev.log()
+    assert code == 0, log
+    assert "SIGINT again: stopping at once" in log
+    assert "Traceback" not in log and "CancelledError" not in log, log
+    # Killed without being read, the ready process is named in the summary rather than silently left out.
+    assert "not counted          1 process(es)" in log, log
+    wait_until(lambda: not dev.leftover_children(), 10, "server processes gone")
 
 
 def test_ctrl_c_while_idle(activator: Start, model_dir: Path) -> None:

@@ -59,7 +59,7 @@ class Billing:
         memory = f"{self.memory_bytes / GB:.2f} GB" if self.memory_bytes else "the memory limit"
         always_on = elapsed * self.memory_bytes / GB
         lines = [
-            f"billing over {elapsed:.0f} s, {self.processes} server process(es), billed at {memory}:",
+            f"billing over {elapsed:.0f} s, {self.processes} server process(es) counted, billed at {memory}:",
             f"  invocations          {self.invocations:.0f}",
             f"  billed               {self.billed_gb_seconds:.3f} GB-s   (each invocation, rounded up to 1 ms)",
             f"  instances            {self.instance_gb_seconds:.3f} GB-s   (the processes' whole lives)",
@@ -68,7 +68,8 @@ class Billing:
             f"  invocation CPU       {self.cpu_seconds:.3f} s",
         ]
         if self.unread:
-            lines.append(f"  not counted          {self.unread} process(es) whose counters could not be read")
+            lines.append(f"  not counted          {self.unread} process(es) whose counters could not be read (they died, "
+                         "or were killed)")
         return "\n".join(lines)
 
 

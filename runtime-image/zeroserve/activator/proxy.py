@@ -122,7 +122,12 @@ class Activator:
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
-            message = await receive()
+            try:
+                message = await receive()
+            except asyncio.CancelledError:
+                # A second signal: uvicorn skips the shutdown message and the loop cancels this task, while
+                # serve() stops the processes. Nothing is left to do here, and nothing went wrong.
+                return
             if message["type"] == "lifespan.startup":
                 self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
                                                  limits=httpx.Limits(max_keepalive_connections=64))
@@ -160,6 +165,11 @@ class Activator:
                 await send({"type": "http.response.start", "status": answer.status,
                             "headers": [*headers, _server_timing(result.waited)]})
                 await send({"type": "http.response.body", "body": body})
+        except asyncio.CancelledError:
+            if not self.scaler.closing:
+                raise
+            # Stopped at once by a second signal: the loop cancels the requests still in flight and their
+            # connections close. That is the stop asked for, not an error of this request.
         finally:
             trace.finish(result.status, result.waited, hold.cold, hold.started, time.monotonic() - arrived, method)
 

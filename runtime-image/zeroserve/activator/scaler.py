@@ -319,6 +319,9 @@ class Scaler:
         for process in self._processes:
             if process.running:
                 process.kill()
+                if process in self._ready:  # no time to read its counters: the summary says so
+                    self._ready.discard(process)
+                    self.billing.lost()
 
     async def _read_bill(self, process: ServerProcess) -> None:
         if process in self._ready and process.running:
