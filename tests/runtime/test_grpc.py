@@ -814,6 +814,43 @@ def test_sigterm_stops_both_listeners_at_once_and_drains_both(tmp_path: Path) ->
         server.stop()
 
 
+def test_calls_that_arrived_before_sigterm_are_answered_not_cancelled(tmp_path: Path) -> None:
+    """gRPC cancels, at its stop, the calls it received but had not yet handed to a handler. A burst that a busy
+    server had not taken in when SIGTERM landed (here: stopped with SIGSTOP while the calls arrive) is served."""
+    test_models.mlp_model(tmp_path / "model.onnx")
+    port = unused_port()
+    server = start_server(["--model_dir", str(tmp_path), "--grpc_port", str(port), "--shutdown_timeout", "10"],
+                          tmp_path / "log")
+    x = np.full((1, 16), 0.5, dtype=np.float32)
+    request = pb.ModelInferRequest(
+        model_name="model",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, 16])],
+        raw_input_contents=[x.tobytes()],
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+            infer(request, timeout=10)  # the channel is connected
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                calls = [infer.future(request, timeout=30) for _ in range(32)]
+                time.sleep(0.3)  # the calls' bytes wait in the server's socket buffer
+                server.process.send_signal(signal.SIGTERM)
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            codes = []
+            for call in calls:
+                try:
+                    call.result()
+                    codes.append("OK")
+                except grpc.RpcError as exc:
+                    codes.append(exc.code().name)
+        assert codes == ["OK"] * 32
+        assert server.process.wait(30) == 0
+    finally:
+        server.stop()
+
+
 def test_grpc_port_in_use_fails_the_start(model_repository: Path, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

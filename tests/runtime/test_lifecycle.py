@@ -282,3 +282,39 @@ def test_warmup_profile_shapes_the_warmup_run(tmp_path: Path) -> None:
     finally:
         bad.stop()
     assert "warmup shape [32, 15] for input 'input' does not fit the model's [-1, 16]" in bad.log()
+
+
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_requests_sent_in_full_before_sigterm_are_answered_though_the_server_had_not_read_them(
+    tmp_path: Path, event_loop: str
+) -> None:
+    """A server too busy to read its sockets when SIGTERM lands (here: stopped with SIGSTOP, so the requests wait
+    in the kernel's listen backlog and socket buffers) still answers every request that had arrived in full."""
+    test_models.mlp_model(tmp_path / "model.onnx")
+    server = start_server(["--model_dir", str(tmp_path), "--shutdown_timeout", "10", "--event_loop", event_loop],
+                          tmp_path / "log")
+    request = (
+        b"POST /v2/models/model/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(MLP_BODY)}\r\n\r\n".encode() + MLP_BODY
+    )
+    idle = socket.create_connection(("127.0.0.1", server.port), timeout=10)  # accepted now, its request sent later
+    time.sleep(0.2)
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        arrived = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(8)]
+        for sock in [idle, *arrived]:
+            sock.sendall(request)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)  # longer than uvicorn's tick: it finds the stop in the loop's first turn after SIGCONT
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+    for sock in [idle, *arrived]:
+        response = b""
+        while not response.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            response += chunk
+        sock.close()
+        assert response.startswith(b"HTTP/1.1 200"), response
+    assert server.process.wait(15) == 0

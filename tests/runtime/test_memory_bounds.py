@@ -4,6 +4,7 @@ be answered within a second throughout."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
 import time
@@ -161,5 +162,32 @@ def test_request_bytes_in_flight_are_bounded_and_refused_before_their_body(
             sender.join(60)
         assert first and first[0].status_code == 200
         assert httpx.post(url, content=body, headers=headers, timeout=60).status_code == 200
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(("limit_mib", "most_mib"), [(256, 400), (32, 80)])
+def test_a_gzip_bomb_is_refused_as_it_inflates_and_off_the_event_loop(
+    bytes_repository: Path, tmp_path: Path, limit_mib: int, most_mib: int
+) -> None:
+    """257 MiB of zeros in a 256 KiB gzip body: inflated a piece at a time, in a thread, each piece counted against
+    the request limit, so it is refused once past --max_request_mib (not after inflating all of it), while
+    liveness answers."""
+    server = start_server(["--model_dir", str(bytes_repository), "--max_request_mib", str(limit_mib)],
+                          tmp_path / "log")
+    try:
+        bomb = gzip.compress(b"\0" * (257 * MiB), compresslevel=9)
+        before = peak_rss_mib(server)
+        with liveness_watch(server) as live:
+            time.sleep(0.2)
+            answer = httpx.post(f"{server.url}/v2/models/identity_fp32/infer", content=bomb, timeout=60,
+                                headers={"content-encoding": "gzip", "content-type": "application/json"})
+            time.sleep(0.2)
+        assert answer.status_code == 413, answer.text
+        assert f"decompressed request body is over the limit of {limit_mib * MiB} bytes" in answer.json()["error"]
+        grew = peak_rss_mib(server) - before
+        print(f"peak RSS grew {grew:.0f} MiB, liveness at most {max(live):.3f} s")
+        assert grew < most_mib, f"peak RSS grew {grew:.0f} MiB"
+        assert live and max(live) < 0.5, f"liveness waited {max(live):.2f} s"
     finally:
         server.stop()

@@ -43,6 +43,8 @@ logger = logging.getLogger("zeroserve.runtime")
 
 SERVICE = "inference.GRPCInferenceService"
 HEAVY_MESSAGE_BYTES = 1024 * 1024  # a ModelInfer message decoded in a thread rather than on the event loop
+_SETTLED = 0.02  # seconds without a new call after which a stop finds no more waiting for a handler
+_MAX_SETTLE = 0.5
 
 STATUS_CODES: dict[HTTPStatus, grpc.StatusCode] = {
     HTTPStatus.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
@@ -71,6 +73,7 @@ def _rpc(
 
     @functools.wraps(method)
     async def call(self: Any, request: Request, context: Context) -> Response:
+        self.calls_started += 1
         try:
             return await method(self, request, context)
         except ServerError as exc:
@@ -105,6 +108,7 @@ class InferenceServicer:
         self.dataplane = dataplane
         self.limits = config.limits
         self.telemetry = telemetry or Telemetry()
+        self.calls_started = 0  # calls handed to a handler so far: a stop waits until they stop coming
 
     @_rpc
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
@@ -155,6 +159,7 @@ class InferenceServicer:
 
     async def ModelInfer(self, data: bytes, context: Context) -> bytes:
         """Takes and answers serialized messages: ``grpc_codec`` reads and writes their tensors in place."""
+        self.calls_started += 1
         if not self.telemetry.enabled:
             return await self._infer(data, context, None)
         with self.telemetry.rpc_span(context.invocation_metadata(), SERVICE, "ModelInfer") as span:
@@ -266,6 +271,7 @@ class GrpcServer:
         self._health = HealthServicer(dataplane)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping: asyncio.Task[None] | None = None
+        self._servicer: InferenceServicer | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -276,7 +282,8 @@ class GrpcServer:
             ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
         ]
         server = grpc.aio.server(options=options)
-        handlers = InferenceServicer(self.dataplane, config, self.telemetry).method_handlers()
+        self._servicer = InferenceServicer(self.dataplane, config, self.telemetry)
+        handlers = self._servicer.method_handlers()
         # Registered methods are grpc's fast path; the generic handler serves what does not match it (as the
         # generated add_..._to_server does).
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
@@ -310,6 +317,20 @@ class GrpcServer:
         for task in self._tasks:
             task.cancel()
         await self._health.enter_graceful_shutdown()
-        if self._server is not None:
+        if self._server is not None and self._servicer is not None:
+            await self._take_in_arrived(self._servicer)
             # New calls are refused at once; running ones get the grace period, then are cancelled.
             await self._server.stop(self.config.shutdown_timeout)
+
+    async def _take_in_arrived(self, servicer: InferenceServicer) -> None:
+        """Let the calls that arrived before the stop reach their handlers, so that they are drained.
+
+        grpc cancels, at ``stop``, the calls it has received but not yet handed to a handler, and a burst of calls
+        waits there for the event loop. Handlers take them until none has started for ``_SETTLED`` seconds (the
+        calls that arrive meanwhile are served too), for ``_MAX_SETTLE`` seconds at most under a steady stream."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(_MAX_SETTLE, self.config.shutdown_timeout)
+        seen = -1
+        while servicer.calls_started != seen and loop.time() < deadline:
+            seen = servicer.calls_started
+            await asyncio.sleep(_SETTLED)

@@ -19,6 +19,8 @@ from zeroserve.runtime.lifecycle import Stop, serving
 from zeroserve.runtime.server_errors import ServerError
 
 if TYPE_CHECKING:
+    import socket
+
     import uvicorn
 
 logger = logging.getLogger("zeroserve.runtime")
@@ -70,6 +72,8 @@ def _uvicorn_server(config: uvicorn.Config, stop: Stop) -> uvicorn.Server:
     and the process exits with a code instead of re-raising the signal."""
     import uvicorn
 
+    from zeroserve.runtime.http_server import take_in_arrived
+
     class Server(uvicorn.Server):
         def _exit(self, force: bool) -> None:
             self.should_exit = True
@@ -79,6 +83,11 @@ def _uvicorn_server(config: uvicorn.Config, stop: Stop) -> uvicorn.Server:
         def capture_signals(self) -> Iterator[None]:
             with stop.capture():
                 yield
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            if not self.force_exit:
+                await take_in_arrived()
+            await super().shutdown(sockets)
 
     server = Server(config)
     stop.on_stop(server._exit)
