@@ -68,8 +68,8 @@ class Billing:
             f"  invocation CPU       {self.cpu_seconds:.3f} s",
         ]
         if self.unread:
-            lines.append(f"  not counted          {self.unread} process(es) whose counters could not be read (they died, "
-                         "or were killed)")
+            lines.append(f"  not counted          {self.unread} process(es) whose counters could not be read "
+                         "(they died, or were killed)")
         return "\n".join(lines)
 
 
