@@ -104,9 +104,7 @@ def explain(options: RenderOptions, target: Target = "knative") -> list[str]:
     timeouts = f"C + 120 = {b.timeout} s"
     if target == "knative":
         timeouts += f"; responseStartTimeoutSeconds C + 60 = {b.response_start_timeout} s (the cold start counts)"
-    what = (
-        f"repository {options.model_uri}" if options.serves_repository else f"model {options.served_name}"
-    )
+    what = f"repository {options.model_uri}" if options.serves_repository else f"model {options.served_name}"
     lines = [
         f"zeroserve on {platform}: {options.name} serves {what}, {options.accelerator.upper()}, "
         f"{wire} (Open Inference Protocol v2).",
@@ -151,7 +149,7 @@ def _explain_loading(options: RenderOptions, target: Target) -> list[str]:
         else "none is unloaded for idleness"
     )
     lines = [
-        f"Models: each one of the repository is served under its folder's name and {how}",
+        f"Models: each model in the repository is served under its folder's name and {how}",
         f"  (--model_loading {options.model_loading}); loaded at once: {held or 'no bound'}; {idle}.",
         "  /v2/health/ready is true once the repository is indexed; the first request for a model loads it, within C.",
     ]
