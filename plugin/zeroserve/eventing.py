@@ -146,6 +146,11 @@ def ping_source(options: RenderOptions, events: EventingOptions) -> Manifest:
 
 def render(options: RenderOptions, events: EventingOptions, *, kserve: bool = False) -> list[Manifest]:
     """The Broker, the two Triggers and the PingSource for the model ``options`` describes."""
+    if options.serves_repository:
+        raise ValueError(
+            f"eventing delivers to one model's infer route: render it for a service with one model, not "
+            f"model_loading {options.model_loading}"
+        )
     return [broker(options, events), *triggers(options, events, kserve=kserve), ping_source(options, events)]
 
 

@@ -17,6 +17,8 @@ __all__ = ["knative_service"]
 def knative_service(options: RenderOptions) -> Manifest:
     """A Knative Service running the image, scaling to zero with the KPA."""
     budget = options.budget
+    # A repository's models are served under their folders' names.
+    model_name = None if options.serves_repository else options.served_name
     annotations = {
         "autoscaling.knative.dev/class": "kpa.autoscaling.knative.dev",
         "autoscaling.knative.dev/metric": "concurrency",
@@ -29,7 +31,7 @@ def knative_service(options: RenderOptions) -> Manifest:
     container: Manifest = {
         "name": "zeroserve",
         "image": options.resolved_image,
-        "args": podspec.container_args(options, options.model_uri, options.served_name),
+        "args": [*podspec.container_args(options, options.model_uri, model_name), *podspec.loading_args(options)],
         "ports": [podspec.port(options)],
         **podspec.env(options),
         **podspec.probes(options),

@@ -27,8 +27,11 @@ SECURITY_CONTEXT: Manifest = {
 FEATURE_FLAGS = {"nodeSelector": "kubernetes.podspec-nodeselector", "tolerations": "kubernetes.podspec-tolerations"}
 
 
-def container_args(options: RenderOptions, model_dir: str, model_name: str) -> list[str]:
-    args = [f"--model_name={model_name}", f"--model_dir={model_dir}"]
+def container_args(options: RenderOptions, model_dir: str | None, model_name: str | None) -> list[str]:
+    """The server's flags; ``model_dir`` and ``model_name`` are left out when None, loading flags are not here."""
+    args = [] if model_name is None else [f"--model_name={model_name}"]
+    if model_dir is not None:
+        args.append(f"--model_dir={model_dir}")
     if options.protocol == "grpc":
         # gRPC on the one port Knative exposes (h2c); REST stays on its own port inside the pod for the probes
         # (Knative sets PORT to the gRPC port, so REST's port is given explicitly).
@@ -39,10 +42,22 @@ def container_args(options: RenderOptions, model_dir: str, model_name: str) -> l
     return args
 
 
+def loading_args(options: RenderOptions) -> list[str]:
+    """How the server loads models (``--model_loading`` and its bounds); none for eager, the server's default."""
+    if not options.serves_repository:
+        return []
+    args = [f"--model_loading={options.model_loading}"]
+    bounds = (("max_loaded_models", options.max_loaded_models), ("max_loaded_mib", options.max_loaded_mib),
+              ("model_idle_timeout", options.model_idle_timeout))
+    return args + [f"--{flag}={value}" for flag, value in bounds if value]
+
+
 def probes(options: RenderOptions) -> Manifest:
     budget = options.budget
-    # Readiness runs in queue-proxy; without periodSeconds it probes every 50 ms until ready, the fastest
-    # cold start. A number (not the port's name) is used because Knative renames the pod's port.
+    # The probes ask the server, never one model: it is ready once its model is loaded or, serving a repository,
+    # once the repository is indexed (a model's first request then loads it). Readiness runs in queue-proxy;
+    # without periodSeconds it probes every 50 ms until ready, the fastest cold start. A number (not the port's
+    # name) is used because Knative renames the pod's port.
     found: Manifest = {"readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT}}}
     if options.startup_probe:
         # Kubelet runs it; with one, the activator waits for kubelet's view of readiness (up to periodSeconds

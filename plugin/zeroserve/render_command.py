@@ -38,6 +38,18 @@ def add_render_arguments(parser: argparse.ArgumentParser) -> None:
         help="expected cold start; sizes the startup probe, progress deadline and timeouts (default 60, GPU 300)")
     add("--no-startup-probe", dest="startup_probe", action="store_false", default=None,
         help="no kubelet startup probe: slightly faster cold starts, no restart of a container stuck loading")
+    many = parser.add_argument_group("many models in one service (--model-uri is then the repository)")
+    add = many.add_argument
+    add("--model-loading", dest="model_loading", choices=("eager", "on_demand", "explicit"),
+        help="eager (default): load the model at start; on_demand: index the repository (NAME/VERSION/model.onnx "
+        "or NAME/model.onnx) and load a model on its first request; explicit: load through the repository API only")
+    add("--max-loaded-models", dest="max_loaded_models", type=int, metavar="N",
+        help="models loaded at once (default 0: no bound)")
+    add("--max-loaded-mib", dest="max_loaded_mib", type=int, metavar="MIB",
+        help="the loaded models' estimated memory; sizes the memory request and limit unless --requests/--limits "
+        "give memory (default 0: no bound)")
+    add("--model-idle-timeout", dest="model_idle_timeout", type=int, metavar="SECONDS",
+        help="unload a model idle this long (default 0: never)")
     pod = parser.add_argument_group("credentials, identity, sizes and placement")
     add = pod.add_argument
     add("--s3-secret", dest="s3_secret", metavar="SECRET",
@@ -63,7 +75,8 @@ def add_render_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 _OPTION_FIELDS = (
-    "name", "model_name", "model_uri", "image", "accelerator", "protocol", "namespace", "min_scale", "max_scale",
+    "name", "model_name", "model_uri", "model_loading", "max_loaded_models", "max_loaded_mib", "model_idle_timeout",
+    "image", "accelerator", "protocol", "namespace", "min_scale", "max_scale",
     "target_concurrency", "container_concurrency", "cold_start", "startup_probe", "service_account",
     "image_pull_secrets", "s3_secret", "s3_endpoint", "s3_region", "env", "env_from_secrets", "requests", "limits",
     "node_selector", "tolerations", "otel_endpoint",
@@ -105,6 +118,7 @@ def render_options(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> R
         parser.error(_flag_names(str(exc)))
 
 
+_LOADING_FIELDS = ("model_loading", "max_loaded_models", "max_loaded_mib", "model_idle_timeout")
 _FLAGS = {"image_pull_secrets": "--image-pull-secret", "env_from_secrets": "--env-from-secret",
           "tolerations": "--toleration"}
 
@@ -133,14 +147,23 @@ def main(args: list[str]) -> int:
     parser.add_argument("--out-dir", type=Path, metavar="DIR", help="write the kustomize tree (every variant) here")
     parser.add_argument("--check", action="store_true", help="with --out-dir: compare, write nothing, exit 1 on drift")
     ns = parser.parse_args(args)
-    options = render_options(parser, ns)
     if ns.check and ns.out_dir is None:
         parser.error("--check needs --out-dir")
+    if ns.out_dir is not None:
+        given = (("--gpu", ns.accelerator), ("--grpc", ns.protocol), ("--kserve", ns.kserve), ("--image", ns.image),
+                 ("--eventing", ns.eventing), *((_flag(field), getattr(ns, field)) for field in _LOADING_FIELDS))
+        clashing = [flag for flag, value in given if value is not None and value is not False]
+        if clashing:
+            parser.error(f"--out-dir writes every variant with its own settings; drop {', '.join(clashing)}")
+    options = render_options(parser, ns)
     events = _eventing_options(parser, ns)
     if ns.out_dir is None and ns.eventing:
         from zeroserve import eventing
 
-        manifests = eventing.render(options, events, kserve=ns.kserve)
+        try:
+            manifests = eventing.render(options, events, kserve=ns.kserve)
+        except ValueError as exc:
+            parser.error(_flag_names(str(exc)))
         print(rendering.to_yaml(manifests, comments=[eventing.explain(options, events, kserve=ns.kserve)]), end="")
         return 0
     if ns.out_dir is None:
@@ -151,10 +174,6 @@ def main(args: list[str]) -> int:
         comment = rendering.explain(options, target)
         print(rendering.to_yaml(manifests, comments=[comment] * len(manifests)), end="")
         return 0
-    clashing = [flag for flag, given in (("--gpu", ns.accelerator), ("--grpc", ns.protocol), ("--kserve", ns.kserve),
-                                         ("--image", ns.image), ("--eventing", ns.eventing)) if given]
-    if clashing:
-        parser.error(f"--out-dir writes every variant with its own image; drop {', '.join(clashing)}")
     try:
         files = rendering.layout(options, events)
     except ValueError as exc:

@@ -11,11 +11,14 @@ from decimal import Decimal
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from zeroserve.model_memory import ModelMemory
+
 __all__ = ["Budget", "RenderOptions", "Toleration", "parse_pairs"]
 
 Manifest = dict[str, Any]
 Accelerator = Literal["cpu", "gpu"]
 Protocol = Literal["http", "grpc"]
+ModelLoading = Literal["eager", "on_demand", "explicit"]
 Pairs = tuple[tuple[str, str], ...]
 
 VERSION = "0.1.0"  # the image tag; a test keeps it equal to the package version
@@ -28,6 +31,12 @@ IMAGES: Mapping[Accelerator, str] = {
 HTTP_PORT = 8080  # Knative's default PORT and KServe's REST port
 GRPC_PORT = 8081  # KServe's gRPC port; the server's --grpc_port default
 CACHE_DIR = "/var/cache/zeroserve"  # the images' ZEROSERVE_CACHE_DIR, writable by their user
+MODEL_LOADINGS: tuple[ModelLoading, ...] = ("eager", "on_demand", "explicit")  # the server's --model_loading
+# The server always sizes ONNX Runtime's threads from the CPU limit (the cgroup quota), so there is always one.
+DEFAULT_RESOURCES: Mapping[Accelerator, tuple[Mapping[str, str], Mapping[str, str]]] = {
+    "cpu": ({"cpu": "1", "memory": "1Gi"}, {"cpu": "2", "memory": "2Gi"}),
+    "gpu": ({"cpu": "2", "memory": "4Gi"}, {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "1"}),
+}
 DEFAULT_COLD_START: Mapping[Accelerator, int] = {"cpu": 60, "gpu": 300}
 NODE_BUDGET: Mapping[Accelerator, int] = {"cpu": 120, "gpu": 600}  # scheduling (GPU node scale-up) + image pull
 # Knative sets these itself; a container that sets them is rejected.
@@ -99,8 +108,20 @@ class RenderOptions:
 
     Args:
         name: the Knative Service or InferenceService name (a DNS-1035 label).
-        model_name: the name the model is served under (``/v2/models/NAME``); default ``name``.
-        model_uri: where the server fetches the model (``--model_dir``): s3://, gs://, https://, ...
+        model_name: the name the model is served under (``/v2/models/NAME``); default ``name``. Not with
+            ``model_loading`` on_demand or explicit, where each model of the repository is served under its
+            folder's name.
+        model_uri: where the server fetches the model (``--model_dir``): s3://, gs://, https://, ...; with
+            ``model_loading`` on_demand or explicit, the repository (``NAME/VERSION/model.onnx`` or
+            ``NAME/model.onnx`` under it).
+        model_loading: the server's ``--model_loading``: ``eager`` loads the model before the pod is ready;
+            ``on_demand`` indexes the repository and loads a model on its first request; ``explicit`` loads
+            only through the repository API.
+        max_loaded_models: models loaded at once (on_demand, explicit); 0 is unbounded.
+        max_loaded_mib: the loaded models' estimated memory (on_demand, explicit); 0 is unbounded. When set,
+            the memory request and limit derive from it (``zeroserve.model_memory.ModelMemory``) unless
+            ``requests`` or ``limits`` give ``memory``.
+        model_idle_timeout: seconds after which an idle model is unloaded (on_demand, explicit); 0 is never.
         image: the runtime image; default ``IMAGES[accelerator]``.
         accelerator: ``gpu`` adds an ``nvidia.com/gpu`` limit and keeps TensorRT engines in the cache volume.
         protocol: ``grpc`` exposes the gRPC port, named ``h2c``; REST stays inside the pod for the probes.
@@ -129,6 +150,10 @@ class RenderOptions:
     name: str = "mlp"
     model_name: str | None = None
     model_uri: str = "s3://my-bucket/models/mlp/"
+    model_loading: ModelLoading = "eager"
+    max_loaded_models: int = 0
+    max_loaded_mib: int = 0
+    model_idle_timeout: int = 0
     image: str | None = None
     accelerator: Accelerator = "cpu"
     protocol: Protocol = "http"
@@ -154,6 +179,7 @@ class RenderOptions:
 
     def __post_init__(self) -> None:
         self._check_identity()
+        self._check_loading()
         self._check_scaling()
         self._check_pod()
 
@@ -173,6 +199,26 @@ class RenderOptions:
             raise ValueError(f"accelerator must be cpu or gpu, got {self.accelerator!r}")
         if self.protocol not in ("http", "grpc"):
             raise ValueError(f"protocol must be http or grpc, got {self.protocol!r}")
+
+    def _check_loading(self) -> None:
+        if self.model_loading not in MODEL_LOADINGS:
+            raise ValueError(f"model_loading must be one of {', '.join(MODEL_LOADINGS)}, got {self.model_loading!r}")
+        bounds = {"max_loaded_models": self.max_loaded_models, "max_loaded_mib": self.max_loaded_mib,
+                  "model_idle_timeout": self.model_idle_timeout}
+        for field, value in bounds.items():
+            if value < 0:
+                raise ValueError(f"{field} must be 0 (no bound) or more, got {value}")
+        given = [field for field, value in bounds.items() if value]
+        if given and not self.serves_repository:
+            raise ValueError(
+                f"{' and '.join(given)} bound models loaded one by one: give model_loading on_demand or explicit "
+                "(eager loads the model at start and keeps it)"
+            )
+        if self.serves_repository and self.model_name is not None:
+            raise ValueError(
+                f"model_name does not apply with model_loading {self.model_loading}: the server serves every model "
+                "of the repository under its folder's name"
+            )
 
     def _check_scaling(self) -> None:
         if self.min_scale < 0 or self.max_scale < 0:
@@ -216,6 +262,14 @@ class RenderOptions:
                 raise ValueError(f"{key!r} is not a resource name")
             quantity(value)
         requests, limits = self.resources["requests"], self.resources["limits"]
+        given_limit = dict(self.limits).get("memory")
+        if self.max_loaded_mib and given_limit and "memory" not in dict(self.requests):
+            if quantity(given_limit) < quantity(requests["memory"]):
+                raise ValueError(
+                    f"limits memory={given_limit} is below the {requests['memory']} that max_loaded_mib "
+                    f"{self.max_loaded_mib} needs at rest (the server plus the models): raise it, lower "
+                    "max_loaded_mib, or give requests memory too"
+                )
         for key in requests.keys() & limits.keys():
             if quantity(requests[key]) > quantity(limits[key]):
                 raise ValueError(f"requests {key}={requests[key]} is above limits {key}={limits[key]}")
@@ -223,6 +277,16 @@ class RenderOptions:
     @property
     def served_name(self) -> str:
         return self.model_name or self.name
+
+    @property
+    def serves_repository(self) -> bool:
+        """Whether the server indexes a repository and loads its models one by one (on_demand, explicit)."""
+        return self.model_loading != "eager"
+
+    @property
+    def model_memory(self) -> ModelMemory | None:
+        """The memory the model budget needs (``max_loaded_mib``); None without one."""
+        return ModelMemory(self.max_loaded_mib) if self.max_loaded_mib else None
 
     @property
     def resolved_image(self) -> str:
@@ -235,12 +299,21 @@ class RenderOptions:
 
     @property
     def resources(self) -> dict[str, dict[str, str]]:
-        """The accelerator's default requests and limits, with the given ones replacing them key by key."""
-        # The server sizes ONNX Runtime's threads from the CPU limit (the cgroup quota), so there is always one.
-        if self.accelerator == "gpu":
-            requests, limits = {"cpu": "2", "memory": "4Gi"}, {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "1"}
-        else:
-            requests, limits = {"cpu": "1", "memory": "1Gi"}, {"cpu": "2", "memory": "2Gi"}
+        """The accelerator's default requests and limits, with the given ones replacing them key by key.
+
+        With ``max_loaded_mib`` the memory comes from ``model_memory`` instead of the defaults. On GPU it never
+        goes below them: they cover the CUDA, cuDNN and TensorRT libraries' host memory, which the baseline
+        (measured on CPU) leaves out.
+        """
+        defaults = DEFAULT_RESOURCES[self.accelerator]
+        requests, limits = dict(defaults[0]), dict(defaults[1])
+        memory = self.model_memory
+        if memory is not None:
+            floor = self.accelerator == "gpu"
+            for found, mib in ((requests, memory.request_mib), (limits, memory.limit_mib)):
+                if floor:
+                    mib = max(mib, int(quantity(found["memory"])) >> 20)
+                found["memory"] = f"{mib}Mi"
         return {"requests": requests | dict(self.requests), "limits": limits | dict(self.limits)}
 
     def generated_env(self) -> list[tuple[str, str]]:

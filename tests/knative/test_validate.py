@@ -28,8 +28,8 @@ def validate(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
 def test_knative_folder_validates_with_no_warnings() -> None:
     result = validate(str(REPO / "knative"))
     assert result.returncode == 0, result.stdout + result.stderr
-    # Subfolders are walked (kustomization.yaml files are skipped as kustomize input): 8 manifest files.
-    assert "8 file(s), 9 document(s): 0 error(s), 0 warning(s), 0 skipped" in result.stdout
+    # Subfolders are walked (kustomization.yaml files are skipped as kustomize input): 11 manifest files.
+    assert "11 file(s), 12 document(s): 0 error(s), 0 warning(s), 0 skipped" in result.stdout
 
 
 ACCESS = {
@@ -41,6 +41,11 @@ ACCESS = {
 PLACEMENT = {
     "node_selector": (("cloud.google.com/gke-accelerator", "nvidia-l4"),),
     "tolerations": (Toleration("nvidia.com/gpu", effect="NoSchedule"), Toleration("dedicated", "ml", "NoExecute")),
+}
+# A repository loaded on demand (docs/deploy.md, "Many models in one service").
+REPOSITORY = {
+    "model_uri": "s3://my-bucket/models/", "model_loading": "on_demand", "max_loaded_mib": 2048,
+    "max_loaded_models": 8, "model_idle_timeout": 300,
 }
 FLAGS = ("--feature", "kubernetes.podspec-nodeselector", "--feature", "kubernetes.podspec-tolerations")
 
@@ -59,6 +64,15 @@ VARIANTS = [
     ("kserve", RenderOptions(protocol="grpc", namespace="ml", name="b" * 53)),
     ("kserve", RenderOptions(namespace="ml", **ACCESS, **PLACEMENT)),  # type: ignore[arg-type]
     ("kserve", RenderOptions(s3_secret="model-store")),
+    ("knative", RenderOptions(**REPOSITORY)),  # type: ignore[arg-type]
+    ("knative", RenderOptions(accelerator="gpu", protocol="grpc", namespace="ml", **REPOSITORY)),  # type: ignore[arg-type]
+    ("knative", RenderOptions(**REPOSITORY | ACCESS)),  # type: ignore[arg-type]
+    ("knative", RenderOptions(model_uri="gs://b/models/", model_loading="explicit", min_scale=1, max_scale=1)),
+    ("knative", RenderOptions(model_uri="/mnt/models", model_loading="on_demand", max_loaded_mib=100_000)),
+    ("kserve", RenderOptions(**REPOSITORY)),  # type: ignore[arg-type]
+    ("kserve", RenderOptions(accelerator="gpu", protocol="grpc", **REPOSITORY)),  # type: ignore[arg-type]
+    ("kserve", RenderOptions(namespace="ml", **REPOSITORY | ACCESS, **PLACEMENT)),  # type: ignore[arg-type]
+    ("kserve", RenderOptions(s3_secret="model-store", **REPOSITORY)),  # type: ignore[arg-type]
 ]
 
 
