@@ -286,3 +286,20 @@ def test_render_errors_name_the_flag(args: list[str], message: str, capsys: pyte
     code, out, err = run(["render", *args], capsys)
     assert code == 2 and out == ""
     assert message in err
+
+
+@pytest.mark.parametrize("variant", ["knative", "kserve"])
+def test_the_server_reads_the_rendered_args_as_meant(variant: str) -> None:
+    """The args a manifest passes are the server's own flags: its parser takes them and ends with the bounds that
+    were rendered."""
+    from zeroserve.runtime.config import RuntimeConfig
+
+    if variant == "knative":
+        args = _container(knative.knative_service(REPOSITORY))["args"]
+    else:
+        args = [*kserve.inference_service(REPOSITORY)["spec"]["predictor"]["model"]["args"],
+                "--model_dir=s3://my-bucket/models/"]
+    config = RuntimeConfig.from_args(args, {})
+    assert config.loading.mode == "on_demand"
+    assert (config.loading.max_loaded_models, config.loading.max_loaded_bytes) == (8, 2048 * MiB)
+    assert config.loading.idle_timeout == 300
