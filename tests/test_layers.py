@@ -33,13 +33,15 @@ def runtime_module(name: str) -> Path:
     return RUNTIME / f"{name}.py"
 
 
-@pytest.mark.parametrize("transport", ["infer_endpoint", "rest", "grpc", "invocation", "metrics_server"])
+@pytest.mark.parametrize(
+    "transport", ["infer_endpoint", "rest", "grpc", "invocation", "metrics_server", "http_server", "cloudevents"]
+)
 def test_transports_never_import_the_process_layer(transport: str) -> None:
     upward = {f"zeroserve.runtime.{name}" for name in ("serve", "app", "lifecycle", "loader", "__main__")}
     assert not ours(runtime_module(transport)) & upward
 
 
-@pytest.mark.parametrize("codec", ["rest_codec", "grpc_codec", "tensors"])
+@pytest.mark.parametrize("codec", ["rest_codec", "grpc_codec", "tensors", "cloudevents"])
 def test_codecs_import_only_leaves(codec: str) -> None:
     allowed = {
         "zeroserve.protocol", "zeroserve.runtime", "zeroserve.runtime.settings", "zeroserve.runtime.server_errors",
@@ -53,7 +55,7 @@ def test_codecs_import_only_leaves(codec: str) -> None:
 def test_the_data_plane_imports_no_transport() -> None:
     names = ("rest", "infer_endpoint", "grpc", "rest_codec", "grpc_codec")
     transports = {f"zeroserve.runtime.{name}" for name in names}
-    for name in ("dataplane", "placement", "batching", "repository", "model", "loader"):
+    for name in ("dataplane", "placement", "batching", "repository", "model", "loader", "model_manager", "metering"):
         assert not ours(runtime_module(name)) & transports, name
 
 

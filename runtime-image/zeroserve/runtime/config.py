@@ -73,7 +73,7 @@ class RuntimeConfig:
     exit_on_error: bool = True
     progress_interval: float = 5.0  # seconds between "still starting" log lines while loading; 0: none
     # The share of the memory limit that request bytes in flight may take (limits.max_inflight_bytes), when
-    # --max_inflight_mib does not say; 0: no budget. docs/hardening.md has the formula behind it.
+    # --max_inflight_mib does not say; 0: no budget. docs/hardening.md says what the budget costs in memory.
     inflight_share: float = DEFAULT_INFLIGHT_SHARE
     shutdown_timeout: float = 30.0
     timeout_keep_alive: int = 65  # outlive the idle timeout of proxies in front (Envoy: 60 s)

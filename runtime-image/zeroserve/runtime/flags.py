@@ -147,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="models whose runs take less than this (moving average) run on the event loop, skipping the "
         "thread hop; inputs over 64 KiB always go to a worker thread (default 0.3; 0 disables)",
     )
-    server.add_argument("--max_request_mib", type=int, default=256, help="largest request body accepted")
-    server.add_argument("--max_tensor_elements", type=int, default=2**28, help="largest tensor accepted")
+    server.add_argument("--max_request_mib", type=int, default=256,
+                        help="largest request body accepted, compressed or inflated (default %(default)d)")
+    server.add_argument("--max_tensor_elements", type=int, default=2**28,
+                        help="most elements in one tensor (default 2^28)")
     server.add_argument(
         "--max_inflight_mib", type=int, metavar="MIB",
         help="request bytes in flight at once; a request past it is answered 503 with Retry-After before its body "
@@ -158,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_bytes_elements", type=int, default=2**20,
         help="most elements in one BYTES (string) tensor: each costs far more memory than its bytes (default 2^20)",
     )
-    server.add_argument("--shutdown_timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
+    server.add_argument("--shutdown_timeout", type=float, default=30.0,
+                        help="seconds the requests in flight get to finish on SIGTERM (default %(default)g)")
     server.add_argument(
         "--timeout_keep_alive", type=int, default=65,
         help="seconds a connection may stay idle between requests, or take to send a request's headers (default 65)",
