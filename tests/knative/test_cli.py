@@ -11,20 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from zeroserve import cli
+from tests.knative.conftest import run
 from zeroserve import render as rendering
 from zeroserve.render_options import RenderOptions, Toleration
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = cli.main(args)
-    except SystemExit as exc:  # argparse
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def read(path: str) -> str:

@@ -14,7 +14,8 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zeroserve import cli, eventing, knative, kserve
+from tests.knative.conftest import run
+from zeroserve import eventing, knative, kserve
 from zeroserve import render as rendering
 from zeroserve.eventing import EventingOptions
 from zeroserve.model_memory import BASELINE_MIB, ModelMemory
@@ -33,15 +34,6 @@ MiB = 2**20
 def _container(service: dict[str, Any]) -> dict[str, Any]:
     [container] = service["spec"]["template"]["spec"]["containers"]
     return container
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = cli.main(args)
-    except SystemExit as exc:  # argparse
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # --- the Knative Service ------------------------------------------------------------------------------------------

@@ -34,6 +34,18 @@ def answers(url: str) -> bool:
         return False
 
 
+def read_answer(sock: socket.socket) -> bytes:
+    """One JSON answer read off ``sock``, which is then closed."""
+    response = b""
+    while b"\r\n\r\n" not in response or not response.rstrip().endswith(b"}"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        response += chunk
+    sock.close()
+    return response
+
+
 def test_not_ready_while_loading_then_ready(gated_model_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     uri, gate = gated_model_server
     server = start_server(
@@ -153,13 +165,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tmp_path: Path) 
     assert server.process.poll() is None  # still draining
     for sock in in_flight:
         sock.sendall(tail)
-        response = b""
-        while b"\r\n\r\n" not in response or not response.rstrip().endswith(b"}"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            response += chunk
-        sock.close()
+        response = read_answer(sock)
         assert response.startswith(b"HTTP/1.1 200"), response
         assert b'"outputs"' in response
     # A stop asked for by the platform is a clean exit (Kubernetes reads 143 as "killed").
@@ -309,12 +315,6 @@ def test_requests_sent_in_full_before_sigterm_are_answered_though_the_server_had
     finally:
         server.process.send_signal(signal.SIGCONT)
     for sock in [idle, *arrived]:
-        response = b""
-        while not response.rstrip().endswith(b"}"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            response += chunk
-        sock.close()
+        response = read_answer(sock)
         assert response.startswith(b"HTTP/1.1 200"), response
     assert server.process.wait(15) == 0
