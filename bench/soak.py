@@ -25,9 +25,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from servers import free_port
 from soak_cases import EXPECTED, GRPC_METHOD, Case, Limits, Outcome, Session, build_cases, sigterm_burst, verdict
 from soak_http import HOST, REFUSED, KeepAlive, one_shot, request_bytes
 from soak_payloads import Sample, build_samples, heavy_sample, write_models
+from soak_report import Control, Tally
 
 Samples = dict[str, list[Sample]]
 BurstSend = Callable[[int, Callable[[], None]], Outcome]
@@ -48,7 +48,6 @@ REQUEST_TIMEOUT_S = 30.0
 READY_DEADLINE_S = 60.0
 EXIT_GRACE_S = 15.0  # past --shutdown_timeout, before the soak kills a server that has not exited
 AFTER_EXIT_S = 1.0  # load kept on after the server exited, so that refusals are seen and counted
-EXAMPLES_PER_WORKER = 20
 # Pauses between one worker's requests: the valid ones keep the server busy, the heavier abuse leaves it room.
 PAUSE_S = {"rest": 0.0, "grpc": 0.0, "invalid": 0.02, "abuse": 0.05}
 REFUSED_PAUSE_S = 0.05
@@ -64,41 +63,6 @@ SERVER_FLAGS = {
     "--max_bytes_elements": str(2**20),  # the default, stated: the BYTES case sends one element more
     "--shutdown_timeout": "10",
 }
-
-
-@dataclass(slots=True)
-class Control:
-    """What the main thread tells the workers, and the moment of the SIGTERM."""
-
-    origin: float
-    bucket_s: float
-    stop_phase: threading.Event = field(default_factory=threading.Event)  # outcomes are kept whole from here on
-    stop_load: threading.Event = field(default_factory=threading.Event)
-    sigterm_at: float | None = None
-
-
-@dataclass(slots=True)
-class Tally:
-    """One worker's counts, its first outcomes that were not as expected, and every outcome of the stop phase."""
-
-    results: Counter[tuple[str, str]] = field(default_factory=Counter)  # (case, result)
-    verdicts: Counter[tuple[str, str]] = field(default_factory=Counter)  # (case, verdict), before the stop phase
-    per_bucket: Counter[int] = field(default_factory=Counter)  # outcomes finished per report bucket
-    examples: list[tuple[str, Outcome]] = field(default_factory=list)
-    late: list[Outcome] = field(default_factory=list)
-    requests: int = 0
-
-    def record(self, case: Case, outcome: Outcome, control: Control) -> None:
-        self.requests += 1
-        self.results[case.name, outcome.result] += 1
-        self.per_bucket[int((outcome.finished - control.origin) // control.bucket_s)] += 1
-        if control.stop_phase.is_set():
-            self.late.append(outcome)  # judged once the SIGTERM's moment is known
-            return
-        judged = verdict(case, outcome, None)
-        self.verdicts[case.name, judged] += 1
-        if judged != EXPECTED and len(self.examples) < EXAMPLES_PER_WORKER:
-            self.examples.append((judged, outcome))
 
 
 def work(cases: Sequence[Case], session: Session, tally: Tally, control: Control, pause_s: float) -> None:

@@ -4,17 +4,52 @@ failures that make ``soak.py`` exit 1; as a dict (``report.json``) and as text."
 from __future__ import annotations
 
 import statistics
+import threading
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from soak_cases import EXPECTED, LOST, NOT_ACCEPTED, SERVER_ERROR, UNEXPECTED, WRONG, Case, Outcome, verdict
 
-if TYPE_CHECKING:
-    from soak import Control, Tally
-
 EXAMPLES_SHOWN = 40
+EXAMPLES_PER_WORKER = 20
+
+
+@dataclass(slots=True)
+class Control:
+    """What the main thread tells the workers, and the moment of the SIGTERM."""
+
+    origin: float
+    bucket_s: float
+    stop_phase: threading.Event = field(default_factory=threading.Event)  # outcomes are kept whole from here on
+    stop_load: threading.Event = field(default_factory=threading.Event)
+    sigterm_at: float | None = None
+
+
+@dataclass(slots=True)
+class Tally:
+    """One worker's counts, its first outcomes that were not as expected, and every outcome of the stop phase."""
+
+    results: Counter[tuple[str, str]] = field(default_factory=Counter)  # (case, result)
+    verdicts: Counter[tuple[str, str]] = field(default_factory=Counter)  # (case, verdict), before the stop phase
+    per_bucket: Counter[int] = field(default_factory=Counter)  # outcomes finished per report bucket
+    examples: list[tuple[str, Outcome]] = field(default_factory=list)
+    late: list[Outcome] = field(default_factory=list)
+    requests: int = 0
+
+    def record(self, case: Case, outcome: Outcome, control: Control) -> None:
+        self.requests += 1
+        self.results[case.name, outcome.result] += 1
+        self.per_bucket[int((outcome.finished - control.origin) // control.bucket_s)] += 1
+        if control.stop_phase.is_set():
+            self.late.append(outcome)  # judged once the SIGTERM's moment is known
+            return
+        judged = verdict(case, outcome, None)
+        self.verdicts[case.name, judged] += 1
+        if judged != EXPECTED and len(self.examples) < EXAMPLES_PER_WORKER:
+            self.examples.append((judged, outcome))
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
