@@ -124,11 +124,13 @@ async def load_in_background(
     """``load_models`` (or, on demand, ``index_models``) as a background task: a failure is logged and handed
     to ``on_failure``, never raised. The cold start is then recorded in ``telemetry`` (its init spans and
     metrics), however it ended."""
-    memory.resume_gc()  # the server stack is imported
+    on_demand = config.loading.on_demand
+    if not on_demand:
+        memory.resume_gc()  # the server stack is imported; sessions are built next
     failure: ServerError | None = None
     reporter = asyncio.create_task(_report_progress(repository.coldstart, config.progress_interval))
     try:
-        await (index_models(config, repository) if config.loading.on_demand else load_models(config, repository))
+        await (index_models(config, repository) if on_demand else load_models(config, repository))
     except ServerError as exc:
         logger.error("model loading failed: %s", exc.message)
         failure = exc
@@ -138,6 +140,9 @@ async def load_in_background(
         failure = ServerError(f"model loading crashed: {exc}")
     finally:
         reporter.cancel()
+        # An index is thousands of small objects that live as long as the server, with no cycles to collect:
+        # collecting while it is built only delays readiness. They are frozen with the rest of start-up.
+        memory.resume_gc()
     # Recorded before on_failure, which may stop the server: a failed start is in the trace too.
     if telemetry is not None:
         telemetry.record_init(repository.coldstart, failure.message if failure is not None else None)

@@ -28,7 +28,11 @@ class DirectS3:
     def __init__(self) -> None:
         import botocore.session  # type: ignore[import-untyped]  # botocore ships no types
 
-        self._client = botocore.session.get_session().create_client("s3")
+        session = botocore.session.get_session()
+        # Timestamps stay the strings S3 sent (as the AWS CLI keeps them): nothing here reads LastModified, and
+        # turning each listed object's into a datetime is most of the time a listing takes to parse.
+        session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_as_sent)
+        self._client = session.create_client("s3")
 
     @staticmethod
     def _strip_protocol(uri: str) -> str:
@@ -72,6 +76,10 @@ class DirectS3:
             with answer["Body"] as body:
                 data: bytes = body.read()
         return data
+
+
+def _as_sent(value: str) -> str:
+    return value
 
 
 def _split(path: str) -> tuple[str, str]:
