@@ -32,6 +32,7 @@ STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
 SPEC_VERSION = "1.0"
 REQUIRED = ("id", "source", "type", "specversion")
 _HEADER_PREFIX = b"ce-"
+_REQUIRED_HEADERS = tuple(_HEADER_PREFIX + name.encode() for name in REQUIRED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +53,13 @@ class Event:
 def read_event(headers: Mapping[bytes, bytes], body: bytes) -> Event | None:
     """The event a request carries, or None when it is a plain V2 request. Raises InvalidInput (400) for an event
     that is malformed: a required attribute missing, another specversion, a structured event without data."""
-    content_type = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
-    if content_type == STRUCTURED_CONTENT_TYPE.encode():
+    content_type = headers.get(b"content-type", b"")
+    if b"cloudevents" in content_type.lower() and (
+        content_type.split(b";", 1)[0].strip().lower() == STRUCTURED_CONTENT_TYPE.encode()
+    ):
         return _structured(body)
-    if any(key.startswith(_HEADER_PREFIX) for key in headers):
+    # Dict lookups, not a scan of every header: this runs on every inference request.
+    if any(name in headers for name in _REQUIRED_HEADERS):
         attributes = {
             key[len(_HEADER_PREFIX):].decode("latin-1"): value.decode("latin-1")
             for key, value in headers.items()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -124,22 +123,19 @@ class DataPlane:
                 f"its budget of {budget >> 20} MiB (--max_inflight_mib); retry shortly"
             )
 
-    @contextlib.contextmanager
-    def holding(self, nbytes: int) -> Iterator[Holding]:
-        """Count a request's bytes against the budget from now until the block ends (its answer sent); the
+    def holding(self, nbytes: int) -> Holding:
+        """Count a request's bytes against the budget for a ``with`` block (until its answer is sent); the
         ``Holding`` grows as a body of unknown length arrives. Once none are held after large requests, the heap's
         free memory goes back to the kernel (memory.release_free_memory)."""
-        held = Holding(self, nbytes)
-        self.bytes_held += nbytes
-        try:
-            yield held
-        finally:
-            self.bytes_held -= held.nbytes
-            self._peak_held = max(self._peak_held, self.bytes_held + held.nbytes)
-            if not self.bytes_held and self._peak_held >= TRIM_AFTER_BYTES and not self._trimming:
-                self._trimming = True
-                self._peak_held = 0
-                asyncio.get_running_loop().create_task(self._trim())
+        return Holding(self, nbytes)
+
+    def _release(self, held: Holding) -> None:
+        self.bytes_held -= held.nbytes
+        self._peak_held = max(self._peak_held, self.bytes_held + held.nbytes)
+        if not self.bytes_held and self._peak_held >= TRIM_AFTER_BYTES and not self._trimming:
+            self._trimming = True
+            self._peak_held = 0
+            asyncio.get_running_loop().create_task(self._trim())
 
     async def _trim(self) -> None:
         try:
@@ -229,6 +225,12 @@ class DataPlane:
     async def infer(self, name: str, version: str | None, request: InferRequest, *, rest: bool = False) -> InferResult:
         """Run one request where the placement policy says (placement.py), its model loaded first when the server
         loads on demand (model_manager.py). ``rest``: it came over REST."""
+        entry = self.models.ready(name, version)
+        if entry is not None:
+            try:
+                return await self._run(entry.model, request, rest)
+            finally:
+                self.models.release(entry)
         async with self.models.using(name, version) as use:
             result = await self._run(use.model, request, rest)
         result.load, result.load_span = use.load, use.load_span
@@ -268,11 +270,11 @@ class DataPlane:
                 await asyncio.sleep(0)
                 if extra_turn(self.placement, rest=rest, others_in_flight=traffic.others):
                     await asyncio.sleep(0)
-                arrays, started, finished, cpu = timed_run(model.run, feeds, output_names)
+                arrays, started, finished, cpu = timed_run(model.run, feeds, output_names, on_loop=True)
             elif placement is Placement.LOOP_ALONE:
                 assert cores is not None
                 cores.ran_alone()
-                arrays, started, finished, cpu = timed_run(model.run, feeds, output_names)
+                arrays, started, finished, cpu = timed_run(model.run, feeds, output_names, on_loop=True)
             elif placement is Placement.CORES:
                 assert cores is not None
                 arrays, started, finished, cpu = await self._run_on_cores(cores, model, feeds, output_names)
@@ -319,13 +321,21 @@ def _run_with_cores(
 
 
 class Holding:
-    """The bytes one request holds against the data plane's budget."""
+    """The bytes one request holds against the data plane's budget, for a ``with`` block. A class rather than a
+    generator's context manager: every request enters one."""
 
     __slots__ = ("_dataplane", "nbytes")
 
     def __init__(self, dataplane: DataPlane, nbytes: int) -> None:
         self._dataplane = dataplane
         self.nbytes = nbytes
+
+    def __enter__(self) -> Holding:
+        self._dataplane.bytes_held += self.nbytes
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._dataplane._release(self)
 
     def grow(self, nbytes: int) -> None:
         """Hold ``nbytes`` more (a body of unknown length arriving); ServerBusy when that passes the budget."""

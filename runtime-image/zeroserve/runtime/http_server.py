@@ -57,6 +57,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._refusal: tuple[int, str] | None = None
         self._refused = False
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_deadline = 0.0  # loop.time() by which the head being read must be complete
         self.idle_since: float | None = time.monotonic()  # None while a request is in progress
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -93,8 +94,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.idle_since = None
         self._head_open = True
         self._head_bytes = self._target_bytes = 0
+        self._head_deadline = self.loop.time() + self.limits.head_timeout
         if self._head_timer is None:
-            self._arm_head_timer()
+            self._head_timer = self.loop.call_at(self._head_deadline, self._head_timed_out)
 
     def on_url(self, url: bytes) -> None:
         self._target_bytes += len(url)
@@ -112,8 +114,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._head_open = False
-        self._cancel_head_timer()
+        self._head_open = False  # the timer stays: cancelling and arming one per request costs more than a check
         if self._refusal is not None:
             self._refuse(*self._refusal)  # before a task starts: the app never sees the request
             return
@@ -132,12 +133,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.idle_since = time.monotonic()
         self._head_open = True
         self._head_bytes = 0
+        self._head_deadline = self.loop.time() + self.limits.head_timeout  # as uvicorn's keep-alive timeout runs
 
     # The bounds
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
-        self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_timed_out)
+        self._head_deadline = self.loop.time() + self.limits.head_timeout
+        self._head_timer = self.loop.call_at(self._head_deadline, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -146,10 +149,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._head_open and not self.transport.is_closing():
-            # Between requests, with nothing received, this is an idle connection (uvicorn's keep-alive timeout
-            # closes those too); mid-head, a request too slow to arrive. Either way: closed without an answer.
-            self.transport.close()
+        if not self._head_open or self.transport.is_closing():
+            return  # no head being read: the next one arms the timer again
+        if self.loop.time() < self._head_deadline:  # a later head than the one the timer was armed for
+            self._head_timer = self.loop.call_at(self._head_deadline, self._head_timed_out)
+            return
+        # Between requests, with nothing received, this is an idle connection (uvicorn's keep-alive timeout closes
+        # those too); mid-head, a request too slow to arrive. Either way: closed without an answer.
+        self.transport.close()
 
     def _make_room(self) -> bool:
         """Close the connection idle longest (none of its requests in progress); False when none is idle."""

@@ -8,7 +8,6 @@ Starlette route's endpoint too, so there is one implementation of the endpoint.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import zlib
 from typing import TYPE_CHECKING
@@ -90,17 +89,18 @@ class InferEndpoint:
         invocation = Invocation(self.dataplane, self.telemetry, "rest", span, set_result)
         headers = dict(scope["headers"])
         request: InferRequest | None = None
-        with contextlib.ExitStack() as holding:  # the request's bytes count against the budget until answered
+        held: Holding | None = None  # the request's bytes count against the budget until answered
+        try:
             try:
                 declared = _declared_length(headers, self.limits.max_body_bytes)
                 self.dataplane.admit(declared or 0)  # before the body is read
-                held = holding.enter_context(self.dataplane.holding(declared or 0))
+                holding = held = self.dataplane.holding(declared or 0).__enter__()
                 with self.dataplane.arriving():  # in flight already, for the placement policy
-                    body = await self._read_body(headers, receive, held if declared is None else None)
+                    body = await self._read_body(headers, receive, holding if declared is None else None)
                 encoding = headers.get(b"content-encoding")
                 if encoding:
                     body = await _inflate(body, encoding.decode("latin-1").strip().lower(), self.limits.max_body_bytes,
-                                          held, invocation)
+                                          holding, invocation)
                 raw_length = headers.get(_HEADER_LENGTH)
                 header_length = raw_length.decode("latin-1") if raw_length is not None else None
                 event = cloudevents.read_event(headers, body)
@@ -139,6 +139,9 @@ class InferEndpoint:
             raw_headers.append((b"content-length", str(len(content)).encode()))
             await send({"type": "http.response.start", "status": status, "headers": raw_headers})
             await send({"type": "http.response.body", "body": content})
+        finally:
+            if held is not None:
+                held.__exit__(None, None, None)
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive, growing: Holding | None) -> bytes:
         """The whole body, within ``--max_request_mib``; ``growing`` holds the bytes of a body of unknown length

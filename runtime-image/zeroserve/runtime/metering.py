@@ -15,17 +15,23 @@ span, and as Prometheus counters ``zeroserve_billed_gb_seconds_total``, ``zerose
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from zeroserve.runtime.metrics import CallbackCounter, Counter, Labels, ServerMetrics
+from zeroserve.runtime.metrics import CallbackCounter, Labels, ServerMetrics
 
 T = TypeVar("T")
 
 GB = 2**30  # Lambda's GB: 1024 MB
+_FAMILIES = (
+    ("zeroserve_billed_gb_seconds_total", "Billed GB-seconds of invocations, by model"),
+    ("zeroserve_invocation_cpu_seconds_total", "CPU seconds of invocations (decode, run, encode), by model"),
+    ("zeroserve_invocations_total", "Invocations billed, by model"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,13 +53,11 @@ class Metering:
         self.memory_bytes = memory_bytes
         self._gb = memory_bytes / GB
         self._started = time.monotonic() if started is None else started
-        self._gb_seconds = Counter("zeroserve_billed_gb_seconds_total", "Billed GB-seconds of invocations, by model")
-        self._cpu_seconds = Counter(
-            "zeroserve_invocation_cpu_seconds_total", "CPU seconds of invocations (decode, run, encode), by model"
-        )
-        self._invocations = Counter("zeroserve_invocations_total", "Invocations billed, by model")
-        for counter in (self._gb_seconds, self._cpu_seconds, self._invocations):
-            metrics.add_counter(counter)
+        # Per model: billed GB-seconds, CPU seconds, invocations; read when /metrics is scraped. One list per model
+        # rather than three labelled counters, for every invocation adds to all three.
+        self._totals: dict[str, list[float]] = {}
+        for index, (name, help_text) in enumerate(_FAMILIES):
+            metrics.add_counter_callback(CallbackCounter(name, help_text, functools.partial(self._read, index)))
         metrics.add_counter_callback(
             CallbackCounter(
                 "zeroserve_instance_gb_seconds_total", "This process's life so far times its memory, in GB-seconds",
@@ -65,11 +69,16 @@ class Metering:
     def bill(self, model: str, seconds: float, cpu_seconds: float) -> Bill:
         billed_ms = max(1, math.ceil(seconds * 1000))
         gb_seconds = billed_ms / 1000 * self._gb
-        labels: Labels = (("model", model),)
-        self._gb_seconds.inc(labels, gb_seconds)
-        self._cpu_seconds.inc(labels, cpu_seconds)
-        self._invocations.inc(labels)
+        totals = self._totals.get(model)
+        if totals is None:
+            totals = self._totals[model] = [0.0, 0.0, 0.0]
+        totals[0] += gb_seconds
+        totals[1] += cpu_seconds
+        totals[2] += 1
         return Bill(billed_ms, gb_seconds, cpu_seconds)
+
+    def _read(self, index: int) -> dict[Labels, float]:
+        return {(("model", model),): totals[index] for model, totals in self._totals.items()}
 
     def _instance(self) -> dict[Labels, float]:
         return {(): (time.monotonic() - self._started) * self._gb}

@@ -87,10 +87,27 @@ class ModelManager:
 
     # --- for requests ---
 
-    @contextlib.asynccontextmanager
-    async def using(self, name: str, version: str | None) -> AsyncIterator[Use]:
-        """The model for one request, loaded first when it is not and the server loads on demand; it counts as in
-        use (never unloaded) until the block ends. Raises what a request for it must be answered."""
+    def using(self, name: str, version: str | None) -> _Using:
+        """``async with models.using(name, version) as use``: the model for one request, loaded first when it is
+        not and the server loads on demand; it counts as in use (never unloaded) until the block ends. Raises what a
+        request for it must be answered."""
+        return _Using(self, name, version)
+
+    def ready(self, name: str, version: str | None) -> Entry | None:
+        """The entry of a loaded model, now in use by one request until ``release``; None when it is not loaded
+        (then ``using`` loads it, or says why not). The fast path of every inference."""
+        entry = self.repository.find(name, version)
+        if entry.state is not State.READY:
+            return None
+        entry.in_flight += 1
+        return entry
+
+    @staticmethod
+    def release(entry: Entry) -> None:
+        entry.in_flight -= 1
+        entry.last_used = time.monotonic()
+
+    async def _enter(self, name: str, version: str | None) -> tuple[Entry, Use]:
         entry = self.repository.find(name, version)
         use = Use(entry.model)
         if entry.state is not State.READY:
@@ -98,11 +115,7 @@ class ModelManager:
                 self._refuse(entry)
             use.load, use.load_span = await self._loaded(entry)
         entry.in_flight += 1
-        try:
-            yield use
-        finally:
-            entry.in_flight -= 1
-            entry.last_used = time.monotonic()
+        return entry, use
 
     def _refuse(self, entry: Entry) -> None:
         if entry.state is State.UNLOADED and self.settings.mode == "explicit":
@@ -289,3 +302,22 @@ def _cost(entry: Entry) -> int:
 def _release_memory() -> None:
     gc.collect()  # the session's Python wrappers may sit in a reference cycle
     memory.release_free_memory()
+
+
+class _Using:
+    """The ``async with`` block of ``ModelManager.using``: a class rather than a generator's context manager, for
+    every inference enters one."""
+
+    __slots__ = ("_manager", "_name", "_version", "_entry")
+
+    def __init__(self, manager: ModelManager, name: str, version: str | None) -> None:
+        self._manager, self._name, self._version = manager, name, version
+        self._entry: Entry | None = None
+
+    async def __aenter__(self) -> Use:
+        self._entry, use = await self._manager._enter(self._name, self._version)
+        return use
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._entry is not None:
+            ModelManager.release(self._entry)
