@@ -102,12 +102,15 @@ class PhaseLog:
 
 
 class ColdStart(PhaseLog):
-    """The init record of one process. ``ready_ns`` is set when every model is ready."""
+    """The init record of one process. ``ready_ns`` is set when every model is ready; ``recorded`` once the start
+    is recorded whole (its init span too), which is when the server says it is ready: the first answer then always
+    has the whole cold start to tell."""
 
     def __init__(self) -> None:
         super().__init__()
         self.process_start_ns = process_start_ns()
         self.ready_ns: int | None = None
+        self.recorded = False
         self._first_answer_pending = True
 
     def progress(self) -> StartState:
@@ -125,7 +128,11 @@ class ColdStart(PhaseLog):
         )
 
     def take_first_answer(self) -> bool:
-        """True once: for the first inference this process answers, by either protocol (its cold start)."""
+        """True once: for the first inference this process answers once its start is recorded, by either
+        protocol (its cold start). A request sent before readiness, by a client that did not wait for it, is
+        answered without it."""
+        if not self.recorded:
+            return False
         first, self._first_answer_pending = self._first_answer_pending, False
         return first
 

@@ -146,6 +146,7 @@ async def load_in_background(
     # Recorded before on_failure, which may stop the server: a failed start is in the trace too.
     if telemetry is not None:
         telemetry.record_init(repository.coldstart, failure.message if failure is not None else None)
+    repository.coldstart.recorded = True  # readiness turns true only now: see ColdStart
     if failure is not None and on_failure is not None:
         on_failure(failure)
 

@@ -97,8 +97,9 @@ class ModelRepository:
         return [entry for versions in self._models.values() for entry in versions.values()]
 
     def all_ready(self) -> bool:
-        """Ready to serve: every model loaded and warmed up, or (on demand) the repository indexed."""
-        if self.discovering or self.discovery_error is not None:
+        """Ready to serve: every model loaded and warmed up, or (on demand) the repository indexed, and the start
+        recorded."""
+        if self.discovering or self.discovery_error is not None or not self.coldstart.recorded:
             return False
         entries = self.entries()
         if self.on_demand:
