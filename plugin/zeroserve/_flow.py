@@ -265,6 +265,8 @@ def _wait_for_wake(
         report.cold_start = report.cold_start or result.report.cold
         report.init_traceparent = result.report.init_traceparent or report.init_traceparent
     if result.error is not None:
+        if isinstance(result.error, (ColdStartFailed, ColdStartTimeout)):
+            report.cold_start = True  # the call met a cold start, as its wake-up did: one that failed
         raise _rebind(result.error, endpoint, report)
     if result.ready:
         return None

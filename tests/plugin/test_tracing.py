@@ -11,7 +11,7 @@ from opentelemetry import baggage, propagate, trace
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.plugin.conftest import Activator, FaultProxy, Forward, Respond, Seen, Spans
-from zeroserve import ColdStartPolicy, OutcomeUnknown, RemoteModel, RetryPolicy
+from zeroserve import ColdStartFailed, ColdStartPolicy, OutcomeUnknown, RemoteModel, RetryPolicy
 from zeroserve.tracing import parse_server_timing, server_init_seconds
 
 from conftest import ServerProcess
@@ -143,6 +143,21 @@ def test_the_wake_up_a_cold_sign_started_says_so_like_its_call(server: ServerPro
     assert dict(call.attributes or {})["zeroserve.coldstart"] is True
     assert dict(wake.attributes or {})["zeroserve.coldstart"] is True  # one quick probe, but it met a cold start
     assert wake.parent is not None and wake.parent.span_id == call.context.span_id
+
+
+def test_a_start_that_failed_is_a_cold_start_on_the_call_and_its_wake_up(
+    server: ServerProcess, fault_proxy: MakeProxy, spans: Spans
+) -> None:
+    failed = b'{"error":"model failed to start","start":{"state":"failed","reason":"INVALID_PROTOBUF"}}'
+    headers = (("retry-after", "5"), ("zeroserve-start", "failed"))
+    proxy = fault_proxy(server.url, lambda seen, index: Respond(503, failed, headers))
+    with RemoteModel(proxy.url, model="add", tracer_provider=spans.provider) as model, \
+            pytest.raises(ColdStartFailed):
+        model.infer({"a": A, "b": A})
+    (call,) = spans.named("zeroserve infer")
+    (wake,) = spans.named("zeroserve wake")
+    assert dict(call.attributes or {})["zeroserve.coldstart"] is True
+    assert dict(wake.attributes or {})["zeroserve.coldstart"] is True
 
 
 @pytest.mark.parametrize("client", ["sync", "async"])
