@@ -16,8 +16,8 @@ from opentelemetry import context as otel_context
 
 from zeroserve._flow import CallReport, Probe, Send, Sleep, Wake, WakeReport, WakeResult
 from zeroserve._outcome import Outcome, classify_error, classify_response
-from zeroserve.protocol.start import INIT_SPAN_HEADER, START_HEADER
-from zeroserve.tracing import CallSpans
+from zeroserve.protocol.start import ACTIVATOR_START_TIMING, INIT_SPAN_HEADER, START_HEADER
+from zeroserve.tracing import CallSpans, parse_server_timing
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -150,7 +150,12 @@ class WakeScope:
         try:
             return self._flow.send(reply)
         except StopIteration as done:
-            self._report = done.value
+            report: WakeReport = done.value
+            if not report.cold and self.server_timing is not None and (
+                ACTIVATOR_START_TIMING in parse_server_timing(self.server_timing)
+            ):  # a quick probe, but an activator held it through a start
+                report = dataclasses.replace(report, cold=True)
+            self._report = report
             return None
 
     @property

@@ -49,6 +49,12 @@ def test_the_documented_trace_is_the_one_a_cold_call_emits(
         model.infer({"input": np.full((1, 16), 0.5, dtype=np.float32)})
     client = exporter.get_finished_spans()
     trace_id = client[0].context.trace_id
+    # The call and its wake-up agree that they met a cold start, though the activator held one quick probe
+    # through it (its Server-Timing says so: activator.start).
+    wake = next(span for span in client if span.name.startswith("zeroserve wake"))
+    call = next(span for span in client if span.name.startswith("zeroserve infer"))
+    assert dict(wake.attributes or {})["zeroserve.coldstart"] is True
+    assert dict(call.attributes or {})["zeroserve.coldstart"] is True
 
     def emitted() -> set[Edge]:
         names: dict[int, str] = {}

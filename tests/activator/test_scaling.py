@@ -25,9 +25,13 @@ def test_cold_start_warm_request_and_scale_down(activator: Start, model_dir: Pat
     cold_wait = activator_ms(cold)
     assert cold_wait > 50  # held while the process started and loaded the model
 
+    # Held through a start, the answer says so: a client whose quick probe was held knows it met a cold start.
+    assert f"activator.start;dur={cold_wait:.1f}" in cold.headers["server-timing"]
+
     warm = infer(dev.url, timeout=10)
     assert warm.json() == cold.json()
     assert activator_ms(warm) < cold_wait / 5
+    assert "activator.start" not in warm.headers["server-timing"]
 
     dev.wait_log("scaled to zero", timeout=15)
     again = infer(dev.url)

@@ -35,6 +35,9 @@ START_HEADER: Final = "zeroserve-start"
 # On the answers a server process gives while its cold start is news (the first ones), when it traces: the
 # W3C traceparent of its ``zeroserve.init`` span, so a caller in another trace can link its span to it.
 INIT_SPAN_HEADER: Final = "zeroserve-init-traceparent"
+# A Server-Timing metric an activator adds to an answer it held while a process started (``zeroserve dev``): the
+# request met a cold start, however quick. Its ``dur`` is the wait, in milliseconds.
+ACTIVATOR_START_TIMING: Final = "activator.start"
 LOADING: Final = "loading"
 FAILED: Final = "failed"
 # A server that loads its models on demand (--model_loading on_demand) answers a readiness probe for a model it

@@ -36,6 +36,7 @@ from zeroserve.activator.answers import Headers
 from zeroserve.activator.scaler import Backend, Hold, QueueFull, Scaler, ShuttingDown, StartFailed, StillLoading
 from zeroserve.activator.settings import ScaleSettings
 from zeroserve.activator.telemetry import ActivatorTelemetry, RequestTrace
+from zeroserve.protocol.start import ACTIVATOR_START_TIMING
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -94,6 +95,7 @@ class RequestBody:
 class _Result:
     status: int = 0  # 0: the client left before an answer
     waited: float = 0.0
+    cold: bool = False  # it waited while a process started (its own start, or another request's)
     responded: bool = False
 
 
@@ -163,7 +165,7 @@ class Activator:
                 result.status = answer.status
                 headers, body = answer.encode()
                 await send({"type": "http.response.start", "status": answer.status,
-                            "headers": [*headers, _server_timing(result.waited)]})
+                            "headers": [*headers, _server_timing(result)]})
                 await send({"type": "http.response.body", "body": body})
         except asyncio.CancelledError:
             if not self.scaler.closing:
@@ -245,6 +247,7 @@ class Activator:
                 backend = await self.scaler.acquire(hold, patience)
             finally:
                 result.waited += time.monotonic() - began
+                result.cold = result.cold or hold.cold
             if hold.cold and not hold.started:
                 trace.link_to(backend.started_by)
         return backend
@@ -252,7 +255,7 @@ class Activator:
     async def _relay(self, response: httpx.Response, send: Send, backend: Backend,
                      result: _Result) -> answers.Answer | None:
         headers = [(name, value) for name, value in response.headers.raw if name.lower() not in _FROM_SERVER_DROP]
-        headers.append(_server_timing(result.waited))
+        headers.append(_server_timing(result))
         length = response.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) <= _BUFFERED:
             try:
@@ -301,5 +304,10 @@ def _prefer_wait(headers: list[tuple[bytes, bytes]]) -> float | None:
     return None
 
 
-def _server_timing(waited: float) -> tuple[bytes, bytes]:
-    return b"server-timing", f"activator;dur={waited * 1000:.1f}".encode()
+def _server_timing(result: _Result) -> tuple[bytes, bytes]:
+    """``activator;dur=<ms>`` (the wait for a process), and ``activator.start;dur=<ms>`` too when that wait was for
+    a process to start: a client whose probe an activator held through a start knows it met a cold start."""
+    timing = f"activator;dur={result.waited * 1000:.1f}"
+    if result.cold:
+        timing += f", {ACTIVATOR_START_TIMING};dur={result.waited * 1000:.1f}"
+    return b"server-timing", timing.encode()

@@ -151,6 +151,7 @@ def _uvicorn_config(app: Any, config: RuntimeConfig, **extra: Any) -> uvicorn.Co
         port=config.http_port,
         loop="uvloop" if config.uses_uvloop else "asyncio",
         lifespan="on",
+        ws="none",  # no WebSocket routes: nothing to import for them
         log_config=None,
         access_log=config.access_log,
         proxy_headers=False,  # nothing here reads client addresses; one middleware layer less per request

@@ -271,6 +271,8 @@ def rpc_conventions(environ: Mapping[str, str]) -> RpcConventions:
 def from_environment(environ: Mapping[str, str]) -> Telemetry:
     """Telemetry configured the standard way (``otel_sdk``): traces and metrics each from their own
     ``OTEL_*_EXPORTER``, console included. Nothing set: off, and the SDK is never imported."""
+    if not any(name.startswith("OTEL_") for name in environ):  # the common case, decided without the module
+        return Telemetry(rpc_conventions=rpc_conventions(environ))
     from zeroserve.runtime import otel_sdk
 
     sdk = otel_sdk.providers_from_environment(environ, _faas_resource(environ))
