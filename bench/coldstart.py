@@ -38,10 +38,8 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -95,16 +93,8 @@ def first_inference(
     port, grpc_port = servers.free_port(), servers.free_port()
     argv = command(kind, model, model_dir, port, grpc_port, cache_dir)
     body = payloads.json_body(model)
-    with log.open("ab") as out:
-        out.write(f"$ {' '.join(argv)}\n".encode())
-        out.flush()
-        started = time.perf_counter()
-        # Its own process group: MLServer starts worker processes, which Server.stop() ends with it.
-        process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, **env}, start_new_session=True,
-        )  # fmt: skip
-    server = servers.Server(kind, model, port, process, log, started)
+    # Its own process group: MLServer starts worker processes, which Server.stop() ends with it.
+    server = servers.spawn(kind, model, port, argv, log, env=env)
     try:
         server.poll_until("GET", f"/v2/models/{model}/ready", None, {}, DEADLINE_S)
         elapsed, _, headers = server.poll_until("POST", server.infer_path, body.data, body.headers(), DEADLINE_S)

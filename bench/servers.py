@@ -307,15 +307,25 @@ def launch(kind: str, python: str, model_name: str, model_dir: Path, log_path: P
     ``python`` runs the server unless its kind has an interpreter of its own (MLServer's virtualenv)."""
     port, grpc_port = free_port(), free_port()
     argv = KINDS[kind].command(python, model_name, model_dir, port, grpc_port, grpc)
+    return spawn(kind, model_name, port, argv, log_path, grpc_port=grpc_port if grpc else None)
+
+
+def spawn(
+    kind: str, model_name: str, port: int, argv: list[str], log_path: Path, *,
+    env: Mapping[str, str] | None = None, grpc_port: int | None = None,
+) -> Server:
+    """Start ``argv`` in a session of its own (a server's worker processes stop with it), its command line and
+    output appended to ``log_path``; does not wait."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         log.write(f"$ {' '.join(argv)}\n".encode())
         log.flush()
         started = time.perf_counter()
         process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    return Server(kind, model_name, port, process, log_path, started, grpc_port if grpc else None)
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, **env} if env else None, start_new_session=True,
+        )  # fmt: skip
+    return Server(kind, model_name, port, process, log_path, started, grpc_port)
 
 
 @contextlib.contextmanager

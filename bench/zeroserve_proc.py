@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import os
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -41,16 +39,7 @@ def start(
     port = servers.free_port()
     argv = [sys.executable, *entry, "--model_dir", model_dir, "--http_port", str(port),
             "--host", servers.HOST, *(("--model_name", model_name) if model_name else ()), *flags]  # fmt: skip
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        out.write(f"$ {' '.join(argv)}\n".encode())
-        out.flush()
-        started = time.perf_counter()
-        process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})}, start_new_session=True,
-        )  # fmt: skip
-    return servers.Server(label, model_name or "", port, process, log, started)
+    return servers.spawn(label, model_name or "", port, argv, log, env=env)
 
 
 @contextlib.contextmanager

@@ -225,7 +225,7 @@ class DataPlane:
     async def infer(self, name: str, version: str | None, request: InferRequest, *, rest: bool = False) -> InferResult:
         """Run one request where the placement policy says (placement.py), its model loaded first when the server
         loads on demand (model_manager.py). ``rest``: it came over REST."""
-        entry = self.models.ready(name, version)
+        entry = self.models.use_if_loaded(name, version)
         if entry is not None:
             try:
                 return await self._run(entry.model, request, rest)

@@ -93,7 +93,7 @@ class ModelManager:
         request for it must be answered."""
         return _Using(self, name, version)
 
-    def ready(self, name: str, version: str | None) -> Entry | None:
+    def use_if_loaded(self, name: str, version: str | None) -> Entry | None:
         """The entry of a loaded model, now in use by one request until ``release``; None when it is not loaded
         (then ``using`` loads it, or says why not). The fast path of every inference."""
         entry = self.repository.find(name, version)
