@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from zeroserve.runtime.placement import Placement, PlacementSettings, Traffic, choose, extra_turn
@@ -12,9 +13,13 @@ from zeroserve.runtime.run_stats import RunStats
 SHARING = PlacementSettings(inline_run_seconds=0.0003, share_cores=2)
 
 
+def feeds(nbytes: int) -> dict[str, np.ndarray]:
+    return {"input": np.zeros(nbytes, np.uint8)}
+
+
 def runs(average: float, fastest: float | None = None, fastest_bytes: int = 64) -> RunStats:
     stats = RunStats()
-    stats.record(fastest if fastest is not None else average, fastest_bytes)
+    stats.record(fastest if fastest is not None else average, feeds(fastest_bytes))
     stats.average_seconds = average
     return stats
 
@@ -49,8 +54,18 @@ def test_each_row_of_the_table(
     settings: PlacementSettings, batched: bool, cpu_only: bool, stats: RunStats, input_bytes: int, quiet: bool,
     expected: Placement,
 ) -> None:
-    placement = choose(settings, batched=batched, cpu_only=cpu_only, runs=stats, input_bytes=input_bytes, quiet=quiet)
+    asked: list[bool] = []
+
+    def traffic_quiet() -> bool:
+        asked.append(quiet)
+        return quiet
+
+    placement = choose(
+        settings, batched=batched, cpu_only=cpu_only, runs=stats, input_bytes=input_bytes, quiet=traffic_quiet
+    )
     assert placement is expected
+    # Traffic is asked about only where the table reads it (rows 3a/3b): a request on the loop never pays for it.
+    assert bool(asked) == (placement in (Placement.LOOP_ALONE, Placement.CORES))
 
 
 def test_rests_extra_turn_only_on_uvloop_and_only_with_company() -> None:
@@ -67,8 +82,9 @@ def test_traffic_is_quiet_only_after_a_spell_without_overlap() -> None:
     with traffic.admitted():
         assert traffic.quiet(settings, cores_contended=False)  # never overlapped
         assert not traffic.quiet(settings, cores_contended=True)  # a run left behind holds cores
-        with traffic.arriving():  # a body still arriving is company
-            assert traffic.others and traffic.company == 2
+        traffic.receiving += 1  # a body still arriving (DataPlane.admit counts it) is company
+        assert traffic.others and traffic.company == 2
+        traffic.receiving -= 1
         assert not traffic.quiet(settings, cores_contended=False)  # within the spell after that overlap
     time.sleep(0.06)
     with traffic.admitted():
@@ -78,13 +94,13 @@ def test_traffic_is_quiet_only_after_a_spell_without_overlap() -> None:
 
 def test_run_stats_keep_the_fastest_run_and_a_moving_average() -> None:
     stats = RunStats()
-    stats.record(0.010, 100)
-    stats.record(0.002, 50)
-    stats.record(0.020, 400)
+    stats.record(0.010, feeds(100))
+    stats.record(0.002, feeds(50))
+    stats.record(0.020, feeds(400))
     assert stats.fastest_seconds == 0.002 and stats.fastest_input_bytes == 50
     assert stats.average_seconds == pytest.approx(0.8 * (0.8 * 0.010 + 0.2 * 0.002) + 0.2 * 0.020)
     stats.restart_average()
-    stats.record(0.004, 60)
+    stats.record(0.004, feeds(60))
     assert stats.average_seconds == 0.004 and stats.fastest_seconds == 0.002
     stats.reset()
     assert stats.fastest_seconds == float("inf") and stats.fastest_input_bytes == 0

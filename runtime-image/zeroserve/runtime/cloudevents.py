@@ -53,22 +53,27 @@ class Event:
 def read_event(headers: Mapping[bytes, bytes], body: bytes) -> Event | None:
     """The event a request carries, or None when it is a plain V2 request. Raises InvalidInput (400) for an event
     that is malformed: a required attribute missing, another specversion, a structured event without data."""
-    content_type = headers.get(b"content-type", b"")
-    if b"cloudevents" in content_type.lower() and (
+    content_type = headers.get(b"content-type")
+    if content_type is not None and b"cloudevents" in content_type.lower() and (
         content_type.split(b";", 1)[0].strip().lower() == STRUCTURED_CONTENT_TYPE.encode()
     ):
         return _structured(body)
     # Dict lookups, not a scan of every header: this runs on every inference request.
-    if any(name in headers for name in _REQUIRED_HEADERS):
-        attributes = {
-            key[len(_HEADER_PREFIX):].decode("latin-1"): value.decode("latin-1")
-            for key, value in headers.items()
-            if key.startswith(_HEADER_PREFIX)
-        }
-        _check(attributes, "binary-mode event (ce-* headers)")
-        length = headers.get(HEADER_LENGTH.encode())
-        return Event("binary", attributes, body, length.decode("latin-1") if length is not None else None)
+    for name in _REQUIRED_HEADERS:
+        if name in headers:
+            return _binary(headers, body)
     return None
+
+
+def _binary(headers: Mapping[bytes, bytes], body: bytes) -> Event:
+    attributes = {
+        key[len(_HEADER_PREFIX):].decode("latin-1"): value.decode("latin-1")
+        for key, value in headers.items()
+        if key.startswith(_HEADER_PREFIX)
+    }
+    _check(attributes, "binary-mode event (ce-* headers)")
+    length = headers.get(HEADER_LENGTH.encode())
+    return Event("binary", attributes, body, length.decode("latin-1") if length is not None else None)
 
 
 def _structured(body: bytes) -> Event:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -14,9 +13,9 @@ from zeroserve.runtime.config import RuntimeConfig
 from zeroserve.runtime.cores import CoreScheduler
 from zeroserve.runtime.messages import InferRequest, InferResult, OutputTensor
 from zeroserve.runtime.metering import Metering
-from zeroserve.runtime.metrics import CallbackCounter, Gauge, Labels, Protocol, ServerMetrics
+from zeroserve.runtime.metrics import CallbackCounter, Gauge, Labels, ServerMetrics
 from zeroserve.runtime.model import OnnxModel
-from zeroserve.runtime.model_manager import ModelManager
+from zeroserve.runtime.model_manager import ModelManager, Use
 from zeroserve.runtime.placement import Placement, PlacementSettings, Traffic, choose, extra_turn
 from zeroserve.runtime.repository import ModelRepository, State
 from zeroserve.runtime.run_stats import RunResult, timed_run
@@ -106,14 +105,19 @@ class DataPlane:
         uvloop = type(loop).__module__.startswith("uvloop")
         self.placement = replace(self.placement, rest_extra_turn=uvloop)
 
-    def admit(self, nbytes: int) -> None:
+    def admit(self, nbytes: int, *, arriving: bool = False) -> Holding:
         """Refuse a request before its body is read (REST) or decoded (gRPC) when the server is full, with
         ServerBusy (503 and Retry-After): ``--max_queue_size`` requests already admitted, or ``nbytes`` more would
         take the request bytes held past ``--max_inflight_mib``. A request alone is always let in (up to
-        ``--max_request_mib``), so the budget never refuses what the server would take when idle."""
+        ``--max_request_mib``), so the budget never refuses what the server would take when idle.
+
+        Admitted, the request holds ``nbytes`` until the returned ``Holding`` is released (``with`` or
+        ``release()``: when its answer is sent). ``arriving``: its body is still being read (REST), which the
+        placement policy counts as in flight already, until ``Holding.arrived()``."""
         if self.max_queue and self.traffic.in_flight >= self.max_queue:
             raise ServerBusy(f"server is at its limit of {self.max_queue} queued inferences; retry shortly")
         self._check_budget(nbytes)
+        return Holding(self, nbytes, arriving)
 
     def _check_budget(self, nbytes: int, own: int = 0) -> None:
         budget = self.max_inflight_bytes
@@ -123,15 +127,13 @@ class DataPlane:
                 f"its budget of {budget >> 20} MiB (--max_inflight_mib); retry shortly"
             )
 
-    def holding(self, nbytes: int) -> Holding:
-        """Count a request's bytes against the budget for a ``with`` block (until its answer is sent); the
-        ``Holding`` grows as a body of unknown length arrives. Once none are held after large requests, the heap's
-        free memory goes back to the kernel (memory.release_free_memory)."""
-        return Holding(self, nbytes)
-
-    def _release(self, held: Holding) -> None:
-        self.bytes_held -= held.nbytes
-        self._peak_held = max(self._peak_held, self.bytes_held + held.nbytes)
+    def _release(self, nbytes: int) -> None:
+        """A request's bytes are no longer held. Once none are held after large requests, the heap's free memory
+        goes back to the kernel (memory.release_free_memory)."""
+        before = self.bytes_held
+        self.bytes_held = before - nbytes
+        if before > self._peak_held:
+            self._peak_held = before
         if not self.bytes_held and self._peak_held >= TRIM_AFTER_BYTES and not self._trimming:
             self._trimming = True
             self._peak_held = 0
@@ -142,10 +144,6 @@ class DataPlane:
             await asyncio.to_thread(memory.release_free_memory)
         finally:
             self._trimming = False
-
-    def arriving(self) -> contextlib.AbstractContextManager[None]:
-        """Count a REST request whose body is still being read: it is in flight before it is admitted."""
-        return self.traffic.arriving()
 
     def close(self) -> None:
         for batcher in self._batchers.values():
@@ -205,16 +203,6 @@ class DataPlane:
         async with self.models.using(name, version) as use:
             return use.model.metadata(self.repository.versions(name))
 
-    def observe(
-        self, name: str, version: str | None, result: InferResult | None, status: int, seconds: float,
-        protocol: Protocol,
-    ) -> None:
-        """Count one answered inference request (REST or gRPC) in the request metrics."""
-        if result is not None:
-            self.metrics.observe(result.model_name, result.model_version, status, seconds, protocol)
-            return
-        self.metrics.observe(*self.model_label(name, version), status, seconds, protocol)
-
     def model_label(self, name: str, version: str | None) -> tuple[str, str]:
         """The (model, version) labels of a request that failed: names the server serves only, so that a client
         cannot mint new metric series at will."""
@@ -224,73 +212,79 @@ class DataPlane:
 
     async def infer(self, name: str, version: str | None, request: InferRequest, *, rest: bool = False) -> InferResult:
         """Run one request where the placement policy says (placement.py), its model loaded first when the server
-        loads on demand (model_manager.py). ``rest``: it came over REST."""
-        entry = self.models.use_if_loaded(name, version)
-        if entry is not None:
-            try:
-                return await self._run(entry.model, request, rest)
-            finally:
-                self.models.release(entry)
-        async with self.models.using(name, version) as use:
-            result = await self._run(use.model, request, rest)
-        result.load, result.load_span = use.load, use.load_span
+        loads on demand (model_manager.py). ``rest``: it came over REST.
+
+        One coroutine from here to the run, on purpose: a run on the event loop suspends once or twice, and every
+        coroutine between the task and the suspension costs each resumption."""
+        models = self.models
+        entry = models.use_if_loaded(name, version)
+        use: Use | None = None
+        if entry is None:  # loaded now (on demand), or refused with the reason
+            entry, use = await models.acquire(name, version)
+        try:
+            model = entry.model
+            feeds = model.feeds(request.inputs)
+            output_names: list[str] | None = None
+            if request.outputs is not None:
+                output_names = [output.name for output in request.outputs]
+                if len(set(output_names)) != len(output_names):
+                    raise InvalidInput("an output is requested more than once")
+                model.check_outputs(output_names)
+            traffic = self.traffic
+            if self.max_queue and traffic.in_flight >= self.max_queue:
+                raise ServerBusy(f"server is at its limit of {self.max_queue} queued inferences; retry shortly")
+            with traffic.admitted():
+                submitted = time.perf_counter()
+                batch_size = 1
+                batcher = self._batcher(model)
+                input_bytes = 0
+                for array in feeds.values():
+                    input_bytes += array.nbytes
+                placement = choose(
+                    self.placement, batched=batcher is not None, cpu_only=model.cpu_only, runs=model.stats,
+                    input_bytes=input_bytes, quiet=self._quiet,
+                )
+                if placement is Placement.LOOP:
+                    await asyncio.sleep(0)
+                    if rest and traffic.others and extra_turn(self.placement, rest=rest, others_in_flight=True):
+                        await asyncio.sleep(0)
+                    arrays, started, finished, cpu = timed_run(model.run, feeds, output_names, on_loop=True)
+                elif placement is Placement.BATCH:
+                    assert batcher is not None
+                    arrays, started, finished, cpu, batch_size = await batcher.run(feeds, output_names)
+                elif placement is Placement.LOOP_ALONE or placement is Placement.CORES:
+                    cores = self.cores
+                    assert cores is not None
+                    if placement is Placement.LOOP_ALONE:
+                        # Requests whose tasks were already scheduled beside this one are admitted in one turn.
+                        await asyncio.sleep(0)
+                        if not self._quiet():
+                            placement = Placement.CORES
+                    if placement is Placement.LOOP_ALONE:
+                        cores.ran_alone()
+                        arrays, started, finished, cpu = timed_run(model.run, feeds, output_names, on_loop=True)
+                    else:
+                        arrays, started, finished, cpu = await self._run_on_cores(cores, model, feeds, output_names)
+                else:
+                    arrays, started, finished, cpu = await self._pool.run(timed_run, model.run, feeds, output_names)
+        finally:
+            models.release(entry)
+        self.metrics.observe_run(model.name, model.version, started - submitted, finished - started, batch_size)
+        datatypes = model.output_datatypes
+        names = output_names if output_names is not None else model.output_names
+        result = InferResult(
+            model.name, model.version,
+            [OutputTensor(out_name, datatypes[out_name], array) for out_name, array in zip(names, arrays)],
+            request.id, queue_seconds=started - submitted, compute_seconds=finished - started, cpu_seconds=cpu,
+        )
+        if use is not None:
+            result.load, result.load_span = use.load, use.load_span
         return result
 
-    async def _run(self, model: OnnxModel, request: InferRequest, rest: bool) -> InferResult:
-        feeds = model.feeds(request.inputs)
-        output_names: list[str] | None = None
-        if request.outputs is not None:
-            output_names = [output.name for output in request.outputs]
-            if len(set(output_names)) != len(output_names):
-                raise InvalidInput("an output is requested more than once")
-            model.check_outputs(output_names)
-        traffic = self.traffic
-        if self.max_queue and traffic.in_flight >= self.max_queue:
-            raise ServerBusy(f"server is at its limit of {self.max_queue} queued inferences; retry shortly")
-        with traffic.admitted():
-            submitted = time.perf_counter()
-            batch_size = 1
-            batcher = self._batcher(model)
-            input_bytes = sum(array.nbytes for array in feeds.values())
-            cores = self.cores
-            placement = choose(
-                self.placement, batched=batcher is not None, cpu_only=model.cpu_only, runs=model.stats,
-                input_bytes=input_bytes, quiet=cores is not None and traffic.quiet(self.placement, cores.contended),
-            )
-            if placement is Placement.LOOP_ALONE:
-                assert cores is not None
-                # Requests whose tasks were already scheduled beside this one are admitted in one turn of the loop.
-                await asyncio.sleep(0)
-                if not traffic.quiet(self.placement, cores.contended):
-                    placement = Placement.CORES
-            if placement is Placement.BATCH:
-                assert batcher is not None
-                arrays, started, finished, cpu, batch_size = await batcher.run(feeds, output_names)
-            elif placement is Placement.LOOP:
-                await asyncio.sleep(0)
-                if extra_turn(self.placement, rest=rest, others_in_flight=traffic.others):
-                    await asyncio.sleep(0)
-                arrays, started, finished, cpu = timed_run(model.run, feeds, output_names, on_loop=True)
-            elif placement is Placement.LOOP_ALONE:
-                assert cores is not None
-                cores.ran_alone()
-                arrays, started, finished, cpu = timed_run(model.run, feeds, output_names, on_loop=True)
-            elif placement is Placement.CORES:
-                assert cores is not None
-                arrays, started, finished, cpu = await self._run_on_cores(cores, model, feeds, output_names)
-            else:
-                arrays, started, finished, cpu = await self._pool.run(timed_run, model.run, feeds, output_names)
-        self.metrics.observe_run(model.name, model.version, started - submitted, finished - started, batch_size)
-        specs = {spec.name: spec for spec in model.outputs}
-        names = output_names if output_names is not None else [spec.name for spec in model.outputs]
-        outputs = [
-            OutputTensor(out_name, specs[out_name].datatype, array)
-            for out_name, array in zip(names, arrays)
-        ]
-        return InferResult(
-            model.name, model.version, outputs, request.id,
-            queue_seconds=started - submitted, compute_seconds=finished - started, cpu_seconds=cpu,
-        )
+    def _quiet(self) -> bool:
+        """Whether traffic is quiet for the placement policy's rows 3a/3b (asked only there)."""
+        cores = self.cores
+        return cores is not None and self.traffic.quiet(self.placement, cores.contended)
 
     async def _run_on_cores(
         self, cores: CoreScheduler, model: OnnxModel, feeds: dict[str, Any], output_names: list[str] | None
@@ -321,21 +315,39 @@ def _run_with_cores(
 
 
 class Holding:
-    """The bytes one request holds against the data plane's budget, for a ``with`` block. A class rather than a
-    generator's context manager: every request enters one."""
+    """The bytes one admitted request holds against the data plane's budget (``DataPlane.admit``), until
+    ``release()`` or the end of its ``with`` block. A class rather than a generator's context manager: every
+    request makes one."""
 
-    __slots__ = ("_dataplane", "nbytes")
+    __slots__ = ("_dataplane", "nbytes", "_arriving", "_released")
 
-    def __init__(self, dataplane: DataPlane, nbytes: int) -> None:
+    def __init__(self, dataplane: DataPlane, nbytes: int, arriving: bool) -> None:
         self._dataplane = dataplane
         self.nbytes = nbytes
+        self._arriving = arriving
+        self._released = False
+        dataplane.bytes_held += nbytes
+        if arriving:
+            dataplane.traffic.receiving += 1
 
     def __enter__(self) -> Holding:
-        self._dataplane.bytes_held += self.nbytes
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._dataplane._release(self)
+        self.release()
+
+    def arrived(self) -> None:
+        """The request's body is read: it no longer counts as arriving."""
+        if self._arriving:
+            self._arriving = False
+            self._dataplane.traffic.receiving -= 1
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self.arrived()
+        self._dataplane._release(self.nbytes)
 
     def grow(self, nbytes: int) -> None:
         """Hold ``nbytes`` more (a body of unknown length arriving); ServerBusy when that passes the budget."""

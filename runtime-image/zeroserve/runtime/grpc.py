@@ -13,7 +13,6 @@ from the error tree (``errors.py``) to gRPC codes. ``ModelInfer`` is observed as
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -32,7 +31,7 @@ from zeroserve.protocol.start import START_HEADER, retry_after_value
 from zeroserve.runtime import grpc_codec
 from zeroserve.runtime._proto import open_inference_grpc_pb2 as pb
 from zeroserve.runtime.config import RuntimeConfig
-from zeroserve.runtime.dataplane import DataPlane
+from zeroserve.runtime.dataplane import DataPlane, Holding
 from zeroserve.runtime.invocation import Invocation
 from zeroserve.runtime.repository import ModelRepository, State
 from zeroserve.runtime.server_errors import InvalidInput, ModelLoadError, ModelNotReady, ServerError
@@ -170,18 +169,28 @@ class InferenceServicer:
         trailing metadata ``server-timing`` on success."""
         invocation = Invocation(self.dataplane, self.telemetry, "grpc", span, self._span_outcome)
         request: pb.ModelInferRequest | None = None
-        with contextlib.ExitStack() as holding:  # the message counts against the budget until answered
+        held: Holding | None = None  # the message counts against the budget until answered
+        try:
             try:
-                self.dataplane.admit(len(data))  # before decoding
-                holding.enter_context(self.dataplane.holding(len(data)))
+                held = self.dataplane.admit(len(data))  # before decoding
                 heavy = len(data) > HEAVY_MESSAGE_BYTES  # typed contents and BYTES cost Python work per value
-                message, raw_contents = await invocation.work(heavy, grpc_codec.parse_infer_request, data)
-                request = message
-                decoded, raw_outputs = await invocation.work(
-                    heavy, grpc_codec.decode_request, message, self.limits, raw_contents
-                )
+                if heavy:
+                    message, raw_contents = await invocation.off_loop(grpc_codec.parse_infer_request, data)
+                    request = message
+                    decoded, raw_outputs = await invocation.off_loop(
+                        grpc_codec.decode_request, message, self.limits, raw_contents
+                    )
+                else:
+                    message, raw_contents = invocation.here(grpc_codec.parse_infer_request, data)
+                    request = message
+                    decoded, raw_outputs = invocation.here(
+                        grpc_codec.decode_request, message, self.limits, raw_contents
+                    )
                 result = await self.dataplane.infer(message.model_name, message.model_version or None, decoded)
-                response = await invocation.work(encode_is_heavy(result), grpc_codec.encode_result, result, raw_outputs)
+                if encode_is_heavy(result):
+                    response = await invocation.off_loop(grpc_codec.encode_result, result, raw_outputs)
+                else:
+                    response = invocation.here(grpc_codec.encode_result, result, raw_outputs)
             except ServerError as exc:
                 error = exc
             except Exception:
@@ -194,6 +203,9 @@ class InferenceServicer:
             name, version = (request.model_name, request.model_version or None) if request else ("", None)
             billed = invocation.failed(error.status, name, version, (request.id or None) if request else None)
             await _abort(context, error, billed)
+        finally:
+            if held is not None:
+                held.release()
 
     def _span_outcome(self, span: Span, status: int, coldstart: bool, request_id: str | None) -> None:
         code = STATUS_CODES.get(HTTPStatus(status), grpc.StatusCode.INTERNAL) if status != 200 else grpc.StatusCode.OK

@@ -19,7 +19,6 @@ arrived in full before the stop are served, not reset, even when a busy event lo
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -48,17 +47,21 @@ class ServerConfig(uvicorn.Config):
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
+    """The bounds are checked where they cost least: the head's size per read while a head spans several reads,
+    the target and header lines once, when the head is complete (a head that fits in a header line's bound cannot
+    hold a line past it, so a common request's lines are never looked at)."""
+
     def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         self.limits: ConnectionLimits = getattr(config, "connection_limits", ConnectionLimits())
         self._head_open = True  # reading a request head: from the connection's start or a message's first byte
-        self._head_bytes = 0
-        self._target_bytes = 0
-        self._refusal: tuple[int, str] | None = None
+        self._head_bytes = 0  # of the head being read, in the reads before this one
+        self._read_bytes = 0  # this read's
         self._refused = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_deadline = 0.0  # loop.time() by which the head being read must be complete
-        self.idle_since: float | None = time.monotonic()  # None while a request is in progress
+        self.idle_since: float | None = self.loop.time()  # None while a request is in progress
+        self.url = b""  # uvicorn sets it when a message begins; a read may end before one has (a stray CRLF)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         crowded = len(self.connections) >= self.limits.max_connections
@@ -76,16 +79,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._refused:
             return
         head_open = self._head_open
+        self._read_bytes = len(data)
         super().data_received(data)
-        if self._refused or self.transport.is_closing():
-            return
-        if self._refusal is not None:
-            self._refuse(*self._refusal)
-            return
-        if head_open and self._head_open:  # the head goes on past this chunk
+        if head_open and self._head_open and not self._refused and not self.transport.is_closing():
+            # The head goes on past this read: bounded now, not once it is complete (it might never be).
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_head_bytes:
                 self._refuse(431, f"the request's headers are over {self.limits.max_head_bytes} bytes")
+            elif len(self.url) > self.limits.max_target_bytes:
+                self._refuse_target()
 
     # Parser callbacks
 
@@ -93,35 +95,26 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self.idle_since = None
         self._head_open = True
-        self._head_bytes = self._target_bytes = 0
+        self._head_bytes = 0
         self._head_deadline = self.loop.time() + self.limits.head_timeout
         if self._head_timer is None:
             self._head_timer = self.loop.call_at(self._head_deadline, self._head_timed_out)
 
-    def on_url(self, url: bytes) -> None:
-        self._target_bytes += len(url)
-        if self._target_bytes > self.limits.max_target_bytes:
-            self._refusal = self._refusal or (414, f"the request target is over {self.limits.max_target_bytes} bytes")
-            return
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) + len(value) > self.limits.max_header_line_bytes:
-            self._refusal = self._refusal or (
-                431, f"a header line is over {self.limits.max_header_line_bytes} bytes ({name[:64]!r}...)"
-            )
-            return
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         self._head_open = False  # the timer stays: cancelling and arming one per request costs more than a check
-        if self._refusal is not None:
-            self._refuse(*self._refusal)  # before a task starts: the app never sees the request
+        limits = self.limits
+        if len(self.url) > limits.max_target_bytes:
+            self._refuse_target()
             return
+        if self._head_bytes + self._read_bytes > limits.max_header_line_bytes:
+            for name, value in self.headers:
+                if len(name) + len(value) > limits.max_header_line_bytes:
+                    self._refuse(431, f"a header line is over {limits.max_header_line_bytes} bytes ({name[:64]!r}...)")
+                    return
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
-        if not self._refused:
+        if not self._refused:  # the rest of a read whose request was refused
             super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -130,10 +123,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self.idle_since = time.monotonic()
+        now = self.loop.time()
+        self.idle_since = now
         self._head_open = True
         self._head_bytes = 0
-        self._head_deadline = self.loop.time() + self.limits.head_timeout  # as uvicorn's keep-alive timeout runs
+        self._head_deadline = now + self.limits.head_timeout  # as uvicorn's keep-alive timeout runs
 
     # The bounds
 
@@ -171,6 +165,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         oldest.transport.close()
         self.connections.discard(oldest)
         return True
+
+    def _refuse_target(self) -> None:
+        self._refuse(414, f"the request target is over {self.limits.max_target_bytes} bytes")
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer ``status`` with a V2 error body and close the connection; the parser reads no more."""

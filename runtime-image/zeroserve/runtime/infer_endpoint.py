@@ -36,6 +36,8 @@ _HEADER_LENGTH = HEADER_LENGTH.encode()
 # Deflate inflates at most about 1000:1, so a compressed body this small inflates in a few ms on the event loop.
 _INFLATE_ON_LOOP_BYTES = 16 * 1024
 _INFLATE_PIECE_BYTES = 16 * 1024 * 1024
+# Infer paths remembered parsed: a server's clients use a few; clients that invent paths cannot grow it past this.
+_KNOWN_TARGETS = 256
 
 
 class ClientGone(Exception):
@@ -48,10 +50,16 @@ class InferFastPath:
     def __init__(self, endpoint: InferEndpoint, fallback: Starlette) -> None:
         self.endpoint = endpoint
         self.fallback = fallback
+        self._targets: dict[str, tuple[str, str | None]] = {}  # infer paths seen, parsed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            target = infer_target(scope["path"])
+            path = scope["path"]
+            target = self._targets.get(path)
+            if target is None:
+                target = infer_target(path)
+                if target is not None and len(self._targets) < _KNOWN_TARGETS:
+                    self._targets[path] = target
             if target is not None:
                 await self.endpoint.handle(scope, receive, send, *target)
                 return
@@ -93,14 +101,17 @@ class InferEndpoint:
         try:
             try:
                 declared = _declared_length(headers, self.limits.max_body_bytes)
-                self.dataplane.admit(declared or 0)  # before the body is read
-                holding = held = self.dataplane.holding(declared or 0).__enter__()
-                with self.dataplane.arriving():  # in flight already, for the placement policy
-                    body = await self._read_body(headers, receive, holding if declared is None else None)
+                held = self.dataplane.admit(declared or 0, arriving=True)  # before the body is read
+                message: Message = await receive()
+                if declared is not None and not message.get("more_body", False) and message["type"] == "http.request":
+                    body: bytes = message.get("body", b"")  # all of it, its declared length checked against the limit
+                else:
+                    body = await self._read_body(message, receive, held if declared is None else None)
+                held.arrived()
                 encoding = headers.get(b"content-encoding")
                 if encoding:
                     body = await _inflate(body, encoding.decode("latin-1").strip().lower(), self.limits.max_body_bytes,
-                                          holding, invocation)
+                                          held, invocation)
                 raw_length = headers.get(_HEADER_LENGTH)
                 header_length = raw_length.decode("latin-1") if raw_length is not None else None
                 event = cloudevents.read_event(headers, body)
@@ -108,16 +119,19 @@ class InferEndpoint:
                     body, header_length = event.data, event.header_length
                     if span is not None:
                         span.set_attributes(cloudevents.span_attributes(event))
-                heavy = rest_codec.decode_is_heavy(body, header_length)
-                request = await invocation.work(heavy, rest_codec.decode_request, body, header_length, self.limits)
+                if rest_codec.decode_is_heavy(body, header_length):
+                    request = await invocation.off_loop(rest_codec.decode_request, body, header_length, self.limits)
+                else:
+                    request = invocation.here(rest_codec.decode_request, body, header_length, self.limits)
                 if event is not None and event.mode == "structured" and rest_codec.asks_binary_outputs(request):
                     raise InvalidInput(
                         "a structured CloudEvent carries JSON only: ask for JSON outputs, or send a binary-mode event"
                     )
                 result = await self.dataplane.infer(name, version, request, rest=True)
-                content, response_headers = await invocation.work(
-                    encode_is_heavy(result), rest_codec.encode_result, result, request
-                )
+                if encode_is_heavy(result):
+                    content, response_headers = await invocation.off_loop(rest_codec.encode_result, result, request)
+                else:
+                    content, response_headers = invocation.here(rest_codec.encode_result, result, request)
                 if event is not None:
                     content, response_headers = cloudevents.answer(
                         event, self.events, result.model_name, content, response_headers
@@ -141,13 +155,12 @@ class InferEndpoint:
             await send({"type": "http.response.body", "body": content})
         finally:
             if held is not None:
-                held.__exit__(None, None, None)
+                held.release()
 
-    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive, growing: Holding | None) -> bytes:
-        """The whole body, within ``--max_request_mib``; ``growing`` holds the bytes of a body of unknown length
-        as they arrive (refused with 503 once the budget is passed)."""
+    async def _read_body(self, message: Message, receive: Receive, growing: Holding | None) -> bytes:
+        """The whole body from its first message on, within ``--max_request_mib``; ``growing`` holds the bytes of a
+        body of unknown length as they arrive (refused with 503 once the budget is passed)."""
         limit = self.limits.max_body_bytes
-        message: Message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
         body: bytes = message.get("body", b"")
@@ -216,7 +229,10 @@ async def _inflate(body: bytes, encoding: str, limit: int, held: Holding, invoca
     while True:
         asked = min(_INFLATE_PIECE_BYTES, limit + 1 - total)
         try:
-            piece: bytes = await invocation.work(off_loop, decompressor.decompress, data, asked)
+            if off_loop:
+                piece: bytes = await invocation.off_loop(decompressor.decompress, data, asked)
+            else:
+                piece = invocation.here(decompressor.decompress, data, asked)
         except zlib.error as exc:
             raise InvalidInput(f"request body is not valid {encoding}: {exc}") from None
         total += len(piece)

@@ -1,7 +1,7 @@
 """What REST and gRPC do alike around one inference: its time from received to answered, its bill (metering.py),
 its outcome in the request metrics and on its SERVER span, whether it is this process's first answer (its cold
 start), and the ``Server-Timing`` it answers with. The transports decode, call the data plane and encode, through
-``work`` so that the CPU it costs is counted; this does the rest.
+``here`` or ``off_loop`` so that the CPU it costs is counted; this does the rest.
 """
 
 from __future__ import annotations
@@ -50,20 +50,22 @@ class Invocation:
         self.received = time.perf_counter()
         self.cpu_seconds = 0.0  # decoding and encoding; the run's own comes with its result
 
-    async def work(self, off_loop: bool, function: Callable[..., T], *args: object) -> T:
-        """``function(*args)`` (a decode or an encode), its CPU time counted: on the event loop, or in a thread of
-        its own when ``off_loop`` (large work would hold every other connection)."""
-        if off_loop:
-            result, cpu = await asyncio.to_thread(cpu_timed, function, *args)
-        else:  # on the event loop's thread its wall time is its CPU time (see run_stats.timed_run)
-            started = time.perf_counter()
-            result = function(*args)
-            cpu = time.perf_counter() - started
+    def here(self, function: Callable[..., T], *args: object) -> T:
+        """``function(*args)`` (a decode or an encode) on the event loop, its CPU time counted: there its wall time is
+        its CPU time (see run_stats.timed_run)."""
+        started = time.perf_counter()
+        result = function(*args)
+        self.cpu_seconds += time.perf_counter() - started
+        return result
+
+    async def off_loop(self, function: Callable[..., T], *args: object) -> T:
+        """``function(*args)`` in a thread of its own, its CPU time counted: for work large enough to hold every
+        other connection if it ran on the event loop."""
+        result, cpu = await asyncio.to_thread(cpu_timed, function, *args)
         self.cpu_seconds += cpu
         return result
 
-    def _bill(self, model: str) -> str:
-        seconds = time.perf_counter() - self.received
+    def _bill(self, model: str, seconds: float) -> str:
         bill = self._dataplane.metering.bill(model, seconds, self.cpu_seconds)
         if self._span is not None:
             self._telemetry.set_bill(self._span, bill)
@@ -73,36 +75,37 @@ class Invocation:
         """Record a success; returns the headers (REST) or trailing metadata (gRPC) the answer carries:
         ``server-timing`` (the bill, queue and compute; the cold start's phases on the process's first answer) and,
         on that first answer of a traced process, the init span's traceparent."""
-        coldstart = self._dataplane.repository.coldstart
-        first = coldstart.take_first_answer()
+        seconds = time.perf_counter() - self.received
         self.cpu_seconds += result.cpu_seconds
-        timing = f"{self._bill(result.model_name)}, {result.server_timing()}"
+        timing = f"{self._bill(result.model_name, seconds)}, {result.server_timing()}"
         if result.load is not None:  # it waited for its model to load (on demand)
             timing = f"{_load_timing(result.load)}, {timing}"
             if self._span is not None:
                 self._telemetry.mark_model_load(self._span, result.load_span)
-        extra: list[tuple[str, str]] = []
+        headers = [("server-timing", timing)]
+        coldstart = self._dataplane.repository.coldstart
+        first = coldstart.take_first_answer()
         if first:
-            timing = f"{coldstart.server_timing()}, {timing}"
+            headers[0] = ("server-timing", f"{coldstart.server_timing()}, {timing}")
             traceparent = self._telemetry.init_traceparent()
             if traceparent is not None:
-                extra.append((INIT_SPAN_HEADER, traceparent))
+                headers.append((INIT_SPAN_HEADER, traceparent))
         if self._span is not None:
             self._outcome(self._span, 200, first, result.id)
             if first:
                 self._telemetry.mark_cold_answer(self._span, coldstart)
-        self._dataplane.observe(
-            result.model_name, result.model_version, result, 200, time.perf_counter() - self.received, self._protocol
-        )
-        return [("server-timing", timing), *extra]
+        self._dataplane.metrics.observe(result.model_name, result.model_version, 200, seconds, self._protocol)
+        return headers
 
     def failed(self, status: int, name: str, version: str | None, request_id: str | None) -> list[tuple[str, str]]:
         """Record an error answer with its HTTP status (gRPC: the status of the error it answers with); returns
         the headers (trailing metadata) it carries: its bill, for an error is an invocation too."""
+        seconds = time.perf_counter() - self.received
         if self._span is not None:
             self._outcome(self._span, status, False, request_id)
-        timing = self._bill(self._dataplane.model_label(name, version)[0])
-        self._dataplane.observe(name, version, None, status, time.perf_counter() - self.received, self._protocol)
+        model, model_version = self._dataplane.model_label(name, version)
+        timing = self._bill(model, seconds)
+        self._dataplane.metrics.observe(model, model_version, status, seconds, self._protocol)
         return [("server-timing", timing)]
 
 

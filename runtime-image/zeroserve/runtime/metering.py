@@ -34,9 +34,10 @@ _FAMILIES = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Bill:
-    """What one invocation costs."""
+    """What one invocation costs. (Not frozen: one is made for every invocation, and a frozen dataclass's
+    ``__init__`` sets each field through ``object.__setattr__``.)"""
 
     billed_ms: int
     gb_seconds: float

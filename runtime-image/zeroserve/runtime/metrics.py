@@ -26,14 +26,15 @@ class Histogram:
         self._series: dict[Labels, list[float]] = {}  # bucket counts..., then sum, then count
 
     def observe(self, labels: Labels, value: float) -> None:
+        _add(self.series(labels), self.buckets, value)
+
+    def series(self, labels: Labels) -> list[float]:
+        """The counts of one series (created empty), for ``_add``: a caller that observes the same labels on every
+        request keeps it rather than build and hash its labels each time."""
         series = self._series.get(labels)
         if series is None:
             series = self._series[labels] = [0.0] * (len(self.buckets) + 2)
-        index = bisect.bisect_left(self.buckets, value)  # first bucket whose bound is >= value
-        if index < len(self.buckets):
-            series[index] += 1
-        series[-2] += value
-        series[-1] += 1
+        return series
 
     def render(self) -> Iterator[str]:
         yield f"# HELP {self.name} {self.help}"
@@ -48,18 +49,33 @@ class Histogram:
             yield f"{self.name}_count{_format(labels)} {_number(series[-1])}"
 
 
+def _add(series: list[float], buckets: tuple[float, ...], value: float) -> None:
+    index = bisect.bisect_left(buckets, value)  # first bucket whose bound is >= value
+    if index < len(buckets):
+        series[index] += 1
+    series[-2] += value
+    series[-1] += 1
+
+
 class Counter:
     def __init__(self, name: str, help_text: str) -> None:
         self.name, self.help = name, help_text
-        self._values: dict[Labels, float] = {}
+        self._values: dict[Labels, list[float]] = {}  # a one-item list per series, which a caller may keep
 
     def inc(self, labels: Labels, amount: float = 1.0) -> None:
-        self._values[labels] = self._values.get(labels, 0.0) + amount
+        self.cell(labels)[0] += amount
+
+    def cell(self, labels: Labels) -> list[float]:
+        """One series' value as a one-item list (created at 0), to add to without its labels' lookup."""
+        cell = self._values.get(labels)
+        if cell is None:
+            cell = self._values[labels] = [0.0]
+        return cell
 
     def render(self) -> Iterator[str]:
         yield f"# HELP {self.name} {self.help}"
         yield f"# TYPE {self.name} counter"
-        for labels, value in self._values.items():
+        for labels, (value,) in self._values.items():
             yield f"{self.name}{_format(labels)} {_number(value)}"
 
 
@@ -84,6 +100,17 @@ class CallbackCounter(Gauge):
     kind = "counter"
 
 
+class _RequestSeries:
+    """The series one (model, version, protocol) adds its answered requests to."""
+
+    __slots__ = ("labels", "seconds", "outcomes")
+
+    def __init__(self, labels: Labels, seconds: list[float]) -> None:
+        self.labels = labels
+        self.seconds = seconds
+        self.outcomes: dict[str, list[float]] = {}
+
+
 class ServerMetrics:
     def __init__(self) -> None:
         self.requests = Counter("zeroserve_inference_requests_total", "Inference requests answered, by outcome")
@@ -100,6 +127,10 @@ class ServerMetrics:
         self._gauges: list[Gauge] = []
         self._counters: list[Counter] = []
         self._histograms: list[Histogram] = []
+        # The series one request adds to, by (model, version, protocol) and by (model, version): every request
+        # observes six series, and their labels are few.
+        self._request_series: dict[tuple[str, str, str], _RequestSeries] = {}
+        self._run_series: dict[tuple[str, str], tuple[list[float], list[float], list[float]]] = {}
 
     def add_gauge(self, gauge: Gauge) -> None:
         self._gauges.append(gauge)
@@ -120,16 +151,29 @@ class ServerMetrics:
     def observe(self, model: str, version: str, status: int, seconds: float, protocol: Protocol) -> None:
         """One answered inference request. ``status`` is the HTTP status, for gRPC that of the error it
         was answered with (``errors.py``), so both protocols count outcomes alike."""
-        labels = (("model", model), ("version", version), ("protocol", protocol))
+        key = (model, version, protocol)
+        series = self._request_series.get(key)
+        if series is None:
+            labels = (("model", model), ("version", version), ("protocol", protocol))
+            series = self._request_series[key] = _RequestSeries(labels, self.request_seconds.series(labels))
         outcome = "success" if status < 400 else "failure"
-        self.requests.inc((*labels, ("outcome", outcome)))
-        self.request_seconds.observe(labels, seconds)
+        cell = series.outcomes.get(outcome)
+        if cell is None:  # created when first counted: /metrics shows the outcomes that happened
+            cell = series.outcomes[outcome] = self.requests.cell((*series.labels, ("outcome", outcome)))
+        cell[0] += 1
+        _add(series.seconds, LATENCY_BUCKETS, seconds)
 
     def observe_run(self, model: str, version: str, queue: float, compute: float, batch_size: int) -> None:
-        labels = (("model", model), ("version", version))
-        self.queue_seconds.observe(labels, queue)
-        self.compute_seconds.observe(labels, compute)
-        self.batch_size.observe(labels, batch_size)
+        key = (model, version)
+        series = self._run_series.get(key)
+        if series is None:
+            labels = (("model", model), ("version", version))
+            series = self._run_series[key] = (
+                self.queue_seconds.series(labels), self.compute_seconds.series(labels), self.batch_size.series(labels)
+            )
+        _add(series[0], LATENCY_BUCKETS, queue)
+        _add(series[1], LATENCY_BUCKETS, compute)
+        _add(series[2], BATCH_BUCKETS, batch_size)
 
     def render(self) -> str:
         families: list[Counter | Histogram | Gauge] = [

@@ -80,7 +80,8 @@ class OnnxModel:
         self.execution_providers: list[str] = []
         self._session: onnxruntime.InferenceSession | None = None
         self._inputs_by_name: dict[str, TensorSpec] = {}
-        self._output_names: frozenset[str] = frozenset()
+        self.output_names: list[str] = []  # in the session's order: the outputs a request gets when it names none
+        self.output_datatypes: dict[str, str] = {}
         self.stats = RunStats()  # what the placement policy decides on (placement.py)
         # Serving on CUDA while TensorRT is still to be built (--trt_build background): upgrade() does it.
         self.upgrade_pending = False
@@ -154,7 +155,8 @@ class OnnxModel:
         self.inputs = [_spec(node) for node in session.get_inputs()]
         self.outputs = [_spec(node) for node in session.get_outputs()]
         self._inputs_by_name = {spec.name: spec for spec in self.inputs}
-        self._output_names = frozenset(spec.name for spec in self.outputs)
+        self.output_names = [spec.name for spec in self.outputs]
+        self.output_datatypes = {spec.name: spec.datatype for spec in self.outputs}
         self._session = session  # one reference assignment: a run reads it once, so a swap is safe
 
     def metadata(self, versions: list[str]) -> dict[str, Any]:
@@ -189,14 +191,14 @@ class OnnxModel:
                     f"expects {spec.shape} (-1 means any size)"
                 )
             feeds[tensor.name] = tensor.array
-        missing = [name for name in self._inputs_by_name if name not in feeds]
-        if missing:
+        if len(feeds) != len(self._inputs_by_name):  # every name in feeds is an input's
+            missing = [name for name in self._inputs_by_name if name not in feeds]
             raise InvalidInput(f"model '{self.name}' needs input(s) {', '.join(map(repr, missing))}")
         return feeds
 
     def check_outputs(self, names: list[str]) -> None:
         for name in names:
-            if name not in self._output_names:
+            if name not in self.output_datatypes:
                 expected = ", ".join(repr(spec.name) for spec in self.outputs)
                 raise InvalidInput(f"model '{self.name}' has no output named '{name}'; its outputs are {expected}")
 
@@ -205,7 +207,7 @@ class OnnxModel:
         assert self._session is not None, "load() the model first"
         started = time.perf_counter()
         outputs = self._run_on(self._session, feeds, output_names)
-        self.stats.record(time.perf_counter() - started, sum(array.nbytes for array in feeds.values()))
+        self.stats.record(time.perf_counter() - started, feeds)
         return outputs
 
     def run_single_thread(self, feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
@@ -265,7 +267,8 @@ class OnnxModel:
         self, session: onnxruntime.InferenceSession, feeds: dict[str, np.ndarray], output_names: list[str] | None
     ) -> list[np.ndarray]:
         try:
-            outputs: list[np.ndarray] = session.run(output_names, feeds)
+            # Named, not None: ORT would build the list of every output's name on each run.
+            outputs: list[np.ndarray] = session.run(output_names or self.output_names, feeds)
         except Exception as exc:
             # ORT reports data-dependent failures (an index out of range, a reshape that does not fit)
             # as INVALID_ARGUMENT: those are the caller's to fix.
@@ -316,4 +319,7 @@ class OnnxModel:
 def _shape_matches(shape: list[int], expected: list[int]) -> bool:
     if len(shape) != len(expected):
         return False
-    return all(want < 0 or got == want for got, want in zip(shape, expected))
+    for got, want in zip(shape, expected):
+        if want >= 0 and got != want:
+            return False
+    return True

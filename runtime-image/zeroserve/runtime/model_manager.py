@@ -107,7 +107,9 @@ class ModelManager:
         entry.in_flight -= 1
         entry.last_used = time.monotonic()
 
-    async def _enter(self, name: str, version: str | None) -> tuple[Entry, Use]:
+    async def acquire(self, name: str, version: str | None) -> tuple[Entry, Use]:
+        """The entry of a model, loaded first when it is not and the server loads on demand, now in use by one
+        request until ``release``; raises what a request for it must be answered."""
         entry = self.repository.find(name, version)
         use = Use(entry.model)
         if entry.state is not State.READY:
@@ -315,7 +317,7 @@ class _Using:
         self._entry: Entry | None = None
 
     async def __aenter__(self) -> Use:
-        self._entry, use = await self._manager._enter(self._name, self._version)
+        self._entry, use = await self._manager.acquire(self._name, self._version)
         return use
 
     async def __aexit__(self, *exc: object) -> None:

@@ -70,9 +70,10 @@ def choose(
     cpu_only: bool,
     runs: RunStats,
     input_bytes: int,
-    quiet: bool,
+    quiet: Callable[[], bool],
 ) -> Placement:
-    """The placement of one request (the table in this module's docstring)."""
+    """The placement of one request (the table in this module's docstring). ``quiet`` says whether traffic is
+    quiet (``Traffic.quiet``); it is asked only for the row that needs it."""
     if batched:
         return Placement.BATCH
     if not cpu_only:
@@ -80,7 +81,7 @@ def choose(
     if runs.average_seconds < settings.inline_run_seconds and input_bytes <= settings.inline_max_input_bytes:
         return Placement.LOOP
     if settings.share_cores and runs.fastest_seconds >= settings.share_min_run_seconds:
-        if quiet and _short_enough(settings, runs, input_bytes):
+        if quiet() and _short_enough(settings, runs, input_bytes):
             return Placement.LOOP_ALONE
         return Placement.CORES
     return Placement.POOL
@@ -104,31 +105,18 @@ def extra_turn(settings: PlacementSettings, *, rest: bool, others_in_flight: boo
 
 class Traffic:
     """The requests in flight, as the policy sees them: admitted and not answered, or still arriving (a REST body
-    being read over several turns of the loop is in flight before it is admitted), and when requests last
-    overlapped. Used on the event loop only."""
+    being read over several turns of the loop is in flight before it is admitted: ``DataPlane.admit`` counts it in
+    ``receiving``), and when requests last overlapped. Used on the event loop only."""
 
     def __init__(self) -> None:
         self.in_flight = 0
         self.receiving = 0
-        self._overlapped_at = -float("inf")  # time.monotonic() when requests were last seen overlapping
-        self._arriving = _Counting(self._arrive)
-        self._admitted = _Counting(self._admit)
+        self.overlapped_at = -float("inf")  # time.monotonic() when requests were last seen overlapping
+        self._admitted = _Admitted(self)
 
-    def arriving(self) -> _Counting:
-        """Count a request whose body is still being read (``with traffic.arriving(): ...``)."""
-        return self._arriving
-
-    def admitted(self) -> _Counting:
+    def admitted(self) -> _Admitted:
         """Count a request from admission to its answer (``with traffic.admitted(): ...``)."""
         return self._admitted
-
-    def _arrive(self, step: int) -> None:
-        self.receiving += step
-
-    def _admit(self, step: int) -> None:
-        self.in_flight += step
-        if step > 0 and (self.in_flight > 1 or self.receiving):
-            self._overlapped_at = time.monotonic()
 
     @property
     def others(self) -> bool:
@@ -140,9 +128,9 @@ class Traffic:
         requests seen overlapping for ``lone_quiet_seconds``."""
         now = time.monotonic()
         if self.others or cores_contended:
-            self._overlapped_at = now
+            self.overlapped_at = now
             return False
-        return now - self._overlapped_at >= settings.lone_quiet_seconds
+        return now - self.overlapped_at >= settings.lone_quiet_seconds
 
     @property
     def company(self) -> int:
@@ -150,17 +138,20 @@ class Traffic:
         return self.in_flight + self.receiving
 
 
-class _Counting:
-    """A counter's ``with`` block: one up on entry, one down on exit. A class rather than a generator: every
-    request enters two, and a generator's context manager costs several times as much."""
+class _Admitted:
+    """``Traffic.admitted``'s ``with`` block. A class rather than a generator's context manager: every request
+    enters one, and a generator's costs several times as much."""
 
-    __slots__ = ("_step",)
+    __slots__ = ("_traffic",)
 
-    def __init__(self, step: Callable[[int], None]) -> None:
-        self._step = step
+    def __init__(self, traffic: Traffic) -> None:
+        self._traffic = traffic
 
     def __enter__(self) -> None:
-        self._step(1)
+        traffic = self._traffic
+        traffic.in_flight += 1
+        if traffic.in_flight > 1 or traffic.receiving:
+            traffic.overlapped_at = time.monotonic()
 
     def __exit__(self, *exc: object) -> None:
-        self._step(-1)
+        self._traffic.in_flight -= 1

@@ -58,6 +58,7 @@ class Entry:
 class ModelRepository:
     def __init__(self, *, on_demand: bool = False) -> None:
         self._models: dict[str, dict[str, Entry]] = {}
+        self._newest: dict[str, Entry] = {}  # by name: the entry a request that names no version gets
         # Models indexed, loaded later: the server is ready once the index is built, not once models are loaded.
         self.on_demand = on_demand
         # True until the model folder has been fetched (or indexed) and read: names are not known yet,
@@ -79,7 +80,9 @@ class ModelRepository:
         self, model: OnnxModel, state: State = State.LOADING, remote: str | None = None, size_bytes: int = 0
     ) -> Entry:
         entry = Entry(model, state, remote=remote, size_bytes=size_bytes)
-        self._models.setdefault(model.name, {})[model.version] = entry
+        versions = self._models.setdefault(model.name, {})
+        versions[model.version] = entry
+        self._newest[model.name] = versions[max(versions, key=_version_key)]
         return entry
 
     def names(self) -> list[str]:
@@ -145,7 +148,7 @@ class ModelRepository:
                 )
             raise ModelNotFound(f"model '{name}' not found; models served here: {self._known()}")
         if version is None:
-            return versions[max(versions, key=_version_key)]
+            return self._newest[name]
         entry = versions.get(version)
         if entry is None:
             raise ModelNotFound(

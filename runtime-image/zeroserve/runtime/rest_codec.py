@@ -98,8 +98,10 @@ def _decode_input(item: Any, position: int, raw: memoryview, limits: Limits) -> 
     check_datatype(datatype, name)
     shape = check_shape(item.get("shape"), name, limits)
     count = math.prod(shape)
-    parameters = _parameters(item, f"input '{name}'")
-    size = parameters.get("binary_data_size")
+    parameters = item.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise InvalidInput(f"input '{name}': 'parameters' must be an object")
+    size = parameters.get("binary_data_size") if parameters else None
     if size is not None:
         if "data" in item:
             raise InvalidInput(f"input '{name}' has both 'data' and binary_data_size")
@@ -203,7 +205,7 @@ def asks_binary_outputs(request: InferRequest) -> bool:
 def encode_result(result: InferResult, request: InferRequest) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers; outputs go binary where the request asked for it."""
     binary_default = request.parameters.get("binary_data_output") is True
-    wants_binary = {output.name: output.binary for output in request.outputs or ()}
+    wants_binary = {output.name: output.binary for output in request.outputs} if request.outputs else {}
     chunks: list[bytes | memoryview] = []
     outputs_json = []
     for output in result.outputs:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 # outputs, run started, run finished (perf_counter), and the CPU time of the thread that ran it
@@ -29,13 +29,14 @@ class RunStats:
         self.fastest_seconds = _INF
         self.fastest_input_bytes = 0
 
-    def record(self, seconds: float, input_bytes: int) -> None:
+    def record(self, seconds: float, feeds: Mapping[str, Any]) -> None:
+        """One run of ``seconds`` on ``feeds`` (arrays: their bytes are counted only for a new fastest run)."""
         with self._lock:
             previous = self.average_seconds
             self.average_seconds = seconds if previous == _INF else 0.8 * previous + 0.2 * seconds
             if seconds < self.fastest_seconds:
                 self.fastest_seconds = seconds
-                self.fastest_input_bytes = input_bytes
+                self.fastest_input_bytes = sum(array.nbytes for array in feeds.values())
 
     def restart_average(self) -> None:
         """Forget the average (the first run of a session pays one-time costs that are not a run's)."""

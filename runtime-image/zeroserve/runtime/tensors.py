@@ -29,13 +29,17 @@ def check_shape(value: Any, name: str, limits: Limits) -> list[int]:
     large is asked once its data is known to match the shape (``check_size``): a shape its data contradicts is a
     mistake (400), not a large payload (413). A shape without elements has no data to contradict it, so its
     dimensions are bounded here (numpy cannot even describe some)."""
-    if not isinstance(value, list) or not all(
-        isinstance(dim, int) and not isinstance(dim, bool) for dim in value
-    ):
+    if not isinstance(value, list):
         raise InvalidInput(f"input '{name}' needs 'shape' as a list of integers")
+    negative = False
+    for dim in value:  # one loop, not a generator per check: every input of every request is checked
+        if type(dim) is not int:  # a bool is not a dimension
+            raise InvalidInput(f"input '{name}' needs 'shape' as a list of integers")
+        if dim < 0:
+            negative = True
     if len(value) > limits.max_dims:
         raise InvalidInput(f"input '{name}' has {len(value)} dimensions; at most {limits.max_dims} are accepted")
-    if any(dim < 0 for dim in value):
+    if negative:
         raise InvalidInput(f"input '{name}' has a negative dimension in shape {value}")
     if 0 in value and any(dim > limits.max_tensor_elements for dim in value):
         raise InvalidInput(
