@@ -116,7 +116,8 @@ class DataPlane:
         placement policy counts as in flight already, until ``Holding.arrived()``."""
         if self.max_queue and self.traffic.in_flight >= self.max_queue:
             raise ServerBusy(f"server is at its limit of {self.max_queue} queued inferences; retry shortly")
-        self._check_budget(nbytes)
+        if self.bytes_held:  # alone, a request is always let in
+            self._check_budget(nbytes)
         return Holding(self, nbytes, arriving)
 
     def _check_budget(self, nbytes: int, own: int = 0) -> None:
@@ -346,7 +347,9 @@ class Holding:
         if self._released:
             return
         self._released = True
-        self.arrived()
+        if self._arriving:
+            self._arriving = False
+            self._dataplane.traffic.receiving -= 1
         self._dataplane._release(self.nbytes)
 
     def grow(self, nbytes: int) -> None:

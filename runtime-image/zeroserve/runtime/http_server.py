@@ -47,20 +47,21 @@ class ServerConfig(uvicorn.Config):
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """The bounds are checked where they cost least: the head's size per read while a head spans several reads,
-    the target and header lines once, when the head is complete (a head that fits in a header line's bound cannot
-    hold a line past it, so a common request's lines are never looked at)."""
+    """The bounds cost a request as little as they can: a head's clock starts with the read that brings its first
+    bytes, its size is counted only while it spans several reads, and the target and header lines are measured
+    once the head is complete (a head that fits in a header line's bound cannot hold a line past it, so a common
+    request's lines are never looked at)."""
 
     def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         self.limits: ConnectionLimits = getattr(config, "connection_limits", ConnectionLimits())
-        self._head_open = True  # reading a request head: from the connection's start or a message's first byte
+        self._head_open = True  # waiting for or reading a request head
         self._head_bytes = 0  # of the head being read, in the reads before this one
         self._read_bytes = 0  # this read's
         self._refused = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_deadline = 0.0  # loop.time() by which the head being read must be complete
-        self.idle_since: float | None = self.loop.time()  # None while a request is in progress
+        self.idle_since: float | None = self.loop.time()  # None once a head has begun, until it is answered
         self.url = b""  # uvicorn sets it when a message begins; a read may end before one has (a stray CRLF)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -79,6 +80,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._refused:
             return
         head_open = self._head_open
+        if head_open and self.idle_since is not None:  # the first bytes of a head: its clock starts
+            self.idle_since = None
+            self._head_bytes = 0
+            self._head_deadline = self.loop.time() + self.limits.head_timeout
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_at(self._head_deadline, self._head_timed_out)
         self._read_bytes = len(data)
         super().data_received(data)
         if head_open and self._head_open and not self._refused and not self.transport.is_closing():
@@ -90,15 +97,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self._refuse_target()
 
     # Parser callbacks
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self.idle_since = None
-        self._head_open = True
-        self._head_bytes = 0
-        self._head_deadline = self.loop.time() + self.limits.head_timeout
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_at(self._head_deadline, self._head_timed_out)
 
     def on_headers_complete(self) -> None:
         self._head_open = False  # the timer stays: cancelling and arming one per request costs more than a check
@@ -113,21 +111,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                     return
         super().on_headers_complete()
 
-    def on_body(self, body: bytes) -> None:
-        if not self._refused:  # the rest of a read whose request was refused
-            super().on_body(body)
-
-    def on_message_complete(self) -> None:
-        if not self._refused:
-            super().on_message_complete()
-
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        now = self.loop.time()
-        self.idle_since = now
-        self._head_open = True
-        self._head_bytes = 0
-        self._head_deadline = now + self.limits.head_timeout  # as uvicorn's keep-alive timeout runs
+        if self.cycle.response_complete:  # no request read ahead of its turn (pipelined) is waiting: idle
+            now = self.loop.time()
+            self.idle_since = now
+            self._head_open = True
+            self._head_deadline = now + self.limits.head_timeout  # as uvicorn's keep-alive timeout runs
 
     # The bounds
 
@@ -170,9 +160,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._refuse(414, f"the request target is over {self.limits.max_target_bytes} bytes")
 
     def _refuse(self, status: int, message: str) -> None:
-        """Answer ``status`` with a V2 error body and close the connection; the parser reads no more."""
+        """Answer ``status`` with a V2 error body and close the connection; the parser reads no more, and uvicorn's
+        body callbacks for the rest of this read find a finished request (``_Refused``)."""
         self._refused = True
         self._cancel_head_timer()
+        if self.cycle is not None and not self.cycle.response_complete:  # a request before it loses its answer
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        self.cycle = _Refused()  # type: ignore[assignment]
         body = b'{"error":"' + message.replace("\\", "\\\\").replace('"', '\\"').encode("ascii", "replace") + b'"}'
         head = (
             f"HTTP/1.1 {status} {_REASONS[status]}\r\ncontent-type: application/json\r\n"
@@ -182,6 +177,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.write(head + body)
             self.transport.close()
         self.logger.warning("refused a connection's request: %d %s", status, message)
+
+
+class _Refused:
+    """Stands in for uvicorn's request cycle once a request is refused: answered already, so uvicorn's callbacks
+    (the body's, the connection's end) leave it alone."""
+
+    response_complete = True
+    disconnected = True
+
+    def __init__(self) -> None:
+        self.message_event = asyncio.Event()
 
 
 async def take_in_arrived(turns: int = 8) -> None:

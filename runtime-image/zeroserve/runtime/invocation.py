@@ -66,10 +66,12 @@ class Invocation:
         return result
 
     def _bill(self, model: str, seconds: float) -> str:
-        bill = self._dataplane.metering.bill(model, seconds, self.cpu_seconds)
+        """The invocation billed (metering.py); its ``Server-Timing`` entry."""
+        metering = self._dataplane.metering
+        billed_ms = metering.bill(model, seconds, self.cpu_seconds)
         if self._span is not None:
-            self._telemetry.set_bill(self._span, bill)
-        return bill.server_timing()
+            self._telemetry.set_bill(self._span, metering.details(billed_ms, self.cpu_seconds))
+        return f"billed;dur={billed_ms}"
 
     def answered(self, result: InferResult) -> list[tuple[str, str]]:
         """Record a success; returns the headers (REST) or trailing metadata (gRPC) the answer carries:

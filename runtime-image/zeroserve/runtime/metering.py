@@ -36,15 +36,11 @@ _FAMILIES = (
 
 @dataclass(slots=True)
 class Bill:
-    """What one invocation costs. (Not frozen: one is made for every invocation, and a frozen dataclass's
-    ``__init__`` sets each field through ``object.__setattr__``.)"""
+    """What one invocation costs, for its span."""
 
     billed_ms: int
     gb_seconds: float
     cpu_seconds: float
-
-    def server_timing(self) -> str:
-        return f"billed;dur={self.billed_ms}"
 
 
 class Metering:
@@ -67,16 +63,21 @@ class Metering:
         )
         metrics.add_gauge_value("zeroserve_billing_memory_bytes", "The memory invocations are billed for", memory_bytes)
 
-    def bill(self, model: str, seconds: float, cpu_seconds: float) -> Bill:
+    def bill(self, model: str, seconds: float, cpu_seconds: float) -> int:
+        """Bill one invocation of ``model`` that took ``seconds`` and ``cpu_seconds``; returns its billed
+        milliseconds (``Bill`` has the rest, for a span)."""
         billed_ms = max(1, math.ceil(seconds * 1000))
-        gb_seconds = billed_ms / 1000 * self._gb
         totals = self._totals.get(model)
         if totals is None:
             totals = self._totals[model] = [0.0, 0.0, 0.0]
-        totals[0] += gb_seconds
+        totals[0] += billed_ms / 1000 * self._gb
         totals[1] += cpu_seconds
         totals[2] += 1
-        return Bill(billed_ms, gb_seconds, cpu_seconds)
+        return billed_ms
+
+    def details(self, billed_ms: int, cpu_seconds: float) -> Bill:
+        """An invocation's bill in full, GB-seconds included (for its span)."""
+        return Bill(billed_ms, billed_ms / 1000 * self._gb, cpu_seconds)
 
     def _read(self, index: int) -> dict[Labels, float]:
         return {(("model", model),): totals[index] for model, totals in self._totals.items()}
