@@ -308,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown model or source: {', '.join(unknown)}")
     out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="zeroserve-coldstart-"))
+    missing = servers.unavailable_reason("zeroserve", sys.executable)  # and its sources compiled, as in the image
+    if missing:
+        parser.error(missing)
     result = run(chosen_models, sources, 2 if args.quick else args.rounds, out_dir)
     print(markdown(result))
     print(f"\nlogs in {out_dir / 'logs'}")
