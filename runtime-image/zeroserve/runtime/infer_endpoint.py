@@ -193,9 +193,10 @@ def _declared_length(headers: dict[bytes, bytes], limit: int) -> int | None:
         return None
     if not declared.isdigit():
         raise InvalidInput(f"Content-Length must be a number, got {declared.decode('latin-1')!r}")
-    if int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
-    return int(declared)
+    length = int(declared)
+    if length > limit:
+        raise PayloadTooLarge(f"request body of {length} bytes is over the limit of {limit} bytes")
+    return length
 
 
 def infer_target(path: str) -> tuple[str, str | None] | None:

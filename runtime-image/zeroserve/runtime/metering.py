@@ -66,7 +66,7 @@ class Metering:
     def bill(self, model: str, seconds: float, cpu_seconds: float) -> int:
         """Bill one invocation of ``model`` that took ``seconds`` and ``cpu_seconds``; returns its billed
         milliseconds (``Bill`` has the rest, for a span)."""
-        billed_ms = max(1, math.ceil(seconds * 1000))
+        billed_ms = math.ceil(seconds * 1000) or 1
         totals = self._totals.get(model)
         if totals is None:
             totals = self._totals[model] = [0.0, 0.0, 0.0]
