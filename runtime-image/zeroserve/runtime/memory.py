@@ -12,11 +12,11 @@ zero-fills page by page on first touch, and hands free memory at the top of a he
 exceeds the trim threshold. Both thresholds adapt to the allocations seen, and with requests of hundreds of
 KiB in flight (grpc's read buffers, the message's bytes, a REST body) a process settles one way or the other by
 chance, and the slow way costs several times the page faults and CPU per call; fixed thresholds take that chance
-away. The price: freed memory stays in the
-process for reuse (only free space at the top of a heap above the trim threshold goes back), in each of glibc's
-malloc arenas (up to 8 per core; ``MALLOC_ARENA_MAX`` caps them); the idle RSS before the first request does not
-change. Setting any of glibc's own malloc variables (``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_TOP_PAD_``, or ``malloc`` in ``GLIBC_TUNABLES``) leaves the choice to them.
+away. The price: freed memory stays in the process for reuse (only free space at the top of a heap above the
+trim threshold goes back), in each of glibc's malloc arenas (up to 8 per core; ``MALLOC_ARENA_MAX`` caps them);
+the idle RSS before the first request does not change. Setting any of glibc's own malloc variables
+(``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TOP_PAD_``, or ``malloc`` in ``GLIBC_TUNABLES``)
+leaves the choice to them.
 """
 
 from __future__ import annotations
