@@ -247,7 +247,7 @@ class DataPlane:
                 )
                 if placement is Placement.LOOP:
                     await asyncio.sleep(0)
-                    if rest and traffic.others and extra_turn(self.placement, rest=rest, others_in_flight=True):
+                    if extra_turn(self.placement, rest=rest, others_in_flight=traffic.others):
                         await asyncio.sleep(0)
                     arrays, started, finished, cpu = timed_run(model.run, feeds, output_names, on_loop=True)
                 elif placement is Placement.BATCH:
