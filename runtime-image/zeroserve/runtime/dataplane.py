@@ -347,9 +347,7 @@ class Holding:
         if self._released:
             return
         self._released = True
-        if self._arriving:
-            self._arriving = False
-            self._dataplane.traffic.receiving -= 1
+        self.arrived()
         self._dataplane._release(self.nbytes)
 
     def grow(self, nbytes: int) -> None:

@@ -161,12 +161,7 @@ class ServerMetrics:
         if cell is None:  # created when first counted: /metrics shows the outcomes that happened
             cell = series.outcomes[outcome] = self.requests.cell((*series.labels, ("outcome", outcome)))
         cell[0] += 1
-        counts = series.seconds  # _add, written out: this runs for every request
-        index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
-        if index < len(LATENCY_BUCKETS):
-            counts[index] += 1
-        counts[-2] += seconds
-        counts[-1] += 1
+        _add(series.seconds, LATENCY_BUCKETS, seconds)
 
     def observe_run(self, model: str, version: str, queue: float, compute: float, batch_size: int) -> None:
         key = (model, version)
@@ -178,13 +173,7 @@ class ServerMetrics:
             )
         _add(series[0], LATENCY_BUCKETS, queue)
         _add(series[1], LATENCY_BUCKETS, compute)
-        if batch_size == 1:  # a request run alone: the first bucket (1), without the search
-            counts = series[2]
-            counts[0] += 1
-            counts[-2] += 1
-            counts[-1] += 1
-        else:
-            _add(series[2], BATCH_BUCKETS, batch_size)
+        _add(series[2], BATCH_BUCKETS, batch_size)
 
     def render(self) -> str:
         families: list[Counter | Histogram | Gauge] = [
