@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -52,6 +52,23 @@ PLATFORM: Final = "onnxruntime_onnx"
 SINGLE_THREAD_SESSION_MAX_BYTES: Final = 256 * 1024 * 1024
 
 
+# A session's run: (output names, feeds, run options) -> outputs.
+SessionRun = Callable[[list[str], "dict[str, np.ndarray]", None], list[Any]]
+
+
+def _session_run(session: onnxruntime.InferenceSession, providers: list[str]) -> SessionRun:
+    """The run a request calls. On the CPU provider alone, ONNX Runtime's compiled session's own: its Python
+    wrapper (``InferenceSession.run``) checks, on every run, what ``feeds`` has checked already (every input
+    given), what cannot happen here (OrtValue feeds, WebGPU graph capture) and falls back to other providers on
+    a provider's failure, which a CPU session has none of. Otherwise, or where the wrapper holds no ``_sess``,
+    the wrapper's."""
+    run: SessionRun = session.run
+    compiled = getattr(session, "_sess", None)
+    if providers == ["CPUExecutionProvider"] and compiled is not None and callable(getattr(compiled, "run", None)):
+        run = compiled.run
+    return run
+
+
 def _spec(node: Any) -> TensorSpec:
     datatype = ORT_TO_V2.get(node.type, node.type)
     shape = [dim if isinstance(dim, int) and dim >= 0 else -1 for dim in node.shape]
@@ -79,6 +96,7 @@ class OnnxModel:
         self.outputs: list[TensorSpec] = []
         self.execution_providers: list[str] = []
         self._session: onnxruntime.InferenceSession | None = None
+        self._run: SessionRun | None = None  # the session's run (_session_run)
         self._inputs_by_name: dict[str, TensorSpec] = {}
         self.output_names: list[str] = []  # in the session's order: the outputs a request gets when it names none
         self.output_datatypes: dict[str, str] = {}
@@ -87,6 +105,7 @@ class OnnxModel:
         self.upgrade_pending = False
         # For runs that share the CPU with others (cores.py): built in the background on first contention.
         self._single_thread_session: onnxruntime.InferenceSession | None = None
+        self._single_thread_run: SessionRun | None = None
         self._single_thread_started = False
         self._warmup_shapes: Mapping[str, Sequence[int]] | None = None  # --warmup_shapes, for that session too
 
@@ -114,8 +133,8 @@ class OnnxModel:
     def unload(self) -> None:
         """Drop the sessions (ONNX Runtime frees them with their last reference); ``load`` may follow again. The
         caller makes sure no run uses them (model_manager.py unloads only models with nothing in flight)."""
-        self._session = None
-        self._single_thread_session = None
+        self._session = self._run = None
+        self._single_thread_session = self._single_thread_run = None
         self._single_thread_started = False
         self.execution_providers = []
         self.stats.reset()
@@ -157,7 +176,9 @@ class OnnxModel:
         self._inputs_by_name = {spec.name: spec for spec in self.inputs}
         self.output_names = [spec.name for spec in self.outputs]
         self.output_datatypes = {spec.name: spec.datatype for spec in self.outputs}
-        self._session = session  # one reference assignment: a run reads it once, so a swap is safe
+        self._session = session
+        # One reference assignment: a run reads it once, so a swap (upgrade) is safe.
+        self._run = _session_run(session, self.execution_providers)
 
     def metadata(self, versions: list[str]) -> dict[str, Any]:
         return {
@@ -204,17 +225,19 @@ class OnnxModel:
 
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
         """Blocking inference on every intra-op thread, where the placement policy put it (placement.py)."""
-        assert self._session is not None, "load() the model first"
+        run = self._run
+        assert run is not None, "load() the model first"
         started = time.perf_counter()
-        outputs = self._run_on(self._session, feeds, output_names)
+        outputs = self._run_on(run, feeds, output_names)
         self.stats.record(time.perf_counter() - started, feeds)
         return outputs
 
     def run_single_thread(self, feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
         """Blocking inference on one thread, beside other runs; needs ``single_thread_ready``."""
-        assert self._single_thread_session is not None, "no single-thread session yet"
+        run = self._single_thread_run
+        assert run is not None, "no single-thread session yet"
         # Not recorded: the stats are those of a run on every thread, which estimate the next lone request's.
-        return self._run_on(self._single_thread_session, feeds, output_names)
+        return self._run_on(run, feeds, output_names)
 
     @property
     def cpu_only(self) -> bool:
@@ -258,17 +281,18 @@ class OnnxModel:
             logger.warning("model '%s': no single-thread session for concurrent runs: %s", self.name, exc)
             return
         self._single_thread_session = session
+        self._single_thread_run = _session_run(session, ["CPUExecutionProvider"])
         logger.info(
             "model '%s': concurrent requests now run side by side on one thread each (session built in %.0f ms)",
             self.name, (time.perf_counter() - started) * 1000,
         )  # fmt: skip
 
     def _run_on(
-        self, session: onnxruntime.InferenceSession, feeds: dict[str, np.ndarray], output_names: list[str] | None
+        self, run: SessionRun, feeds: dict[str, np.ndarray], output_names: list[str] | None
     ) -> list[np.ndarray]:
         try:
             # Named, not None: ORT would build the list of every output's name on each run.
-            outputs: list[np.ndarray] = session.run(output_names or self.output_names, feeds)
+            outputs: list[np.ndarray] = run(output_names or self.output_names, feeds, None)
         except Exception as exc:
             # ORT reports data-dependent failures (an index out of range, a reshape that does not fit)
             # as INVALID_ARGUMENT: those are the caller's to fix.
