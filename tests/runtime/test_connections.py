@@ -117,6 +117,27 @@ def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(guarded: ServerProcess)
         assert time.monotonic() - started < 5
 
 
+def test_a_connection_idle_after_its_answer_is_closed_and_its_next_head_is_bounded(guarded: ServerProcess) -> None:
+    live = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:  # idle after an answer: keep-alive closes it
+        sock.sendall(live)
+        started = time.monotonic()
+        reply = answer(sock, timeout=10)
+        assert reply.startswith(b"HTTP/1.1 200 ")
+        assert 0.8 < time.monotonic() - started < 5
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:  # a second head, slow: cut off as the first
+        sock.sendall(live)
+        sock.settimeout(10)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            for byte in b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.1)
+                assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 5
+
+
 def test_past_the_connection_cap_idle_connections_make_room(guarded: ServerProcess) -> None:
     idle = [socket.create_connection(("127.0.0.1", guarded.port)) for _ in range(20)]
     try:

@@ -49,17 +49,18 @@ class ServerConfig(uvicorn.Config):
 class _Head:
     """A connection's bounds and where its request head stands."""
 
-    __slots__ = ("limits", "open", "bytes", "read_bytes", "refused", "timer", "deadline", "idle_since")
+    __slots__ = ("limits", "reading", "bytes", "read_bytes", "refused", "timer", "deadline")
 
-    def __init__(self, limits: ConnectionLimits, now: float) -> None:
+    def __init__(self, limits: ConnectionLimits) -> None:
         self.limits = limits
-        self.open = True  # waiting for or reading a request head
+        self.reading = False  # a head has begun and is not complete yet
         self.bytes = 0  # of the head being read, in the reads before this one
         self.read_bytes = 0  # this read's
         self.refused = False
         self.timer: asyncio.TimerHandle | None = None
-        self.deadline = 0.0  # loop.time() by which the head being read must be complete
-        self.idle_since: float | None = now  # None once a head has begun, until it is answered
+        # loop.time() by which the head being read must be complete; between requests, its value from the last
+        # head begun (or the connection's opening), which ranks idle connections by how long they have been idle
+        self.deadline = 0.0
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -74,7 +75,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
-        self.head = _Head(getattr(config, "connection_limits", ConnectionLimits()), self.loop.time())
+        self.head = _Head(getattr(config, "connection_limits", ConnectionLimits()))
         self.url = b""  # uvicorn sets it when a message begins; a read may end before one has (a stray CRLF)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -93,16 +94,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         head = self.head
         if head.refused:
             return
-        head_open = head.open
-        if head_open and head.idle_since is not None:  # the first bytes of a head: its clock starts
-            head.idle_since = None
+        if not head.reading and (self.cycle is None or self.cycle.response_complete):
+            # No request in progress: these are the first bytes of a head, whose clock starts now.
+            head.reading = True
             head.bytes = 0
             head.deadline = self.loop.time() + head.limits.head_timeout
             if head.timer is None:
                 head.timer = self.loop.call_at(head.deadline, self._head_timed_out)
+        reading = head.reading
         head.read_bytes = len(data)
         super().data_received(data)
-        if head_open and head.open and not head.refused and not self.transport.is_closing():
+        if reading and head.reading and not head.refused and not self.transport.is_closing():
             # The head goes on past this read: bounded now, not once it is complete (it might never be).
             head.bytes += len(data)
             if head.bytes > head.limits.max_head_bytes:
@@ -114,7 +116,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         head = self.head
-        head.open = False  # the timer stays: cancelling and arming one per request costs more than a check
+        head.reading = False  # the timer stays: cancelling and arming one per request costs more than a check
         limits = head.limits
         if len(self.url) > limits.max_target_bytes:
             self._refuse_target()
@@ -125,15 +127,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                     self._refuse(431, f"a header line is over {limits.max_header_line_bytes} bytes ({name[:64]!r}...)")
                     return
         super().on_headers_complete()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self.cycle.response_complete:  # no request read ahead of its turn (pipelined) is waiting: idle
-            head = self.head
-            now = self.loop.time()
-            head.idle_since = now
-            head.open = True
-            head.deadline = now + head.limits.head_timeout  # as uvicorn's keep-alive timeout runs
 
     # The bounds
 
@@ -151,28 +144,34 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _head_timed_out(self) -> None:
         head = self.head
         head.timer = None
-        if not head.open or self.transport.is_closing():
-            return  # no head being read: the next one arms the timer again
+        if self.transport.is_closing() or not (head.reading or self.cycle is None):
+            # In a request, or idle between requests, which uvicorn's keep-alive timeout closes: the next head
+            # arms this timer again.
+            return
         if self.loop.time() < head.deadline:  # a later head than the one the timer was armed for
             head.timer = self.loop.call_at(head.deadline, self._head_timed_out)
             return
-        # Between requests, with nothing received, this is an idle connection (uvicorn's keep-alive timeout closes
-        # those too); mid-head, a request too slow to arrive. Either way: closed without an answer.
+        # A connection that never sent a request, or a head too slow to arrive: closed without an answer.
         self.transport.close()
 
     def _make_room(self) -> bool:
-        """Close the connection idle longest (none of its requests in progress); False when none is idle."""
+        """Close the connection idle longest (no request in progress, no head begun); False when none is idle."""
         idle = [
             protocol for protocol in self.connections
-            if protocol is not self and isinstance(protocol, GuardedHttpProtocol)
-            and protocol.head.idle_since is not None and not protocol.transport.is_closing()
+            if protocol is not self and isinstance(protocol, GuardedHttpProtocol) and protocol._idle()
         ]  # fmt: skip
         if not idle:
             return False
-        oldest = min(idle, key=lambda protocol: protocol.head.idle_since or 0.0)
+        oldest = min(idle, key=lambda protocol: protocol.head.deadline)
         oldest.transport.close()
         self.connections.discard(oldest)
         return True
+
+    def _idle(self) -> bool:
+        cycle = self.cycle
+        return (
+            not self.head.reading and (cycle is None or cycle.response_complete) and not self.transport.is_closing()
+        )
 
     def _refuse_target(self) -> None:
         self._refuse(414, f"the request target is over {self.head.limits.max_target_bytes} bytes")
