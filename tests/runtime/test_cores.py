@@ -28,6 +28,7 @@ from zeroserve.runtime.loader import load_models
 from zeroserve.runtime.messages import InferRequest, InputTensor
 from zeroserve.runtime.model import OnnxModel
 from zeroserve.runtime.repository import ModelRepository
+from zeroserve.runtime.run_stats import RunResult
 from zeroserve.runtime.settings import ProviderSettings
 
 import models as test_models
@@ -209,7 +210,8 @@ def test_a_cpu_model_builds_a_single_thread_session_that_answers_the_same(tmp_pa
         time.sleep(0.01)
     assert model.single_thread_ready
     feeds = {"input": np.random.default_rng(1).standard_normal((32, 16)).astype(np.float32)}
-    np.testing.assert_allclose(model.run_single_thread(feeds, None)[0], model.run(feeds, None)[0], rtol=1e-5)
+    single_thread_outputs = model.timed_run(feeds, None, single_thread=True)[0]
+    np.testing.assert_allclose(single_thread_outputs[0], model.run(feeds, None)[0], rtol=1e-5)
 
 
 def test_no_single_thread_session_off_the_cpu_mock_gpu(tmp_path: Path) -> None:
@@ -337,13 +339,13 @@ class RecordedPlane:
         self.model = entry.model
         self.plane = DataPlane.from_config(repository, config)
         self.threads: list[str] = []
-        run = self.model.run
+        timed_run = self.model.timed_run
 
-        def recorded_run(feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
+        def recorded_run(feeds: dict[str, np.ndarray], output_names: list[str] | None, **how: bool) -> RunResult:
             self.threads.append(threading.current_thread().name)
-            return run(feeds, output_names)
+            return timed_run(feeds, output_names, **how)
 
-        monkeypatch.setattr(self.model, "run", recorded_run)
+        monkeypatch.setattr(self.model, "timed_run", recorded_run)
         reference = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
         rng = np.random.default_rng(3)
         self.images = [rng.standard_normal((1, 3, 96, 96)).astype(np.float32) for _ in range(4)]
@@ -452,13 +454,13 @@ def test_a_short_rest_run_waits_one_more_turn_of_the_loop_only_when_others_are_i
     recorded.place(inline_run_seconds=10.0, inline_max_input_bytes=1 << 30, rest_extra_turn=True)
     turns_at_run: list[int] = []
     turns = 0
-    run = recorded.model.run
+    timed_run = recorded.model.timed_run
 
-    def counted_run(feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
+    def counted_run(feeds: dict[str, np.ndarray], output_names: list[str] | None, **how: bool) -> RunResult:
         turns_at_run.append(turns)
-        return run(feeds, output_names)
+        return timed_run(feeds, output_names, **how)
 
-    monkeypatch.setattr(recorded.model, "run", counted_run)
+    monkeypatch.setattr(recorded.model, "timed_run", counted_run)
 
     async def scenario() -> tuple[list[int], list[int], list[int]]:
         loop = asyncio.get_running_loop()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from zeroserve.runtime.model import OnnxModel
-from zeroserve.runtime.run_stats import RunResult, timed_run
+from zeroserve.runtime.run_stats import RunResult
 from zeroserve.runtime.runpool import RunPool
 from zeroserve.runtime.settings import BatchSettings
 
@@ -91,7 +91,7 @@ class Batcher:
             # which keeps the pool busy from one run to the next.
             self._running += 1
             try:
-                arrays, started, finished, cpu = await self._pool.run(timed_run, self.model.run, feeds, output_names)
+                arrays, started, finished, cpu = await self._pool.run(self.model.timed_run, feeds, output_names)
             finally:
                 self._running -= 1
             return arrays, started, finished, cpu, rows or 1
@@ -205,7 +205,7 @@ class Batcher:
         for pending in batch:
             try:
                 arrays, started, finished, cpu = await self._pool.run(
-                    timed_run, self.model.run, pending.feeds, pending.output_names
+                    self.model.timed_run, pending.feeds, pending.output_names
                 )
             except Exception as exc:
                 if not pending.future.done():
@@ -225,7 +225,7 @@ def _run_merged(model: OnnxModel, batch: list[_Pending]) -> RunResult:
 
     names = batch[0].feeds.keys()
     merged = {name: np.concatenate([p.feeds[name] for p in batch]) for name in names}
-    arrays, started, finished, cpu = timed_run(model.run, merged, batch[0].output_names)
+    arrays, started, finished, cpu = model.timed_run(merged, batch[0].output_names)
     total = sum(p.rows for p in batch)
     if any(array.ndim == 0 or array.shape[0] != total for array in arrays):
         raise ValueError("an output does not keep the batch dimension")

@@ -18,7 +18,7 @@ from zeroserve.runtime.model import OnnxModel
 from zeroserve.runtime.model_manager import ModelManager, Use
 from zeroserve.runtime.placement import Placement, PlacementSettings, Traffic, choose, extra_turn
 from zeroserve.runtime.repository import ModelRepository, State
-from zeroserve.runtime.run_stats import RunResult, timed_run
+from zeroserve.runtime.run_stats import RunResult
 from zeroserve.runtime.runpool import RunPool
 from zeroserve.runtime.server_errors import InvalidInput, ServerBusy
 from zeroserve.runtime.settings import BatchSettings
@@ -249,7 +249,7 @@ class DataPlane:
                     await asyncio.sleep(0)
                     if extra_turn(self.placement, rest=rest, others_in_flight=traffic.others):
                         await asyncio.sleep(0)
-                    arrays, started, finished, cpu = timed_run(model.run, feeds, output_names, on_loop=True)
+                    arrays, started, finished, cpu = model.timed_run(feeds, output_names, on_loop=True)
                 elif placement is Placement.BATCH:
                     assert batcher is not None
                     arrays, started, finished, cpu, batch_size = await batcher.run(feeds, output_names)
@@ -263,11 +263,11 @@ class DataPlane:
                             placement = Placement.CORES
                     if placement is Placement.LOOP_ALONE:
                         cores.ran_alone()
-                        arrays, started, finished, cpu = timed_run(model.run, feeds, output_names, on_loop=True)
+                        arrays, started, finished, cpu = model.timed_run(feeds, output_names, on_loop=True)
                     else:
                         arrays, started, finished, cpu = await self._run_on_cores(cores, model, feeds, output_names)
                 else:
-                    arrays, started, finished, cpu = await self._pool.run(timed_run, model.run, feeds, output_names)
+                    arrays, started, finished, cpu = await self._pool.run(model.timed_run, feeds, output_names)
         finally:
             models.release(entry)
         self.metrics.observe_run(model.name, model.version, started - submitted, finished - started, batch_size)
@@ -309,8 +309,7 @@ def _run_with_cores(
     """In a worker thread: wait for cores, then run on every thread or on the single-thread session."""
     granted = cores.acquire(can_share=lambda: model.single_thread_ready)
     try:
-        run = model.run if granted == cores.cores else model.run_single_thread
-        return timed_run(run, feeds, output_names)
+        return model.timed_run(feeds, output_names, single_thread=granted != cores.cores)
     finally:
         cores.release(granted)
 

@@ -52,7 +52,7 @@ class Invocation:
 
     def here(self, function: Callable[..., T], *args: object) -> T:
         """``function(*args)`` (a decode or an encode) on the event loop, its CPU time counted: there its wall time is
-        its CPU time (see run_stats.timed_run)."""
+        its CPU time (see OnnxModel.timed_run)."""
         started = time.perf_counter()
         result = function(*args)
         self.cpu_seconds += time.perf_counter() - started

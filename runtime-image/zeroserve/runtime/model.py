@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 from zeroserve.protocol import dtypes
 from zeroserve.runtime.messages import InputTensor, TensorSpec
 from zeroserve.runtime.providers import create_session, interim_providers
-from zeroserve.runtime.run_stats import RunStats
+from zeroserve.runtime.run_stats import RunResult, RunStats
 from zeroserve.runtime.server_errors import InferenceError, InvalidInput, ModelLoadError
 from zeroserve.runtime.settings import ProviderSettings
 
@@ -224,20 +224,41 @@ class OnnxModel:
                 raise InvalidInput(f"model '{self.name}' has no output named '{name}'; its outputs are {expected}")
 
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
-        """Blocking inference on every intra-op thread, where the placement policy put it (placement.py)."""
-        run = self._run
-        assert run is not None, "load() the model first"
-        started = time.perf_counter()
-        outputs = self._run_on(run, feeds, output_names)
-        self.stats.record(time.perf_counter() - started, feeds)
-        return outputs
+        """Blocking inference on every intra-op thread (``timed_run`` without the times)."""
+        return self.timed_run(feeds, output_names)[0]
 
-    def run_single_thread(self, feeds: dict[str, np.ndarray], output_names: list[str] | None) -> list[np.ndarray]:
-        """Blocking inference on one thread, beside other runs; needs ``single_thread_ready``."""
-        run = self._single_thread_run
-        assert run is not None, "no single-thread session yet"
-        # Not recorded: the stats are those of a run on every thread, which estimate the next lone request's.
-        return self._run_on(run, feeds, output_names)
+    def timed_run(
+        self,
+        feeds: dict[str, np.ndarray],
+        output_names: list[str] | None,
+        *,
+        on_loop: bool = False,
+        single_thread: bool = False,
+    ) -> RunResult:
+        """Blocking inference, where the placement policy put it (placement.py), timed once: the outputs, the run's
+        start and end (perf_counter) and its CPU time.
+
+        On every intra-op thread, unless ``single_thread`` (beside other runs; needs ``single_thread_ready``).
+        Only runs on every thread are recorded in ``stats``: those estimate the next lone request's.
+
+        ``on_loop``: on the event loop's thread, where nothing else runs meanwhile, so the wall time is the CPU
+        time; reading the thread's CPU clock (a system call, some microseconds when the machine is busy) would cost
+        a short run more than the run itself."""
+        run = self._single_thread_run if single_thread else self._run
+        assert run is not None, "no single-thread session yet" if single_thread else "load() the model first"
+        if on_loop:
+            started = time.perf_counter()
+            outputs = self._run_on(run, feeds, output_names)
+            finished = time.perf_counter()
+            cpu = finished - started
+        else:
+            started, cpu_started = time.perf_counter(), time.thread_time()
+            outputs = self._run_on(run, feeds, output_names)
+            finished = time.perf_counter()
+            cpu = time.thread_time() - cpu_started
+        if not single_thread:
+            self.stats.record(finished - started, feeds)
+        return outputs, started, finished, cpu
 
     @property
     def cpu_only(self) -> bool:

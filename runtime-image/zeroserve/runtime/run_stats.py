@@ -1,5 +1,5 @@
-"""How long a model's runs take, which is what the placement policy decides on, and the one timed run every
-placement uses.
+"""How long a model's runs take, which is what the placement policy decides on (``OnnxModel.timed_run`` records
+every run).
 
 Runs finish on several threads at once (the run pool, the core-sharing pool, the event loop), so the numbers
 are updated under a lock; the policy reads them without one (a float read is atomic, and a hint a run old is
@@ -9,8 +9,7 @@ good enough to place the next request).
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 # outputs, run started, run finished (perf_counter), and the CPU time of the thread that ran it
@@ -48,19 +47,3 @@ class RunStats:
         with self._lock:
             self.average_seconds = self.fastest_seconds = _INF
             self.fastest_input_bytes = 0
-
-
-def timed_run(
-    run: Callable[..., list[Any]], feeds: dict[str, Any], output_names: list[str] | None, *, on_loop: bool = False
-) -> RunResult:
-    """One run, timed. On a thread of its own its CPU time is the thread's; on the event loop's thread nothing else
-    runs meanwhile, so the wall time is its CPU time, and reading the thread's CPU clock (a system call, some
-    microseconds when the machine is busy) would cost a short run more than the run itself."""
-    if on_loop:
-        started = time.perf_counter()
-        arrays = run(feeds, output_names)
-        finished = time.perf_counter()
-        return arrays, started, finished, finished - started
-    started, cpu = time.perf_counter(), time.thread_time()
-    arrays = run(feeds, output_names)
-    return arrays, started, time.perf_counter(), time.thread_time() - cpu
