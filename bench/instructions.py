@@ -31,16 +31,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import payloads  # noqa: E402
-from servers import HOST, free_port  # noqa: E402
+from servers import HOST, free_port, spawn  # noqa: E402
 
 import models  # noqa: E402
 
@@ -75,49 +72,27 @@ async def _send(port: int, request: bytes, count: int, concurrency: int) -> None
     await asyncio.wait_for(asyncio.gather(*(connection(n) for n in shares if n)), ROUND_SECONDS)
 
 
-def _wait_ready(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + READY_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}; see {log}")
-        try:
-            if httpx.get(f"http://{HOST}:{port}/v2/health/ready", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the server was not ready within {READY_SECONDS:.0f} s; see {log}")
-
-
 def count_round(tree: Path, model_dir: Path, model: str, request: bytes, args: argparse.Namespace, work: Path,
                 concurrency: int) -> float:
     """One server start under callgrind; returns instructions per request."""
     port = free_port()
     out = work / f"callgrind.{port}"
-    log = work / f"server.{port}.log"
-    env = dict(os.environ, PYTHONPATH=f"{tree / 'plugin'}{os.pathsep}{tree / 'runtime-image'}")
-    command = [
+    argv = [
         "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
         sys.executable, "-m", "zeroserve.runtime", "--model_dir", str(model_dir), "--model_name", model,
         "--host", HOST, "--http_port", str(port),
     ]  # fmt: skip
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    env = {"PYTHONPATH": f"{tree / 'plugin'}{os.pathsep}{tree / 'runtime-image'}"}
+    server = spawn("zeroserve", model, port, argv, work / f"server.{port}.log", env=env)
     try:
-        _wait_ready(process, port, log)
+        server.wait_ready(READY_SECONDS)
         asyncio.run(_send(port, request, args.warmup, concurrency))
-        control = ["callgrind_control"]
-        subprocess.run([*control, "-i", "on", str(process.pid)], check=True, capture_output=True, timeout=60)
+        pid = str(server.process.pid)
+        subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True, timeout=60)
         asyncio.run(_send(port, request, args.requests, concurrency))
-        subprocess.run([*control, "-d", str(process.pid)], check=True, capture_output=True, timeout=120)
-        subprocess.run([*control, "-i", "off", str(process.pid)], check=True, capture_output=True, timeout=60)
+        subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True, timeout=120)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=60)
+        server.stop()
     dump = Path(f"{out}.1")
     for line in dump.read_text().splitlines():
         if line.startswith(("summary:", "totals:")):
