@@ -122,6 +122,7 @@ def test_ready_on_cuda_then_switched_to_tensorrt_mock_gpu(
         traffic.join(10)
     assert not model.upgrade_pending
     assert model._session is fake_gpu.sessions[TRT]
+    assert model._run == fake_gpu.sessions[TRT].run  # a GPU session keeps the wrapper's run, with its fallback
     assert answers and all(np.array_equal(answer, expected) for answer in answers)
     np.testing.assert_array_equal(run_once(model), expected)
     wait_for(lambda: not upgrade_threads())

@@ -122,13 +122,11 @@ class OnnxModel:
                 "model '%s': serving on %s until TensorRT has built its engines (--trt_build background)",
                 self.name, available[0],
             )  # fmt: skip
-            session, self.execution_providers = create_session(self.path, settings, available=available)
+            session, providers = create_session(self.path, settings, available=available)
             self.upgrade_pending = True
         else:
-            session, self.execution_providers = create_session(
-                self.path, self.settings, artifacts=self._artifacts_for_session()
-            )
-        self._use(session)
+            session, providers = create_session(self.path, self.settings, artifacts=self._artifacts_for_session())
+        self._use(session, providers)
 
     def unload(self) -> None:
         """Drop the sessions (ONNX Runtime frees them with their last reference); ``load`` may follow again. The
@@ -153,8 +151,7 @@ class OnnxModel:
             session.run(None, feeds)
         if self.session_artifacts is not None:
             self.session_artifacts.publish()
-        self._use(session)
-        self.execution_providers = providers
+        self._use(session, providers)
         self.upgrade_pending = False
         self.stats.reset()  # measured again on the new session
         return time.perf_counter() - started
@@ -169,7 +166,7 @@ class OnnxModel:
         )
         return self.session_artifacts
 
-    def _use(self, session: onnxruntime.InferenceSession) -> None:
+    def _use(self, session: onnxruntime.InferenceSession, providers: list[str]) -> None:
         # On a swap (upgrade) the specs come out the same: it is the same graph.
         self.inputs = [_spec(node) for node in session.get_inputs()]
         self.outputs = [_spec(node) for node in session.get_outputs()]
@@ -177,8 +174,9 @@ class OnnxModel:
         self.output_names = [spec.name for spec in self.outputs]
         self.output_datatypes = {spec.name: spec.datatype for spec in self.outputs}
         self._session = session
+        self.execution_providers = providers
         # One reference assignment: a run reads it once, so a swap (upgrade) is safe.
-        self._run = _session_run(session, self.execution_providers)
+        self._run = _session_run(session, providers)
 
     def metadata(self, versions: list[str]) -> dict[str, Any]:
         return {
