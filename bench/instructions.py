@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.model}, REST {args.body}, {args.requests} requests counted per round, {args.rounds} rounds")
         for concurrency in concurrencies:
             counts: dict[str, list[float]] = {name: [] for name in trees}
-            for _ in range(args.rounds):  # alternated, so a drift in the machine touches both alike
+            for _ in range(args.rounds):  # the trees' rounds interleaved
                 for name, tree in trees.items():
                     counts[name].append(count_round(tree, model_dir, args.model, request, args, work, concurrency))
             line = f"c{concurrency}: " + "; ".join(

@@ -69,7 +69,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     once the head is complete (a head that fits in a header line's bound cannot hold a line past it, so a common
     request's lines are never looked at).
 
-    The bounds' state is one slotted object (``head``) beside uvicorn's own attributes, rather than eight more of
+    The bounds' state is one slotted object (``head``) beside uvicorn's own attributes, rather than seven more of
     them: CPython 3.11 keeps an instance dictionary compact, and its attribute reads fast, up to 30 keys, and
     uvicorn's protocol already has 28."""
 
